@@ -1,0 +1,14 @@
+"""gelato's science: backbones, heads, batched augmentations and SSL objectives.
+
+Pure PyTorch (torch and torchvision only), usable without the rest of gelato::
+
+    import ssl_models
+    backbone = ssl_models.backbones.build("small_cnn", in_channels=1)
+    objective = ssl_models.objectives.build("simclr", backbone=backbone, image_size=28)
+    views = objective.make_views(images)      # uint8 (B, C, H, W) on any device
+    out = objective(views)                    # {"loss": scalar, ...}
+    out["loss"].backward(); optimizer.step(); objective.after_step()
+"""
+from ssl_models import backbones, heads  # noqa: F401
+
+__all__ = ["backbones", "heads"]

@@ -1,0 +1,142 @@
+"""Backbones: image (B, C, H, W) float → flat feature vector (B, feature_dim).
+
+Every backbone exposes ``feature_dim``, ``in_channels`` and ``name`` and is built through
+:func:`build` from the plain dict :data:`BACKBONES`, so ``backbones.build("resnet18", in_channels=1)``
+is the one call the training loop, the evaluation stage and the tests share.
+
+``small_stem=True`` swaps ResNet's ImageNet stem (7×7 conv stride 2 + max-pool, which throws away
+3/4 of a 28 px image before the first block) for a 3×3 stride-1 conv with no pooling, as is
+usual for CIFAR/Fashion-MNIST-sized inputs (28–64 px). ``width`` scales every stage (64 is
+torchvision's ResNet; 32 is a narrow ResNet that trains ~3× faster on CPU).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+from torchvision.models import resnet as tv_resnet
+
+
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet without its classifier; optional small-image stem and width."""
+
+    def __init__(self, depth: int = 18, in_channels: int = 3, small_stem: bool = False,
+                 width: int = 64, zero_init_residual: bool = True):
+        super().__init__()
+        if depth not in (18, 34, 50):
+            raise ValueError(f"ResNet depth must be 18, 34 or 50, got {depth}")
+        if in_channels < 1 or width < 8:
+            raise ValueError(f"in_channels must be >= 1 and width >= 8, got {in_channels}, {width}")
+        block, layers = {18: (tv_resnet.BasicBlock, [2, 2, 2, 2]),
+                         34: (tv_resnet.BasicBlock, [3, 4, 6, 3]),
+                         50: (tv_resnet.Bottleneck, [3, 4, 6, 3])}[depth]
+        net = _WidthResNet(block, layers, width=width, zero_init_residual=zero_init_residual)
+        if small_stem:
+            net.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, width, kernel_size=7, stride=2, padding=3, bias=False)
+        net.fc = nn.Identity()
+        self.net = net
+        self.name = f"resnet{depth}"
+        self.in_channels = in_channels
+        self.feature_dim = width * 8 * block.expansion
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: x (B, C, H, W) float → (B, feature_dim)."""
+        return self.net(x)
+
+
+class _WidthResNet(tv_resnet.ResNet):
+    """torchvision's ResNet with a configurable base width (64 → 64/128/256/512 channels)."""
+
+    def __init__(self, block, layers, width: int = 64, zero_init_residual: bool = True):
+        super().__init__(block, layers, zero_init_residual=zero_init_residual)
+        if width == 64:
+            return
+        # Rebuild the stages at the requested width; torchvision hard-codes 64.
+        self.inplanes = width
+        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.layer1 = self._make_layer(block, width, layers[0])
+        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
+        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
+        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        if zero_init_residual:
+            for m in self.modules():
+                if isinstance(m, tv_resnet.Bottleneck):
+                    nn.init.zeros_(m.bn3.weight)
+                elif isinstance(m, tv_resnet.BasicBlock):
+                    nn.init.zeros_(m.bn2.weight)
+
+
+class SmallCNN(nn.Module):
+    """Four conv-BN-ReLU blocks with pooling: a backbone for fast CPU runs and tests."""
+
+    def __init__(self, in_channels: int = 3, width: int = 32, **_ignored):
+        super().__init__()
+        w = width
+        def block(cin, cout, pool):
+            layers = [nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            return layers + ([nn.MaxPool2d(2)] if pool else [])
+        self.features = nn.Sequential(
+            *block(in_channels, w, True), *block(w, 2 * w, True),
+            *block(2 * w, 4 * w, True), *block(4 * w, 4 * w, False),
+            nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+        )
+        self.name = "small_cnn"
+        self.in_channels = in_channels
+        self.feature_dim = 4 * w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: x (B, C, H, W) float → (B, 4·width)."""
+        return self.features(x)
+
+
+def resnet18(in_channels: int = 3, small_stem: bool = False, width: int = 64, **kw) -> ResNetBackbone:
+    return ResNetBackbone(18, in_channels, small_stem, width, **kw)
+
+
+def resnet50(in_channels: int = 3, small_stem: bool = False, width: int = 64, **kw) -> ResNetBackbone:
+    return ResNetBackbone(50, in_channels, small_stem, width, **kw)
+
+
+def small_cnn(in_channels: int = 3, width: int = 32, **kw) -> SmallCNN:
+    return SmallCNN(in_channels, width, **kw)
+
+
+def vit_tiny(in_channels: int = 3, image_size: int = 32, patch_size: int = 4, **kw) -> nn.Module:
+    from ssl_models.vit import VisionTransformer
+    return VisionTransformer(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
+                             dim=192, depth=12, heads=3, name="vit_tiny", **kw)
+
+
+def vit_small(in_channels: int = 3, image_size: int = 32, patch_size: int = 4, **kw) -> nn.Module:
+    from ssl_models.vit import VisionTransformer
+    return VisionTransformer(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
+                             dim=384, depth=12, heads=6, name="vit_small", **kw)
+
+
+BACKBONES: dict[str, Callable[..., nn.Module]] = {
+    "small_cnn": small_cnn,
+    "resnet18": resnet18,
+    "resnet50": resnet50,
+    "vit_tiny": vit_tiny,
+    "vit_small": vit_small,
+}
+
+
+def build(name: str, in_channels: int = 3, **kwargs) -> nn.Module:
+    """Build a backbone by name from :data:`BACKBONES`; extra kwargs go to its constructor."""
+    if name not in BACKBONES:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}")
+    model = BACKBONES[name](in_channels=in_channels, **kwargs)
+    model.build_args = {"name": name, "in_channels": in_channels, **kwargs}
+    return model

@@ -1,0 +1,52 @@
+"""Objective registry: a plain dict from name to class (no string magic; go to definition works).
+
+    objective = ssl_models.objectives.build("simclr", backbone=backbone, image_size=28, temperature=0.2)
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from ssl_models.objectives.autoencoder import Autoencoder
+from ssl_models.objectives.base import Objective
+from ssl_models.objectives.byol import BYOL
+from ssl_models.objectives.colorization import Colorization
+from ssl_models.objectives.contrastive import PairwiseContrastive
+from ssl_models.objectives.cpc import CPC
+from ssl_models.objectives.denoising_autoencoder import DenoisingAutoencoder
+from ssl_models.objectives.jigsaw import Jigsaw
+from ssl_models.objectives.mae import MAE
+from ssl_models.objectives.moco import MoCo
+from ssl_models.objectives.relative_position import RelativePosition
+from ssl_models.objectives.rotation import Rotation
+from ssl_models.objectives.simclr import SimCLR
+from ssl_models.objectives.swav import SwAV
+from ssl_models.objectives.triplet import Triplet
+
+OBJECTIVES: dict[str, type[Objective]] = {
+    # contrastive
+    "contrastive": PairwiseContrastive,
+    "triplet": Triplet,
+    "simclr": SimCLR,
+    "moco": MoCo,
+    "byol": BYOL,
+    "swav": SwAV,
+    "cpc": CPC,
+    # predictive
+    "autoencoder": Autoencoder,
+    "denoising_autoencoder": DenoisingAutoencoder,
+    "mae": MAE,
+    "rotation": Rotation,
+    "relative_position": RelativePosition,
+    "jigsaw": Jigsaw,
+    "colorization": Colorization,
+}
+
+
+def build(name: str, backbone: nn.Module, image_size: int, **params) -> Objective:
+    """Build objective ``name`` around ``backbone``; ``params`` are the objective's own arguments."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; choose one of {sorted(OBJECTIVES)}")
+    return OBJECTIVES[name](backbone=backbone, image_size=image_size, **params)
+
+
+__all__ = ["OBJECTIVES", "Objective", "build"]

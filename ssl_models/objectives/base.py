@@ -1,0 +1,68 @@
+"""The one interface every objective shares (the training loop, the tests and users call it).
+
+::
+
+    objective = SomeObjective(backbone, image_size=28, **params)
+    views = objective.make_views(images, generator=g)   # uint8 (B, C, H, W) → dict of float tensors
+    out = objective(views)                               # {"loss": scalar, ...figures to log}
+    out["loss"].backward(); optimizer.step()
+    objective.after_step()                               # momentum / queue / prototype updates
+
+An objective is one self-contained ``nn.Module``: it owns its heads, momentum encoders, queues and
+prototypes (all in its ``state_dict``, so one checkpoint restores the whole method) and exposes
+the backbone it trains as ``objective.backbone``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Objective(nn.Module):
+    """Base class: stores the backbone, image geometry and training progress.
+
+    Subclasses implement :meth:`make_views` and :meth:`forward`; they override
+    :meth:`after_step` where state changes after the optimizer step. ``contrastive`` tells the
+    report which family the method belongs to.
+    """
+
+    name: str = "objective"
+    contrastive: bool = True
+
+    def __init__(self, backbone: nn.Module, image_size: int, in_channels: int | None = None):
+        super().__init__()
+        if image_size < 8:
+            raise ValueError(f"image_size must be at least 8 pixels, got {image_size}")
+        self.backbone = backbone
+        self.image_size = int(image_size)
+        self.in_channels = int(in_channels if in_channels is not None else getattr(backbone, "in_channels", 3))
+        # Fraction of training done, in [0, 1]; set by the loop before each step, used by schedules
+        # (BYOL's momentum, SwAV's prototype freezing). A buffer so checkpoints carry it.
+        self.register_buffer("progress", torch.zeros(()), persistent=True)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=True)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Tell the objective where training stands (called before each step)."""
+        self.step.fill_(int(step))
+        self.progress.fill_(float(step) / max(1, int(total_steps)))
+
+    def make_views(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+        """Turn a uint8 batch into the views this objective needs.
+
+        Shape: images (B, C, H, W) uint8 on any device; the views are on the same device.
+        """
+        raise NotImplementedError
+
+    def forward(self, views: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Return ``{"loss": scalar tensor, ...}``; extra entries are floats or 0-d tensors to log."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def after_step(self) -> None:
+        """Momentum, queue and prototype updates after the optimizer step; no-op by default."""
+        return None
+
+    def extra_repr(self) -> str:
+        return f"image_size={self.image_size}, in_channels={self.in_channels}"

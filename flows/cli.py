@@ -1,0 +1,106 @@
+"""The ``gelato`` command line: one sub-command per pipeline stage.
+
+Each sub-command validates its arguments and checks its storage before starting any Prefect or Ray
+machinery, so a typo fails in a second with a message naming what is wrong.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional
+
+STAGES = {
+    "ingest": "turn raw images into sharded WebDataset archives + manifest.json (local or s3://)",
+}
+
+
+def _storage_options(config: Optional[str]) -> dict:
+    if not config:
+        return {}
+    import yaml
+
+    with open(config) as f:
+        cfg = yaml.safe_load(f) or {}
+    opts = cfg.get("storage_options", {})
+    if not isinstance(opts, dict):
+        raise ValueError(f"{config}: storage_options must be a mapping of s3fs options")
+    return opts
+
+
+def _add_ingest(sub) -> None:
+    p = sub.add_parser("ingest", help=STAGES["ingest"], description=STAGES["ingest"])
+    p.add_argument("source", help="'fashion-mnist', an ImageFolder root, a flat folder of images, or a VOC2007 root")
+    p.add_argument("--out", required=True, metavar="RUN_URI", help="run directory: local path or s3://bucket/prefix")
+    p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard (default 1000)")
+    p.add_argument("--image-format", choices=["keep", "png", "jpeg", "webp"], default="keep",
+                   help="keep the original bytes (default) or re-encode")
+    p.add_argument("--val-fraction", type=float, default=None, metavar="F",
+                   help="seeded share of train held out as val (default 0.1, or 0 where the source has val)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the val split (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
+    p.add_argument("--data-root", default=None, help="folder holding Fashion-MNIST's idx files")
+    p.add_argument("--kind", default="auto", choices=["auto", "fashion-mnist", "imagefolder", "flat", "voc"],
+                   help="source layout (default: detected)")
+    p.add_argument("--config", default=None, help="YAML whose storage_options (s3fs keyword arguments) open --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_ingest(a) -> int:
+    from workers.sources import SourceError
+    from workers.storage import RunLocation, check_writable
+
+    if a.source not in ("fashion-mnist", "fashion_mnist", "fmnist") and a.kind != "fashion-mnist" \
+            and not os.path.exists(a.source):
+        raise SourceError(f"source path {a.source!r} does not exist")
+    opts = _storage_options(a.config)
+    check_writable(RunLocation(a.out, opts))
+
+    from flows.ingest import ingest_flow
+
+    m = ingest_flow(a.source, a.out, shard_size=a.shard_size, image_format=a.image_format,
+                    val_fraction=a.val_fraction, seed=a.seed, overwrite=a.overwrite, data_root=a.data_root,
+                    kind=a.kind, storage_options=opts, progress_bar=not a.no_progress)
+    print(f"\n{a.out}/manifest.json: {m['count']} samples, {len(m['rejected'])} rejected, "
+          f"{m['channels']} channel(s), classes: {len(m['classes'] or [])}")
+    for split, s in m["splits"].items():
+        print(f"  {split:<5} {s['count']:>8} samples  {len(s['shards']):>4} shards")
+    for r in m["rejected"][:10]:
+        print(f"  rejected {r['path']}: {r['reason']}")
+    if len(m["rejected"]) > 10:
+        print(f"  ... and {len(m['rejected']) - 10} more rejected (see manifest.json)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gelato",
+        description="Self-supervised pretraining as a pipeline. Stages:\n"
+                    + "\n".join(f"  {k:<10} {v}" for k, v in STAGES.items()),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
+    _add_ingest(sub)
+    return parser
+
+
+RUNNERS = {"ingest": _run_ingest}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    from workers.shards import IngestError
+    from workers.sources import SourceError
+    from workers.storage import StorageError
+
+    try:
+        return RUNNERS[args.stage](args)
+    except (SourceError, StorageError, IngestError, ValueError, FileNotFoundError) as e:
+        print(f"gelato {args.stage}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"gelato {args.stage}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,545 @@
+"""Sharded WebDataset archives: planning, writing (resumable, atomic), the manifest, and reading.
+
+Writing side
+------------
+:func:`plan_ingest` lists the source and cuts every split into shards of ``shard_size`` records
+(deterministically: the same source and parameters give the same plan). :func:`write_shard`
+writes one shard: each record is decoded in full (a bad file is rejected with its reason, never
+a crash), encoded, and appended to a tar written under a temporary name that is renamed into
+place only when complete (locally), or uploaded as one object that appears only when the upload
+completes (S3). A small state file per finished shard (``<run>/.ingest/<shard>.json``) records
+its sha256 and the digest of its plan, so a killed ingest rerun with the same arguments keeps
+the published shards whose sha256 still match and writes the rest. :func:`finalize` writes
+``manifest.json`` last; an ingest is complete exactly when the manifest exists.
+
+Reading side
+------------
+:func:`open_split` opens a split as a WebDataset stream with explicit node and worker
+splitting and per-epoch shard shuffling, written out stage by stage.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterator, Optional
+
+from workers.images import IMAGE_FORMATS, GRAY_MODES, RejectedImage, decode_bytes
+from workers.sources import Record, Source
+from workers.storage import RunLocation
+
+MANIFEST = "manifest.json"
+SHARD_DIR = "shards"
+STATE_DIR = ".ingest"
+FORMAT = "gelato-shards/1"
+
+
+class IngestError(RuntimeError):
+    """The ingest cannot go on (nothing valid, conflicting existing run, ...)."""
+
+
+@dataclass(frozen=True)
+class IngestParams:
+    """What ``gelato ingest`` was asked to do; part of the manifest, so reruns can be compared."""
+
+    shard_size: int = 1000
+    image_format: str = "keep"
+    val_fraction: Optional[float] = None  # None: 0.1 where the source has no val split, else 0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size must be >= 1, got {self.shard_size}")
+        if self.image_format not in IMAGE_FORMATS:
+            raise ValueError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
+        if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """One shard to write: its split, name and the records (with their sample keys) it holds."""
+
+    split: str
+    index: int
+    keys: tuple[str, ...]
+    records: tuple[Record, ...]
+    digest: str  # what the shard's content depends on; a stored shard is reused only if it matches
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.index:06d}.tar"
+
+
+@dataclass
+class ShardResult:
+    split: str
+    name: str
+    count: int
+    sha256: str
+    bytes: int
+    modes: dict[str, int] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    reused: bool = False
+
+
+@dataclass(frozen=True)
+class IngestPlan:
+    source: dict[str, Any]
+    fingerprint: str
+    params: IngestParams
+    classes: Optional[list[str]]
+    multilabel: bool
+    shards: tuple[ShardSpec, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(len(s.records) for s in self.shards)
+
+    def splits(self) -> list[str]:
+        return list(dict.fromkeys(s.split for s in self.shards))
+
+
+def plan_ingest(source: Source, params: IngestParams) -> IngestPlan:
+    """Cut each split into shards; take a seeded ``val`` from ``train`` where asked."""
+    splits = source.splits()
+    frac = params.val_fraction
+    if frac is None:
+        frac = 0.0 if "val" in splits else 0.1
+    if frac > 0:
+        if "val" in splits:
+            raise IngestError(f"source {source.name!r} has its own val split; use --val-fraction 0")
+        if "train" not in splits:
+            raise IngestError(f"source {source.name!r} has no train split to take val from")
+        train = splits["train"]
+        order = list(range(len(train)))
+        random.Random(params.seed).shuffle(order)
+        n_val = int(round(frac * len(train)))
+        val_idx = set(order[:n_val])
+        splits["val"] = [train[i] for i in sorted(val_idx)]
+        splits["train"] = [r for i, r in enumerate(train) if i not in val_idx]
+    fingerprint = source.fingerprint()
+    params_d = asdict(params) | {"val_fraction": frac}
+    specs = []
+    for split in [s for s in ("train", "val", "test") if s in splits] + sorted(set(splits) - {"train", "val", "test"}):
+        records = splits[split]
+        for i in range(math.ceil(len(records) / params.shard_size)):
+            chunk = records[i * params.shard_size:(i + 1) * params.shard_size]
+            keys = tuple(f"{split}_{i * params.shard_size + j:08d}" for j in range(len(chunk)))
+            h = hashlib.sha256(json.dumps([FORMAT, fingerprint, params_d, split, i], sort_keys=True).encode())
+            for r in chunk:
+                h.update(f"{r.path}\0{r.label}\0{r.labels}\n".encode())
+            specs.append(ShardSpec(split, i, keys, tuple(chunk), h.hexdigest()))
+    return IngestPlan(source.describe(), fingerprint, IngestParams(params.shard_size, params.image_format, frac, params.seed),
+                      list(source.classes) if source.classes else None, source.multilabel, tuple(specs))
+
+
+class _HashingWriter:
+    """File-like wrapper that hashes and counts what passes through ."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.n = f, hashlib.sha256(), 0
+
+    def write(self, b) -> int:
+        self.f.write(b)
+        self.sha.update(b)
+        self.n += len(b)
+        return len(b)
+
+    def tell(self) -> int:
+        return self.n
+
+    def flush(self) -> None:
+        pass
+
+
+def _ustar_header(name: str, size: int) -> bytes:
+    """A POSIX ustar header for a regular file with fixed mode/owner/mtime (deterministic bytes).
+
+    Hand-built because ``tarfile.TarInfo`` header creation was half of the shard-writing time.
+    """
+    raw = name.encode()
+    if len(raw) > 100:
+        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+    h = bytearray(512)
+    h[0:len(raw)] = raw
+    h[100:108] = b"0000444\0"                   # mode
+    h[108:116] = b"0000000\0"                   # uid
+    h[116:124] = b"0000000\0"                   # gid
+    h[124:136] = b"%011o\0" % size              # size
+    h[136:148] = b"00000000000\0"               # mtime = 0
+    h[148:156] = b"        "                    # checksum placeholder (spaces)
+    h[156:157] = b"0"                           # regular file
+    h[257:265] = b"ustar\x0000"                 # magic + version
+    h[148:156] = b"%06o\0 " % sum(h)            # checksum over the header with spaces
+    return bytes(h)
+
+
+def _add(out, name: str, data: bytes) -> None:
+    """Append one member (header, data, zero padding to 512 bytes)."""
+    out.write(_ustar_header(name, len(data)))
+    out.write(data)
+    pad = -len(data) % 512
+    if pad:
+        out.write(b"\0" * pad)
+
+
+def _state_path(loc: RunLocation, spec: ShardSpec) -> str:
+    return loc.join(STATE_DIR, spec.name + ".json")
+
+
+def _sha256_of(fs, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _reusable(loc: RunLocation, fs, spec: ShardSpec) -> Optional[ShardResult]:
+    """The stored result of a shard published by an earlier run, if it is still valid."""
+    try:
+        with fs.open(_state_path(loc, spec), "r") as f:
+            state = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+    path = loc.join(SHARD_DIR, spec.name)
+    if state.get("digest") != spec.digest or not fs.exists(path):
+        return None
+    if fs.size(path) != state["result"]["bytes"] or _sha256_of(fs, path) != state["result"]["sha256"]:
+        return None
+    return ShardResult(**(state["result"] | {"reused": True}))
+
+
+def write_shard(loc: RunLocation, source: Source, spec: ShardSpec, image_format: str,
+                progress: Optional[Callable[[int], None]] = None, fs=None) -> ShardResult:
+    """Write one shard atomically, or reuse it if an earlier run already published it intact."""
+    fs = fs or loc.fs()
+    reused = _reusable(loc, fs, spec)
+    if reused is not None:
+        if progress:
+            progress(len(spec.records))
+        return reused
+    final = loc.join(SHARD_DIR, spec.name)
+    # Locally: a hidden temporary name in the same folder, renamed when complete. On S3 the object
+    # only becomes visible when the upload completes, so the final key is written directly.
+    tmp = final if loc.is_s3 else loc.join(SHARD_DIR, f".{spec.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    result = ShardResult(spec.split, spec.name, 0, "", 0)
+    pending = 0
+    with fs.open(tmp, "wb") as raw:
+        hw = _HashingWriter(raw)
+        for key, rec in zip(spec.keys, spec.records):
+            try:
+                enc = source.encode(rec, image_format)
+            except RejectedImage as e:
+                result.rejected.append({"path": rec.path, "reason": str(e)})
+            except OSError as e:
+                result.rejected.append({"path": rec.path, "reason": f"unreadable: {e.strerror or e}"})
+            else:
+                # One sample = image, optional .cls, .json: appended to the tar stream in one write.
+                meta = {"source": rec.path, "mode": enc.mode, "size": list(enc.size)}
+                sample = io.BytesIO()
+                _add(sample, f"{key}.{enc.ext}", enc.data)
+                if rec.label is not None:
+                    meta["label"] = rec.label
+                    _add(sample, f"{key}.cls", str(rec.label).encode())
+                if rec.labels is not None:
+                    meta["labels"] = list(rec.labels)
+                    meta["difficult"] = list(rec.difficult or ())
+                _add(sample, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                hw.write(sample.getvalue())
+                result.count += 1
+                result.modes[enc.mode] = result.modes.get(enc.mode, 0) + 1
+            pending += 1
+            if progress and pending >= 64:
+                progress(pending)
+                pending = 0
+        hw.write(b"\0" * 1024)  # end-of-archive marker
+    if progress and pending:
+        progress(pending)
+    result.sha256, result.bytes = hw.sha.hexdigest(), hw.n
+    if not loc.is_s3:
+        os.replace(tmp, final)
+    elif not fs.exists(final):  # s3fs uploads on close; make sure the object really exists
+        raise IngestError(f"shard {final} was written but is not visible on S3 after upload")
+    with fs.open(_state_path(loc, spec), "w") as f:
+        json.dump({"digest": spec.digest, "result": asdict(result)}, f)
+    return result
+
+
+def read_manifest(loc: RunLocation) -> Optional[dict]:
+    fs = loc.fs()
+    try:
+        with fs.open(loc.join(MANIFEST), "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def prepare_run(loc: RunLocation, plan: IngestPlan, overwrite: bool = False) -> Optional[dict]:
+    """Get the run directory ready. Returns the existing manifest when this exact ingest is done.
+
+    A finished ingest with other parameters or another source is refused unless ``overwrite``;
+    ``overwrite`` removes the shards, the state files and the manifest and starts afresh.
+    Leftover temporary files of a killed run are removed.
+    """
+    fs = loc.fs()
+    existing = read_manifest(loc)
+    if overwrite:
+        for sub in (SHARD_DIR, STATE_DIR):
+            if fs.exists(loc.join(sub)):
+                fs.rm(loc.join(sub), recursive=True)
+        if existing is not None:
+            fs.rm(loc.join(MANIFEST))
+        existing = None
+    if existing is not None:
+        same = (existing.get("source", {}).get("fingerprint") == plan.fingerprint
+                and existing.get("params") == asdict(plan.params))
+        if same:
+            return existing
+        raise IngestError(
+            f"{loc.uri} already holds a finished ingest of {existing.get('source', {}).get('name')!r} with "
+            f"parameters {existing.get('params')}; rerun with --overwrite to replace it, or choose another --out")
+    if not loc.is_s3:
+        os.makedirs(loc.join(SHARD_DIR), exist_ok=True)
+        os.makedirs(loc.join(STATE_DIR), exist_ok=True)
+        for fn in os.listdir(loc.join(SHARD_DIR)):
+            if fn.startswith(".") and ".tmp-" in fn:
+                os.remove(loc.join(SHARD_DIR, fn))
+    return None
+
+
+def finalize(loc: RunLocation, plan: IngestPlan, results: list[ShardResult]) -> dict:
+    """Check the results, write ``manifest.json`` (last, atomically) and return it."""
+    by_name = {r.name: r for r in results}
+    missing = [s.name for s in plan.shards if s.name not in by_name]
+    if missing:
+        raise IngestError(f"{len(missing)} shards were not written (first: {missing[0]})")
+    ordered = [by_name[s.name] for s in plan.shards]
+    rejected = [rej for r in ordered for rej in r.rejected]
+    total = sum(r.count for r in ordered)
+    if total == 0:
+        raise IngestError(f"no valid image in source {plan.source.get('path')}: all {len(rejected)} files were "
+                          f"rejected (first: {rejected[0]['path'] if rejected else '-'}: "
+                          f"{rejected[0]['reason'] if rejected else 'the source is empty'})")
+    modes: dict[str, int] = {}
+    for r in ordered:
+        for m, n in r.modes.items():
+            modes[m] = modes.get(m, 0) + n
+    splits: dict[str, dict] = {}
+    for r in ordered:
+        s = splits.setdefault(r.split, {"count": 0, "shards": []})
+        s["count"] += r.count
+        s["shards"].append({"name": r.name, "count": r.count, "sha256": r.sha256, "bytes": r.bytes})
+    manifest = {
+        "format": FORMAT,
+        "source": plan.source | {"fingerprint": plan.fingerprint},
+        "params": asdict(plan.params),
+        "classes": plan.classes,
+        "multilabel": plan.multilabel,
+        "channels": 1 if set(modes) <= GRAY_MODES else 3,
+        "modes": dict(sorted(modes.items())),
+        "count": total,
+        "splits": splits,
+        "rejected": rejected,
+    }
+    fs = loc.fs()
+    # Shards a different earlier plan left behind would confuse anyone listing the folder.
+    keep = {r.name for r in ordered}
+    for path in fs.glob(loc.join(SHARD_DIR, "*.tar")):
+        if os.path.basename(path) not in keep:
+            fs.rm(path)
+    text = json.dumps(manifest, indent=1, sort_keys=False)
+    if loc.is_s3:
+        with fs.open(loc.join(MANIFEST), "w") as f:
+            f.write(text)
+    else:
+        tmp = loc.join(f".{MANIFEST}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, loc.join(MANIFEST))
+    return manifest
+
+
+class Progress:
+    """Thread-safe sample counter with an optional tqdm bar (samples/s) on the terminal."""
+
+    def __init__(self, total: int, desc: str = "ingest", bar: bool = True):
+        self.total, self.done, self.lock, self.t0 = total, 0, threading.Lock(), time.perf_counter()
+        self.bar = None
+        if bar:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True)
+
+    def __call__(self, n: int) -> None:
+        with self.lock:
+            self.done += n
+            if self.bar is not None:
+                self.bar.update(n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    @property
+    def rate(self) -> float:
+        return self.done / max(1e-9, time.perf_counter() - self.t0)
+
+
+def ingest(loc: RunLocation, source: Source, params: IngestParams, overwrite: bool = False,
+           threads: Optional[int] = None, progress_bar: bool = True) -> dict:
+    """The whole ingest without Prefect (threads); the flow in ``flows/ingest.py`` does the same
+    with one Prefect task per group of shards."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    plan = plan_ingest(source, params)
+    done = prepare_run(loc, plan, overwrite)
+    if done is not None:
+        return done
+    progress = Progress(plan.total, bar=progress_bar)
+    try:
+        with ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            results = list(pool.map(lambda s: write_shard(loc, source, s, params.image_format, progress), plan.shards))
+    finally:
+        progress.close()
+    return finalize(loc, plan, results)
+
+
+# ----------------------------------------------------------------------------- reading side
+
+def shard_urls(loc: RunLocation, manifest: dict, split: str) -> list[str]:
+    if split not in manifest["splits"]:
+        raise KeyError(f"{loc.uri}: split {split!r} not in the manifest (have {sorted(manifest['splits'])})")
+    return [loc.join(SHARD_DIR, s["name"]) for s in manifest["splits"][split]["shards"]]
+
+
+def open_split(run: str | RunLocation, split: str, *, rank: int = 0, world_size: int = 1,
+               num_workers: int = 0, shuffle: bool = False, seed: int = 0, epoch: int = 0,
+               shuffle_buffer: int = 1000, manifest: Optional[dict] = None):
+    """A split of a run as an ``IterableDataset`` of ``{"key", "image" (C,H,W) uint8, "label"}``.
+
+    Node splitting is explicit (``rank``/``world_size``, not discovered), DataLoader-worker
+    splitting happens inside each worker; with ``shuffle`` the shard order is permuted with
+    ``seed + epoch`` (identically on every rank, before splitting) and samples pass a buffer.
+    Refuses when the split has fewer shards than ``world_size × max(1, num_workers)``, the case
+    that makes webdataset hang distributed training.
+    """
+    import webdataset as wds
+
+    loc = run if isinstance(run, RunLocation) else RunLocation(run)
+    manifest = manifest or read_manifest(loc)
+    if manifest is None:
+        raise FileNotFoundError(f"{loc.uri}: no {MANIFEST}; run `gelato ingest ... --out {loc.uri}` first")
+    urls = shard_urls(loc, manifest, split)
+    needed = world_size * max(1, num_workers)
+    if len(urls) < needed:
+        raise ValueError(
+            f"{loc.uri}: split {split!r} has {len(urls)} shards but {world_size} ranks × "
+            f"{max(1, num_workers)} loader workers need at least {needed}; re-ingest with a smaller "
+            f"--shard-size, or use fewer workers")
+    return wds.DataPipeline(
+        # 1. every rank sees the same, per-epoch-permuted shard list ...
+        _ShardList(urls, shuffle, seed + epoch),
+        # 2. ... and keeps its own slice; 3. each DataLoader worker keeps a slice of that.
+        _split_by_rank(rank, world_size),
+        _split_by_loader_worker,
+        # 4. open each shard through fsspec (one filesystem per process: s3fs is not fork-safe).
+        _open_with_fsspec(loc.storage_options),
+        # 5. tar members grouped into samples by key (errors re-raised, never skipped silently).
+        _tar_to_samples,
+        # 6. sample-level shuffle buffer (seeded), then decode to tensors.
+        *( [wds.shuffle(shuffle_buffer, rng=random.Random(seed + epoch + 7919 * rank))] if shuffle else [] ),
+        wds.map(_Decoder(manifest)),
+    )
+
+
+def _iterable_dataset_base():
+    import torch.utils.data
+
+    return torch.utils.data.IterableDataset
+
+
+class _ShardList(_iterable_dataset_base()):
+    def __init__(self, urls: list[str], shuffle: bool, seed: int):
+        self.urls, self.shuffle, self.seed = list(urls), shuffle, seed
+
+    def __iter__(self) -> Iterator[dict]:
+        urls = list(self.urls)
+        if self.shuffle:
+            random.Random(self.seed).shuffle(urls)
+        for u in urls:
+            yield {"url": u}
+
+
+def _split_by_rank(rank: int, world_size: int):
+    def stage(src):
+        for i, item in enumerate(src):
+            if i % world_size == rank:
+                yield item
+    return stage
+
+
+def _split_by_loader_worker(src):
+    import torch.utils.data
+
+    info = torch.utils.data.get_worker_info()
+    wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
+    for i, item in enumerate(src):
+        if i % n == wid:
+            yield item
+
+
+def _open_with_fsspec(storage_options: dict):
+    def stage(src):
+        from workers.storage import filesystem
+
+        fs = None
+        for sample in src:
+            url = sample["url"]
+            fs = fs or filesystem(url, storage_options)
+            with fs.open(url, "rb") as stream:
+                yield {"url": url, "stream": stream}
+    return stage
+
+
+def _tar_to_samples(src):
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return group_by_keys(tar_file_expander(src))
+
+
+class _Decoder:
+    """Raw tar members → ``{"key", "image" uint8 (C, H, W), "label" int (-1: none), "labels"?}``."""
+
+    def __init__(self, manifest: dict):
+        self.channels = int(manifest.get("channels", 3))
+        self.multilabel = bool(manifest.get("multilabel"))
+        self.n_classes = len(manifest.get("classes") or [])
+
+    def __call__(self, sample: dict) -> dict:
+        import torch
+        from workers.images import IMAGE_EXTS
+
+        ext = next((k for k in sample if k in IMAGE_EXTS), None)
+        if ext is None:
+            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image member")
+        try:
+            arr = decode_bytes(sample[ext], self.channels)
+        except Exception as e:
+            raise ValueError(f"cannot decode sample {sample.get('__key__')} in {sample.get('__url__')}: {e}") from e
+        out = {"key": sample["__key__"],
+               "image": torch.from_numpy(arr).permute(2, 0, 1).contiguous(),  # (C, H, W)
+               "label": int(sample["cls"]) if "cls" in sample else -1}
+        if self.multilabel:
+            meta = json.loads(sample["json"])
+            target = torch.zeros(self.n_classes)
+            target[list(meta.get("labels", []))] = 1.0
+            out["labels"] = target
+        return out

@@ -33,6 +33,7 @@ The ops (SimCLR's chain, Chen et al. 2020, Appendix A, in that order):
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -45,14 +46,25 @@ _LUMA = (0.299, 0.587, 0.114)
 
 
 # --------------------------------------------------------------------------- parameter drawing
+def _rand(n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """n samples of U[0, 1) from ``generator`` on its own device, returned on the CPU.
+
+    A CPU generator (the intended use) costs nothing extra; a CUDA generator is accepted too, at
+    the price of one small device-to-host copy per draw. Shape: (n,).
+    """
+    if generator is None or generator.device.type == "cpu":
+        return torch.rand(n, generator=generator)
+    return torch.rand(n, generator=generator, device=generator.device).cpu()
+
+
 def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """n samples of U[low, high) drawn on the CPU. Shape: (n,)."""
-    return torch.rand(n, generator=generator) * (high - low) + low
+    """n samples of U[low, high), returned on the CPU. Shape: (n,)."""
+    return _rand(n, generator) * (high - low) + low
 
 
 def _coin(n: int, p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """n Bernoulli(p) draws on the CPU, as bool. Shape: (n,)."""
-    return torch.rand(n, generator=generator) < p
+    """n Bernoulli(p) draws, as bool on the CPU. Shape: (n,)."""
+    return _rand(n, generator) < p
 
 
 def _check_batch(x: torch.Tensor, what: str) -> None:
@@ -365,6 +377,36 @@ class ViewConfig:
             raise ValueError(f"ViewConfig.mean and std need the same length (1 or C), got {self.mean}, {self.std}")
 
 
+def resolve_view_config(spec: "ViewConfig | dict | None", default: ViewConfig) -> ViewConfig:
+    """An objective's view argument → a :class:`ViewConfig`.
+
+    ``None`` gives ``default``; a dict (as read from a YAML config) overrides fields of
+    ``default``; a :class:`ViewConfig` is used as is.
+    """
+    if spec is None:
+        return default
+    if isinstance(spec, ViewConfig):
+        return spec
+    if isinstance(spec, dict):
+        unknown = set(spec) - set(ViewConfig.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown view option(s) {sorted(unknown)}; valid: {sorted(ViewConfig.__dataclass_fields__)}")
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in spec.items()}
+        return dataclasses.replace(default, **fields)
+    raise ValueError(f"a view must be a ViewConfig, a dict of its fields or None, got {type(spec).__name__}")
+
+
+def check_images(images: torch.Tensor, in_channels: int, what: str) -> None:
+    """Raise ValueError unless ``images`` is a (B, C, H, W) batch with ``in_channels`` channels and B >= 2."""
+    if images.ndim != 4:
+        raise ValueError(f"{what}.make_views expects images (B, C, H, W), got shape {tuple(images.shape)}")
+    if images.shape[1] != in_channels:
+        raise ValueError(f"{what} was built for {in_channels}-channel images, got {images.shape[1]} channels; "
+                         f"build the backbone with in_channels={images.shape[1]}")
+    if images.shape[0] < 2:
+        raise ValueError(f"{what} contrasts images within a batch and needs at least 2 images, got {images.shape[0]}")
+
+
 def view(images: torch.Tensor, cfg: ViewConfig, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """One augmented, normalised view of a batch: crop → flip → jitter → grayscale → blur → solarize → normalize.
 
@@ -412,5 +454,5 @@ def multi_crop(images: torch.Tensor, global_cfg: ViewConfig, local_cfg: ViewConf
 __all__ = [
     "ViewConfig", "to_float", "random_resized_crop", "horizontal_flip", "color_jitter", "random_grayscale",
     "rgb_to_grayscale", "gaussian_blur", "blur_kernel_size", "solarize", "normalize", "view", "two_views",
-    "multi_crop",
+    "multi_crop", "resolve_view_config", "check_images",
 ]

@@ -47,9 +47,11 @@ def _add_ingest(sub) -> None:
 
 
 def _run_ingest(a) -> int:
+    from workers.shards import IngestParams
     from workers.sources import SourceError
     from workers.storage import RunLocation, check_writable
 
+    IngestParams(a.shard_size, a.image_format, a.val_fraction, a.seed)  # fails here, before Prefect starts
     if a.source not in ("fashion-mnist", "fashion_mnist", "fmnist") and a.kind != "fashion-mnist" \
             and not os.path.exists(a.source):
         raise SourceError(f"source path {a.source!r} does not exist")

@@ -100,7 +100,7 @@ def to_array(img: Image.Image, channels: int) -> np.ndarray:
         img = img.convert("L")
     else:
         img = img.convert("RGB")
-    arr = np.asarray(img, dtype=np.uint8)
+    arr = np.array(img, dtype=np.uint8)  # a writable copy (torch.from_numpy shares it)
     return arr[:, :, None] if arr.ndim == 2 else arr
 
 

@@ -1,0 +1,91 @@
+"""Shared fixtures: a real S3 API on loopback (moto_server), and image folders built on the fly."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start_moto(extra_env=None):
+    exe = shutil.which("moto_server", path=os.path.dirname(sys.executable)) or shutil.which("moto_server")
+    if exe is None:
+        pytest.fail("moto_server not found: install the test extras (pip install -e '.[test]')")
+    port = free_port()
+    proc = subprocess.Popen([exe, "-H", "127.0.0.1", "-p", str(port)], env=dict(os.environ, **(extra_env or {})),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except urllib.error.HTTPError:  # any HTTP answer (403 with auth on) means it is up
+            break
+        except Exception:
+            if time.time() > deadline or proc.poll() is not None:
+                proc.kill()
+                pytest.fail("moto_server did not start")
+            time.sleep(0.2)
+    return proc, url
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """Start ``moto_server`` on 127.0.0.1 (a real S3 HTTP API) and point the AWS environment at it.
+
+    Mocked here: only the cloud account; every byte goes through s3fs/botocore over HTTP.
+    """
+    proc, url = _start_moto()
+    env = {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing-secret-xyz",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield url
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        proc.terminate()
+        proc.wait(10)
+
+
+@pytest.fixture()
+def s3_bucket(s3_endpoint):
+    """A fresh, empty bucket on the moto server; yields its name."""
+    import s3fs
+
+    name = f"gelato-test-{int(time.time() * 1e6) % 10**12}"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=s3_endpoint)
+    fs.mkdir(name)
+    yield name
+
+
+@pytest.fixture()
+def s3_endpoint_with_auth():
+    """A second moto server that checks credentials (IAM auth on), for the wrong-credentials test."""
+    proc, url = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "0"})
+    try:
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -6,6 +6,8 @@ steps on a fixed tiny batch lower the loss, and its state round-trips through th
 Then each one's own contract (views, labels, what the loss counts). Everything is tiny (small_cnn
 of width 8, a 2-block ViT of width 32, 8 images of 28 px) so the file runs in seconds on a CPU.
 """
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -58,6 +60,24 @@ def _build(name, seed=0):
     torch.manual_seed(seed)
     factory, channels = CASES[name]
     return factory(), channels
+
+
+def test_registry_holds_the_predictive_objectives_with_defaults():
+    from ssl_models.objectives import OBJECTIVES, build
+
+    for name in CASES:
+        cls = OBJECTIVES[name]
+        assert cls.name == name and cls.contrastive is False
+        assert "Shape:" in cls.make_views.__doc__ and "Shape:" in cls.forward.__doc__
+        assert re.search(r"\b(19|20)\d\d\b", cls.__doc__)              # the paper, with its year
+        torch.manual_seed(0)
+        channels = 1 if name in ("colorization", "mae") else 3
+        backbone = _vit(channels) if name == "mae" else _cnn(channels)
+        obj = build(name, backbone=backbone, image_size=SIZE)
+        images = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=_gen())  # resized to 28
+        if name == "mae":
+            images = images[:, :1]
+        assert torch.isfinite(obj(obj.make_views(images))["loss"])
 
 
 @pytest.mark.parametrize("name", list(CASES))

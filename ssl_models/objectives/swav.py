@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_models import distributed as D
 from ssl_models.augment import ViewConfig, check_images, multi_crop, resolve_view_config
 from ssl_models.heads import ProjectionMLP, SwAVPrototypes
 from ssl_models.losses import sinkhorn
@@ -34,11 +35,14 @@ class SwAV(Objective):
     ``C.detach() + 0·C``, so DDP still sees the parameter used; with zero gradient any weight
     decay only rescales C, which the renormalisation undoes).
 
-    Optional queue (§4.3, small batches): the embeddings of the global crops of the last
-    ``queue_length`` samples (per rank) are kept; once ``self.step >= queue_start_steps`` the
-    queue is filled, and once full its scores are prepended to the batch's for Sinkhorn, so the
-    equipartition is over batch + queue. The queue is written in :meth:`after_step`, once per
-    step.
+    Optional queue (§4.3, small batches): the global-crop embeddings of the last
+    ``queue_length`` samples of the *global* batch are kept; once ``self.step >=
+    queue_start_steps`` the queue is filled, and once full its scores are prepended to the
+    batch's for Sinkhorn, so the equipartition is over batch + queue. The queue is written in
+    :meth:`after_step`, once per step, with the embeddings gathered from every rank, so every
+    rank holds the same queue (DDP's buffer broadcast cannot disturb it) and rank r feeds its
+    share, rows r, r + W, r + 2W, …, to the distributed Sinkhorn: each queued sample counts once,
+    as with SwAV's per-rank queues of length queue_length / W.
 
     ``self.step`` counts steps: :meth:`after_step` increments it, and ``set_progress`` (called by
     the training loop) sets it.
@@ -137,7 +141,8 @@ class SwAV(Objective):
             with torch.no_grad():
                 sc = scores[s].detach()                                          # (B, K)
                 if use_queue:
-                    sc = torch.cat([self.queue[s] @ w.detach().T, sc], dim=0)    # (Q + B, K)
+                    share = self.queue[s, D.rank()::D.world_size()]              # (≈Q/W, D)
+                    sc = torch.cat([share @ w.detach().T, sc], dim=0)            # (Q/W + B, K)
                 q = sinkhorn(sc, self.epsilon, self.sinkhorn_iterations)[-B:]    # (B, K)
                 entropy += -(q * q.clamp_min(1e-12).log()).sum(dim=1).mean()
             sub = z.new_zeros(())
@@ -148,7 +153,8 @@ class SwAV(Objective):
             loss = loss + sub / (n_crops - 1)
         loss = loss / n_g
         if self.training and self.queue_length > 0:
-            self._pending.append(z[: n_g * B].detach().view(n_g, B, -1))         # (n_g, B, D)
+            mine = z[: n_g * B].detach().view(n_g, B, -1).transpose(0, 1)       # (B, n_g, D)
+            self._pending.append(D.concat_all_gather_no_grad(mine.contiguous()).transpose(0, 1))   # (n_g, W·B, D)
         return {"loss": loss, "code_entropy": entropy / n_g, "prototypes_frozen": float(self.prototypes_frozen),
                 "queue_in_use": float(use_queue)}
 
@@ -164,7 +170,7 @@ class SwAV(Objective):
 
     @torch.no_grad()
     def _enqueue(self, emb: torch.Tensor) -> None:
-        """Newest first: shift the queue down by B and write the batch on top. Shape: emb (n_global, B, D)."""
+        """Newest first: shift the queue down by N and write the batch on top. Shape: emb (n_global, N, D)."""
         b = min(emb.shape[1], self.queue_length)
         self.queue[:, b:] = self.queue[:, :-b].clone() if b < self.queue_length else self.queue[:, b:]
         self.queue[:, :b] = emb[:, -b:].to(self.queue.dtype)

@@ -61,9 +61,10 @@ def _build(kind: str) -> nn.Module:
         key_bn = kind.split("_")[1]
         return MoCo(TinyMLP(), image_size=SIDE, hidden_dim=16, out_dim=8, queue_size=32, momentum=0.9,
                     key_bn=key_bn, temperature=0.2)
-    if kind == "swav":
+    if kind.startswith("swav"):
+        queue = dict(queue_length=WORLD * B, queue_start_steps=0) if kind == "swav_queue" else {}
         return SwAV(TinyMLP(), image_size=SIDE, hidden_dim=16, out_dim=8, batch_norm=False, n_prototypes=5,
-                    n_global=2, n_local=2, local_size=SIDE, freeze_prototypes_steps=0, temperature=0.1)
+                    n_global=2, n_local=2, local_size=SIDE, freeze_prototypes_steps=0, temperature=0.1, **queue)
     raise ValueError(kind)
 
 
@@ -96,7 +97,7 @@ def run_cases(rank: int, world: int, n: int) -> dict:
     def wrap(model):
         return nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
-    for kind in ("simclr", "moco_none", "moco_shuffle", "swav"):
+    for kind in ("simclr", "moco_none", "moco_shuffle", "swav", "swav_queue"):
         module = _build(kind)
         model = wrap(module)
         if kind == "simclr":
@@ -111,6 +112,13 @@ def run_cases(rank: int, world: int, n: int) -> dict:
         entry = {"loss": out["loss"].detach(), "grads": _grads(module)}
         opt.step()
         module.after_step()
+        if kind == "swav_queue":
+            # The first step filled the queue with the global batch; the second one uses it.
+            opt.zero_grad()
+            out = model(views)
+            assert out["queue_in_use"] == 1.0
+            out["loss"].backward()
+            entry = {"loss": out["loss"].detach(), "grads": _grads(module), "queue": module.queue.clone()}
         if kind.startswith("moco"):
             entry["queue"] = module.queue.clone()
             entry["queue_ptr"] = module.queue_ptr.clone()
@@ -183,7 +191,7 @@ def test_sinkhorn_two_ranks_equal_one_process(ranks, single):
     _close(q, single["sinkhorn"], "sinkhorn assignments")
 
 
-@pytest.mark.parametrize("kind", ["simclr", "moco_none", "moco_shuffle", "swav"])
+@pytest.mark.parametrize("kind", ["simclr", "moco_none", "moco_shuffle", "swav", "swav_queue"])
 def test_objective_loss_and_gradients_two_ranks_equal_one_process(ranks, single, kind):
     loss = torch.stack([res[kind]["loss"] for res in ranks]).mean()
     _close(loss, single[kind]["loss"], f"{kind} loss")
@@ -193,6 +201,11 @@ def test_objective_loss_and_gradients_two_ranks_equal_one_process(ranks, single,
         assert res[kind]["grads"].keys() == ref.keys()
         for name, g in res[kind]["grads"].items():      # DDP averaged them: equal on every rank
             _close(g, ref[name], f"{kind} grad {name} rank {r}")
+
+
+def test_swav_queue_is_the_global_batch_on_every_rank(ranks, single):
+    for r, res in enumerate(ranks):
+        _close(res["swav_queue"]["queue"], single["swav_queue"]["queue"], f"swav queue rank {r}")
 
 
 @pytest.mark.parametrize("kind", ["moco_none", "moco_shuffle"])

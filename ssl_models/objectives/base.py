@@ -59,6 +59,27 @@ class Objective(nn.Module):
         """Return ``{"loss": scalar tensor, ...}``; extra entries are floats or 0-d tensors to log."""
         raise NotImplementedError
 
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """The un-augmented backbone input for feature extraction (kNN monitor, probes, fine-tuning).
+
+        uint8 → float in [0, 1], resized to ``image_size`` if needed, normalised with the same
+        mean/std as the training views (``self.view_config`` where the objective has one, else the
+        views' default 0.5/0.5), so evaluation sees inputs on the scale the backbone learned on.
+
+        Shape: images (B, C, H, W) uint8 → (B, C, image_size, image_size) float32.
+        """
+        import torch.nn.functional as F
+
+        from ssl_models.augment import normalize, to_float
+
+        x = to_float(images)
+        if x.shape[-2:] != (self.image_size, self.image_size):
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
+                              antialias=True)
+        cfg = getattr(self, "view_config", None)
+        mean, std = (cfg.mean, cfg.std) if cfg is not None else ((0.5,), (0.5,))
+        return normalize(x, mean, std)
+
     @torch.no_grad()
     def after_step(self) -> None:
         """Momentum, queue and prototype updates after the optimizer step; no-op by default."""

@@ -86,6 +86,14 @@ class Colorization(Objective):
         lab = rgb_to_lab(x)                                          # (B, 3, S, S)
         return {"L": lab[:, :1] / 50.0 - 1.0, "ab": lab[:, 1:]}
 
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone sees the lightness channel only: L/50 − 1 of the un-augmented image.
+
+        Shape: images (B, 3, H, W) uint8 → (B, 1, image_size, image_size).
+        """
+        x = prepare_images(images, self.image_size)
+        return rgb_to_lab(x)[:, :1] / 50.0 - 1.0
+
     @torch.no_grad()
     def _update_histogram(self, bins: torch.Tensor) -> None:
         counts = torch.bincount(bins.flatten(), minlength=self.quantizer.num_bins).to(self.ab_counts.dtype)

@@ -1,0 +1,191 @@
+"""The pretraining configuration: typed, validated before any work starts, written to the run.
+
+A config is a YAML file of the fields of :class:`PretrainConfig`, plus ``key=value`` overrides
+from the command line (dotted keys reach into the parameter dicts:
+``objective_params.temperature=0.2``, ``view.scale=[0.3,1.0]``). Unknown keys and ill-typed
+values fail naming the key; objective and backbone parameters are checked against the signature
+of the class or function they go to, so a typo in ``objective_params`` fails too.
+"""
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the key."""
+
+
+class PretrainConfig(BaseModel):
+    """Everything ``gelato pretrain`` needs. Defaults: SimCLR, narrow ResNet-18, 28 px, CPU."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    # what to learn
+    objective: str = "simclr"
+    objective_params: dict[str, Any] = Field(default_factory=dict)
+    backbone: str = "resnet18"
+    backbone_params: dict[str, Any] = Field(default_factory=lambda: {"small_stem": True, "width": 32})
+    image_size: int = Field(28, ge=8)
+    view: Optional[dict[str, Any]] = None  # augmentation overrides (ssl_models.augment.ViewConfig fields)
+
+    # how long and how big
+    batch_size: int = Field(256, ge=2, description="global batch size, all workers together")
+    epochs: float = Field(10, gt=0)
+    steps: Optional[int] = Field(None, ge=1, description="total optimizer steps; overrides epochs")
+    grad_accum: int = Field(1, ge=1)
+
+    # optimisation
+    optimizer: Literal["sgd", "adamw", "lars"] = "lars"
+    lr: float = Field(0.3, gt=0, description="base learning rate for a batch of 256")
+    lr_scaling: Literal["linear", "sqrt", "none"] = "linear"
+    warmup_epochs: float = Field(1.0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0, le=1)
+    weight_decay: float = Field(1e-6, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    betas: tuple[float, float] = (0.9, 0.999)
+    clip_grad_norm: Optional[float] = Field(None, gt=0)
+
+    # execution
+    workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: int = Field(1, ge=1)
+    loader_workers: int = Field(1, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    channels_last: bool = False
+    compile: bool = False
+    sync_bn: bool = False
+    seed: int = 0
+
+    # bookkeeping
+    log_every: int = Field(20, ge=1)
+    checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    knn_monitor: bool = True
+    knn_k: int = Field(20, ge=1)
+    knn_bank: int = Field(5000, ge=10, description="train samples in the online kNN feature bank")
+    knn_queries: int = Field(2000, ge=10, description="val samples scored by the online kNN monitor")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_names_and_params(self) -> "PretrainConfig":
+        from ssl_models import backbones, objectives
+
+        if self.objective not in objectives.OBJECTIVES:
+            raise ValueError(f"objective: unknown {self.objective!r}; choose one of {sorted(objectives.OBJECTIVES)}")
+        if self.backbone not in backbones.BACKBONES:
+            raise ValueError(f"backbone: unknown {self.backbone!r}; choose one of {sorted(backbones.BACKBONES)}")
+        _check_kwargs("objective_params", objectives.OBJECTIVES[self.objective].__init__, self.objective_params,
+                      reserved={"self", "backbone", "image_size", "in_channels", "view"})
+        _check_kwargs("backbone_params", backbones.BACKBONES[self.backbone], self.backbone_params,
+                      reserved={"in_channels"})
+        if self.view is not None:
+            from ssl_models.augment import ViewConfig
+
+            if "view" not in inspect.signature(objectives.OBJECTIVES[self.objective].__init__).parameters:
+                raise ValueError(f"view: objective {self.objective!r} takes no augmentation options")
+            unknown = set(self.view) - set(ViewConfig.__dataclass_fields__)
+            if unknown:
+                raise ValueError(f"view: unknown key(s) {sorted(unknown)}; valid: {sorted(ViewConfig.__dataclass_fields__)}")
+        if self.precision == "fp16" and not self.use_gpu:
+            raise ValueError("precision: fp16 needs use_gpu=true (on CPU use bf16 or fp32)")
+        if self.batch_size % (self.workers * self.grad_accum):
+            raise ValueError(f"batch_size: {self.batch_size} is not divisible by workers × grad_accum = "
+                             f"{self.workers} × {self.grad_accum}")
+        return self
+
+    # derived values
+    @property
+    def local_batch(self) -> int:
+        """Samples per worker per forward pass."""
+        return self.batch_size // (self.workers * self.grad_accum)
+
+    @property
+    def scaled_lr(self) -> float:
+        factor = {"linear": self.batch_size / 256, "sqrt": (self.batch_size / 256) ** 0.5, "none": 1.0}[self.lr_scaling]
+        return self.lr * factor
+
+    def objective_kwargs(self) -> dict[str, Any]:
+        kw = dict(self.objective_params)
+        if self.view is not None:
+            kw["view"] = dict(self.view)
+        return kw
+
+    def training_hash(self) -> str:
+        """Hash of what determines the trained weights (not workers' bookkeeping such as logging)."""
+        skip = {"log_every", "knn_monitor", "knn_k", "knn_bank", "knn_queries", "storage_options", "max_failures",
+                "keep_checkpoints", "loader_workers", "checkpoint_every"}
+        d = {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _check_kwargs(field: str, fn, params: dict, reserved: set[str]) -> None:
+    sig = inspect.signature(fn)
+    allowed = {n for n, p in sig.parameters.items() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)} - reserved
+    has_var_kw = any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values())
+    for key in params:
+        if key in reserved:
+            raise ValueError(f"{field}.{key}: set by gelato itself (use the top-level key instead)")
+        if key not in allowed and not has_var_kw:
+            raise ValueError(f"{field}.{key}: unknown parameter of {getattr(fn, '__qualname__', fn)}; "
+                             f"valid: {sorted(allowed)}")
+
+
+def _parse_value(text: str) -> Any:
+    """``key=value`` values are YAML scalars/lists: 5 → int, 0.2 → float, true → bool, [0.3,1] → list."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    out = json.loads(json.dumps(raw))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not key=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key}: {p} is not a mapping")
+        node[parts[-1]] = _parse_value(value)
+    return out
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict[str, Any]] = None) -> PretrainConfig:
+    """Read ``path`` (YAML), apply ``key=value`` overrides, validate. Errors name the key."""
+    raw: dict[str, Any] = dict(base or {})
+    if path:
+        try:
+            with open(path) as f:
+                loaded = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: a config is a mapping of keys to values")
+        raw.update(loaded)
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return PretrainConfig(**raw)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "config"
+            msg = err["msg"].removeprefix("Value error, ")
+            msgs.append(msg if loc == "config" else f"{loc}: {msg}")
+        raise ConfigError(f"{path or 'config'}: " + "; ".join(msgs)) from None

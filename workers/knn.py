@@ -1,0 +1,52 @@
+"""Weighted k-nearest-neighbour classification on frozen features (Wu et al. 2018, InstDisc).
+
+Cosine similarity between L2-normalised features; each of the k nearest bank samples votes for
+its class with weight exp(s/T). Used by the online monitor during pretraining (k=20) and by the
+``knn`` evaluation protocol (k=200, T=0.1 by default).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+@torch.no_grad()
+def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 512,
+                     device: str | torch.device = "cpu") -> torch.Tensor:
+    """Apply ``fn`` (uint8 batch → features) in batches. Shape: images (N, C, H, W) → (N, D) float32."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        out.append(fn(images[i:i + batch_size].to(device)).float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, n_classes: int,
+                k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Class scores of each query: Σ over its k nearest bank rows of exp(cos/T) for that row's class.
+
+    Shape: bank (N, D), bank_labels (N,), queries (M, D) → scores (M, n_classes).
+    """
+    if len(bank) == 0:
+        raise ValueError("knn: empty feature bank")
+    k = min(k, len(bank))
+    bank = F.normalize(bank.float(), dim=1)
+    scores = []
+    for i in range(0, len(queries), chunk):
+        q = F.normalize(queries[i:i + chunk].float(), dim=1)
+        sim = q @ bank.T                                            # (m, N)
+        top_sim, top_idx = sim.topk(k, dim=1)                       # (m, k)
+        weights = (top_sim / temperature).exp()                     # (m, k)
+        votes = torch.zeros(len(q), n_classes)
+        votes.scatter_add_(1, bank_labels[top_idx], weights)        # (m, C)
+        scores.append(votes)
+    return torch.cat(scores)
+
+
+def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, query_labels: torch.Tensor,
+                 n_classes: int, k: int = 200, temperature: float = 0.1) -> float:
+    """Top-1 accuracy (fraction) of weighted kNN."""
+    pred = knn_predict(bank, bank_labels, queries, n_classes, k, temperature).argmax(1)
+    return float((pred == query_labels).float().mean())

@@ -1,0 +1,472 @@
+"""Pretraining on Ray Train: ``launch`` (driver side) and ``train_loop_per_worker`` (each worker).
+
+The loop is one linear function, read top to bottom: build the objective, restore the latest
+checkpoint if there is one, then for each step take a uint8 batch from this rank's shard stream,
+augment it on the device, forward/backward under DDP, step, let the objective update its momentum
+encoder / queue / prototypes, and every so often log, checkpoint, and at epoch ends run the kNN
+monitor. Schedules are computed up front and indexed by step.
+
+Checkpoints go through Ray Train's storage (``RUN/checkpoints/checkpoint_*``): Ray registers a
+checkpoint only once it is fully persisted, so one is whole or absent, and a rerun of the same
+command (same ``RunConfig(name, storage_path)``) gets the latest through
+``ray.train.get_checkpoint()``; so does a worker group restarted by ``FailureConfig``. The result
+the evaluation stage loads is ``RUN/checkpoints/final/backbone.pt``.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import tempfile
+import threading
+import time
+from typing import Any, Optional
+
+import torch
+
+from workers.config import ConfigError, PretrainConfig
+from workers.storage import RunLocation
+
+FINAL_DIR = "checkpoints/final"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf; raised on every rank at the same step, before the optimizer step."""
+
+
+# ----------------------------------------------------------------------------- small helpers
+
+def _atomic_write(loc: RunLocation, rel: str, data: bytes) -> None:
+    """Write ``data`` to ``loc/rel`` whole or not at all (local: temp + rename; S3: one PUT)."""
+    fs = loc.fs()
+    path = loc.join(rel)
+    if loc.is_s3:
+        with fs.open(path, "wb") as f:
+            f.write(data)
+        return
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _read_json(loc: RunLocation, rel: str) -> Optional[dict]:
+    try:
+        with loc.fs().open(loc.join(rel), "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def _momentum_of(objective) -> Optional[float]:
+    if hasattr(objective, "current_momentum"):
+        return float(objective.current_momentum())
+    m = getattr(objective, "momentum", None)
+    return float(m) if isinstance(m, (int, float)) else None
+
+
+def build_objective(config: PretrainConfig, in_channels: int):
+    """Backbone + objective exactly as the config says (the same call on every rank and at export)."""
+    from ssl_models import backbones, objectives
+
+    backbone_kw = dict(config.backbone_params)
+    if config.backbone.startswith("vit"):
+        backbone_kw.setdefault("image_size", config.image_size)
+    backbone = backbones.build(config.backbone, in_channels=in_channels, **backbone_kw)
+    return objectives.build(config.objective, backbone=backbone, image_size=config.image_size,
+                            **config.objective_kwargs())
+
+
+class MetricsLog:
+    """``RUN/metrics.jsonl``, written by rank 0. On resume, lines past the restored step are dropped,
+    so the file always describes one training history (and shows where it resumed)."""
+
+    def __init__(self, loc: RunLocation, resume_step: int):
+        self.loc, self.rel = loc, "metrics.jsonl"
+        self.lines: list[str] = []
+        try:
+            with loc.fs().open(loc.join(self.rel), "r") as f:
+                self.lines = [ln for ln in f.read().splitlines()
+                              if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
+        except FileNotFoundError:
+            pass
+        self._flush()
+
+    def append(self, record: dict) -> None:
+        self.lines.append(json.dumps(record))
+        if self.loc.is_s3:
+            self._flush()  # S3 has no append: rewrite the (small) file
+        else:
+            with open(self.loc.join(self.rel), "a") as f:
+                f.write(self.lines[-1] + "\n")
+
+    def _flush(self) -> None:
+        _atomic_write(self.loc, self.rel, "".join(ln + "\n" for ln in self.lines).encode())
+
+
+# ----------------------------------------------------------------------------- the worker loop
+
+def train_loop_per_worker(cfg: dict) -> None:
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+
+    from workers.data import epoch_batches, in_memory_split, steps_per_epoch
+    from workers.knn import extract_features, knn_accuracy
+    from workers.optim import build_optimizer, lr_schedule
+
+    config = PretrainConfig(**cfg["config"])
+    loc = RunLocation(cfg["run"], config.storage_options)
+    manifest: dict = cfg["manifest"]
+    progress_queue = cfg.get("progress")
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+
+    # --- model: identical initial weights on every rank (DDP also broadcasts them)
+    torch.manual_seed(config.seed)
+    objective = build_objective(config, manifest["channels"])
+    if config.sync_bn and world > 1:
+        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+    objective = objective.to(device)
+    if config.channels_last:
+        objective = objective.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(config.optimizer, objective, lr=config.scaled_lr, weight_decay=config.weight_decay,
+                                momentum=config.momentum, betas=config.betas)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+
+    # --- schedules, computed up front
+    spe = steps_per_epoch(manifest["splits"]["train"]["count"], config.batch_size)
+    total = config.steps or max(1, math.ceil(config.epochs * spe))
+    lrs = lr_schedule(config.scaled_lr, total, int(config.warmup_epochs * spe), config.min_lr_ratio)
+
+    # --- resume: from this run's latest checkpoint (a rerun, or a worker group restarted after a failure)
+    start_step, resumed_from = 0, None
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
+        objective.load_state_dict(state["objective"])
+        optimizer.load_state_dict(state["optimizer"])
+        scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["rng_cpu"])
+        start_step, resumed_from = int(state["step"]), ckpt.path
+    core = objective
+    model = ray.train.torch.prepare_model(objective, move_to_device=False) if world > 1 else objective
+    if config.compile:
+        model = torch.compile(model)
+    # Views are drawn from a generator seeded by (seed, rank, start step): a resumed run draws
+    # fresh but reproducible augmentations.
+    gen = torch.Generator().manual_seed(config.seed * 1_000_003 + rank * 7919 + start_step)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    log = MetricsLog(loc, start_step) if rank == 0 else None
+    if log is not None and resumed_from:
+        log.append({"event": "resumed", "step": start_step, "from": str(resumed_from), "time": time.time()})
+
+    knn_sets = None
+
+    def knn_monitor() -> Optional[float]:
+        nonlocal knn_sets
+        if not (config.knn_monitor and manifest.get("classes") and not manifest.get("multilabel")
+                and "val" in manifest["splits"]):
+            return None
+        if knn_sets is None:
+            knn_sets = (in_memory_split(loc, manifest, "train", config.knn_bank),
+                        in_memory_split(loc, manifest, "val", config.knn_queries))
+        (bank_x, bank_y), (q_x, q_y) = knn_sets
+        core.eval()
+        fn = lambda x: core.backbone(core.preprocess(x))  # noqa: E731
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            fb, fq = extract_features(fn, bank_x, device=device), extract_features(fn, q_x, device=device)
+        core.train()
+        return knn_accuracy(fb, bank_y, fq, q_y, len(manifest["classes"]), k=config.knn_k, temperature=0.07)
+
+    def save_checkpoint(step: int, metrics: dict) -> None:
+        if rank == 0:
+            with tempfile.TemporaryDirectory() as d:
+                torch.save({"objective": core.state_dict(), "optimizer": optimizer.state_dict(),
+                            "scaler": scaler.state_dict(), "step": step, "epoch": step // spe,
+                            "rng_cpu": torch.get_rng_state(), "training_hash": config.training_hash()},
+                           os.path.join(d, "state.pt"))
+                with open(os.path.join(d, "config.yaml"), "w") as f:
+                    f.write(config.to_yaml())
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        else:
+            ray.train.report(metrics)
+
+    # --- the loop
+    step = start_step
+    t_log, seen_log, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+    while step < total:
+        epoch, in_epoch = divmod(step, spe)
+        batches = epoch_batches(loc, manifest, epoch, spe * config.grad_accum, rank=rank, world_size=world,
+                                local_batch=config.local_batch, loader_workers=config.loader_workers,
+                                seed=config.seed, skip=in_epoch * config.grad_accum)
+        micro = 0
+        for batch in batches:
+            images = batch["image"].to(device, non_blocking=True)
+            views = core.make_views(images, generator=gen)
+            if config.channels_last:
+                views = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
+                         for k, v in views.items()}
+            last_micro = micro == config.grad_accum - 1
+            sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else _nullcontext()
+            with sync:
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    out = model(views)
+                loss = out["loss"]
+                bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
+                if world > 1:
+                    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                if bad.item() > 0:
+                    raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step} (epoch {epoch}) on "
+                                        f"{'this' if not torch.isfinite(loss.detach()) else 'another'} rank; "
+                                        f"the last good checkpoint is kept. Lower lr or use precision=fp32.")
+                scaler.scale(loss / config.grad_accum).backward()
+            loss_sum, loss_n, seen_log = loss_sum + loss.item(), loss_n + 1, seen_log + images.shape[0]
+            micro += 1
+            if not last_micro:
+                continue
+            micro = 0
+            for g in optimizer.param_groups:
+                g["lr"] = lrs[step]
+            core.set_progress(step, total)
+            if config.clip_grad_norm:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(objective.parameters(), config.clip_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            core.after_step()
+            step += 1
+
+            end_of_epoch = step % spe == 0 or step == total
+            if step % config.log_every == 0 or end_of_epoch or step % config.checkpoint_every == 0:
+                dt = time.perf_counter() - t_log
+                stats = torch.tensor([loss_sum / max(1, loss_n), seen_log / max(dt, 1e-9)])
+                if world > 1:
+                    dist.all_reduce(stats)
+                metrics = {"step": step, "epoch": step / spe, "loss": float(stats[0]) / world, "lr": lrs[step - 1],
+                           "samples_per_s": float(stats[1]), "samples_per_s_per_worker": float(stats[1]) / world,
+                           "time": time.time()}
+                mom = _momentum_of(core)
+                if mom is not None:
+                    metrics["momentum"] = mom
+                for k, v in out.items():
+                    if k != "loss" and (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)):
+                        metrics[k] = float(v)
+                if end_of_epoch and rank == 0:
+                    acc = knn_monitor()
+                    if acc is not None:
+                        metrics["knn_top1"] = acc
+                if log is not None:
+                    log.append(metrics)
+                    if progress_queue is not None:
+                        try:
+                            progress_queue.put_nowait({"step": step, "total": total, **{
+                                k: metrics[k] for k in ("loss", "samples_per_s", "knn_top1") if k in metrics}})
+                        except Exception:
+                            pass  # a full or gone progress queue never stops training
+                if step % config.checkpoint_every == 0 or end_of_epoch:
+                    save_checkpoint(step, metrics)
+                else:
+                    ray.train.report(metrics)
+                t_log, seen_log, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            if step >= total or step % spe == 0:
+                break
+
+    if rank == 0:
+        export_final(loc, config, manifest, core, step, total)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objective, step: int, total: int) -> None:
+    """``checkpoints/final/backbone.pt``: backbone weights + what rebuilds it; then ``summary.json``."""
+    backbone = objective.backbone
+    payload = {
+        "backbone": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
+        "backbone_name": config.backbone,
+        "backbone_params": dict(config.backbone_params) | ({"image_size": config.image_size}
+                                                          if config.backbone.startswith("vit") else {}),
+        "in_channels": int(manifest["channels"]),
+        "feature_dim": int(backbone.feature_dim),
+        "image_size": config.image_size,
+        "objective": config.objective,
+        "config": config.model_dump(mode="json"),
+        "training_hash": config.training_hash(),
+        "steps": step,
+    }
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    _atomic_write(loc, f"{FINAL_DIR}/backbone.pt", buf.getvalue())
+    summary = {"steps": step, "total_steps": total, "training_hash": config.training_hash(),
+               "objective": config.objective, "backbone": config.backbone, "finished": time.time()}
+    _atomic_write(loc, f"{FINAL_DIR}/summary.json", json.dumps(summary, indent=1).encode())
+
+
+def load_backbone(path_or_uri: str, storage_options: Optional[dict] = None):
+    """Rebuild the exported backbone (weights_only load). Returns (backbone, payload)."""
+    from ssl_models import backbones
+    from workers.storage import filesystem
+
+    with filesystem(path_or_uri, storage_options).open(path_or_uri, "rb") as f:
+        payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    model = backbones.build(payload["backbone_name"], in_channels=payload["in_channels"], **payload["backbone_params"])
+    model.load_state_dict(payload["backbone"])
+    return model, payload
+
+
+# ----------------------------------------------------------------------------- the driver
+
+def _storage_for_ray(loc: RunLocation):
+    """(storage_path, storage_filesystem) for RunConfig: local absolute path, or S3 through s3fs."""
+    if not loc.is_s3:
+        return os.path.abspath(loc.uri), None
+    import pyarrow.fs
+
+    return loc.uri[len("s3://"):].rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(loc.fs()))
+
+
+def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = False) -> tuple[dict, str]:
+    """Check the run before any Ray work. Returns (manifest, status) with status "fresh",
+    "resume" or "finished"."""
+    from workers.shards import read_manifest
+
+    manifest = read_manifest(loc)
+    if manifest is None:
+        raise ConfigError(f"{loc.uri}: no manifest.json; run `gelato ingest SOURCE --out {loc.uri}` first")
+    if "train" not in manifest["splits"]:
+        raise ConfigError(f"{loc.uri}: the manifest has no train split")
+    if config.objective == "colorization" and manifest["channels"] != 3:
+        raise ConfigError(f"objective: colorization needs colour images but {loc.uri} holds "
+                          f"{manifest['channels']}-channel images")
+    fs = loc.fs()
+    old = None
+    try:
+        with fs.open(loc.join("config.yaml"), "r") as f:
+            import yaml
+
+            old = PretrainConfig(**yaml.safe_load(f))
+    except FileNotFoundError:
+        pass
+    if overwrite:
+        if fs.exists(loc.join("checkpoints")):
+            fs.rm(loc.join("checkpoints"), recursive=True)
+        if fs.exists(loc.join("metrics.jsonl")):
+            fs.rm(loc.join("metrics.jsonl"))
+        old = None
+    status = "fresh"
+    if old is not None:
+        if old.training_hash() != config.training_hash():
+            changed = sorted(k for k, v in config.model_dump().items() if old.model_dump().get(k) != v)
+            raise ConfigError(f"{loc.uri} was pretrained with another configuration (differs in: {', '.join(changed)}); "
+                              f"rerun with --overwrite to start afresh, or use another --run")
+        summary = _read_json(loc, f"{FINAL_DIR}/summary.json")
+        status = "finished" if summary and summary.get("training_hash") == config.training_hash() else "resume"
+    return manifest, status
+
+
+def launch(run: str, config: PretrainConfig, address: Optional[str] = None, overwrite: bool = False,
+           progress_bar: bool = True, log=print) -> dict:
+    """Run (or resume) pretraining for ``run`` with ``config`` on Ray; returns the final summary."""
+    if "://" not in run:
+        run = os.path.abspath(run)  # Ray workers run in their own working directory
+    loc = RunLocation(run, config.storage_options)
+    manifest, status = prepare_run(loc, config, overwrite)
+    if status == "finished":
+        log(f"{run}: pretraining already finished ({FINAL_DIR}/backbone.pt); nothing to do")
+        return _read_json(loc, f"{FINAL_DIR}/summary.json")
+    _atomic_write(loc, "config.yaml", config.to_yaml().encode())
+
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    address = address or os.environ.get("RAY_ADDRESS")
+    started_here = False
+    if not ray.is_initialized():
+        if address:
+            import ssl_models
+            import workers
+
+            # The cluster may not have gelato installed: ship our two packages with the job.
+            ray.init(address=address, runtime_env={"py_modules": [ssl_models, workers]}, log_to_driver=True)
+        else:
+            need = config.workers * config.cpus_per_worker
+            ray.init(num_cpus=max(need, os.cpu_count() or 1))
+        started_here = True
+    from ray.util.queue import Queue
+
+    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
+    storage_path, storage_fs = _storage_for_ray(loc)
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "run": run, "manifest": manifest,
+                           "progress": queue},
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        run_config=RunConfig(name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
+    )
+    log(f"pretraining {config.objective} / {config.backbone} on {run}: {config.workers} workers, "
+        f"global batch {config.batch_size}, {'resuming' if status == 'resume' else 'starting'}")
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch_progress, args=(queue, stop, progress_bar), daemon=True)
+    watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        watcher.join(5)
+        try:
+            ray.kill(queue.actor)
+        except Exception:
+            pass
+        if started_here:
+            ray.shutdown()
+    if result.error is not None:
+        raise result.error
+    summary = _read_json(loc, f"{FINAL_DIR}/summary.json")
+    if summary is None:
+        raise RuntimeError(f"{run}: training ended without writing {FINAL_DIR}/summary.json")
+    return summary
+
+
+def _watch_progress(queue, stop: threading.Event, bar: bool) -> None:
+    """Driver-side progress bar fed by rank 0 through a Ray queue."""
+    pbar = None
+    last = 0
+    while not stop.is_set():
+        try:
+            item = queue.get(timeout=0.5)
+        except Exception:
+            continue
+        if bar and pbar is None:
+            from tqdm import tqdm
+
+            pbar = tqdm(total=item["total"], desc="pretrain", unit="step", dynamic_ncols=True)
+        if pbar is not None:
+            pbar.update(item["step"] - last if item["step"] >= last else 0)
+            post = {"loss": f"{item['loss']:.4f}", "img/s": f"{item['samples_per_s']:.0f}"}
+            if "knn_top1" in item:
+                post["knn"] = f"{item['knn_top1']:.3f}"
+            pbar.set_postfix(post)
+        last = item["step"]
+    if pbar is not None:
+        pbar.close()
+
+
+
+__all__ = ["launch", "train_loop_per_worker", "load_backbone", "build_objective", "NonFiniteLoss", "prepare_run"]

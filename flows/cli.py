@@ -12,6 +12,7 @@ from typing import Optional
 
 STAGES = {
     "ingest": "turn raw images into sharded WebDataset archives + manifest.json (local or s3://)",
+    "pretrain": "pretrain a backbone with an SSL objective on Ray Train workers (resumable)",
 }
 
 
@@ -74,6 +75,37 @@ def _run_ingest(a) -> int:
     return 0
 
 
+def _add_pretrain(sub) -> None:
+    p = sub.add_parser("pretrain", help=STAGES["pretrain"], description=STAGES["pretrain"] + (
+        ". Overrides are key=value pairs on top of the config, e.g. workers=2 epochs=5 "
+        "objective_params.temperature=0.2"))
+    p.add_argument("--run", required=True, metavar="RUN_URI", help="run directory holding the ingested shards")
+    p.add_argument("--config", default=None, help="YAML config (see configs/); defaults: SimCLR, ResNet-18/32, 28 px")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
+    p.add_argument("--overwrite", action="store_true", help="discard this run's checkpoints and start afresh")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_pretrain(a) -> int:
+    from workers.config import load_config
+    from workers.pretrain import prepare_run
+    from workers.storage import RunLocation
+
+    config = load_config(a.config, a.overrides)  # validated before Prefect or Ray start
+    run = a.run if "://" in a.run else os.path.abspath(a.run)
+    if not a.overwrite:  # a missing manifest or a conflicting earlier run fails here, in a second
+        prepare_run(RunLocation(run, config.storage_options), config)
+
+    from flows.pretrain import pretrain_flow
+
+    summary = pretrain_flow(run, config.model_dump(mode="json"), address=a.address, overwrite=a.overwrite,
+                            progress_bar=not a.no_progress)
+    print(f"\n{run}/checkpoints/final/backbone.pt: {summary['objective']} / {summary['backbone']}, "
+          f"{summary['steps']} steps")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gelato",
@@ -82,21 +114,23 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     _add_ingest(sub)
+    _add_pretrain(sub)
     return parser
 
 
-RUNNERS = {"ingest": _run_ingest}
+RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain}
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from workers.config import ConfigError
     from workers.shards import IngestError
     from workers.sources import SourceError
     from workers.storage import StorageError
 
     try:
         return RUNNERS[args.stage](args)
-    except (SourceError, StorageError, IngestError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, SourceError, StorageError, IngestError, ValueError, FileNotFoundError) as e:
         print(f"gelato {args.stage}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

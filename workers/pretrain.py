@@ -117,6 +117,9 @@ def train_loop_per_worker(cfg: dict) -> None:
     from workers.knn import extract_features, knn_accuracy
     from workers.optim import build_optimizer, lr_schedule
 
+    import logging
+
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own metrics say the same, once
     config = PretrainConfig(**cfg["config"])
     loc = RunLocation(cfg["run"], config.storage_options)
     manifest: dict = cfg["manifest"]

@@ -1,0 +1,29 @@
+"""Prefect flow ``pretrain``: one task that submits the Ray Train job and watches it.
+
+No Prefect retries here: a worker that dies is restarted by Ray's ``FailureConfig`` from the last
+checkpoint, and a config error is deterministic.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NONE
+
+from workers.config import PretrainConfig
+from workers.pretrain import launch
+
+
+@task(cache_policy=NONE, task_run_name="pretrain-{config.objective}")
+def pretrain_task(run: str, config: PretrainConfig, address: Optional[str], overwrite: bool,
+                  progress_bar: bool) -> dict:
+    log = get_run_logger()
+    return launch(run, config, address=address, overwrite=overwrite, progress_bar=progress_bar, log=log.info)
+
+
+@flow(name="pretrain")
+def pretrain_flow(run: str, config: dict[str, Any], address: Optional[str] = None, overwrite: bool = False,
+                  progress_bar: bool = True) -> dict:
+    """Pretrain on ``run``'s shards with ``config`` (a dict of PretrainConfig fields)."""
+    cfg = PretrainConfig(**config)
+    return pretrain_task(run, cfg, address, overwrite, progress_bar)

@@ -1,0 +1,133 @@
+"""Pretraining for real: Ray Train with 2 CPU workers (gloo DDP), checkpoints, resume, faults."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from imagegen import write_images
+from workers.config import load_config
+from workers.pretrain import launch, load_backbone
+from workers.shards import IngestParams, ingest
+from workers.sources import open_source
+from workers.storage import RunLocation
+
+TINY = ["backbone=small_cnn", "backbone_params={width: 8}", "image_size=16", "batch_size=32", "workers=2",
+        "loader_workers=0", "log_every=2", "knn_bank=100", "knn_queries=40", "optimizer=sgd", "lr=0.05",
+        "warmup_epochs=0", "view.size=16"]
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pretrain-src")
+    write_images(root / "src", n_classes=3, per_class=60, size=16)
+    return str(root / "src")
+
+
+def _fresh_run(tmp_path, source) -> str:
+    run = str(tmp_path / "run")
+    ingest(RunLocation(run), open_source(source), IngestParams(shard_size=20, val_fraction=0.2), progress_bar=False)
+    return run
+
+
+def _metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_pretrain_end_to_end_then_rerun_is_a_no_op(tmp_path, tiny_source):
+    run = _fresh_run(tmp_path, tiny_source)
+    cfg = load_config(None, TINY + ["steps=8", "checkpoint_every=4"])
+    summary = launch(run, cfg, progress_bar=False)
+    assert summary["steps"] == 8 == summary["total_steps"]
+    m = _metrics(run)
+    steps = [r["step"] for r in m if "loss" in r]
+    assert steps == [2, 4, 6, 8] and all(torch.isfinite(torch.tensor(r["loss"])) for r in m if "loss" in r)
+    assert {"lr", "samples_per_s", "samples_per_s_per_worker"} <= set(m[-1])
+    # epoch end (spe = 144 // 32 = 4): the online kNN monitor ran on val
+    assert all(0.0 <= r["knn_top1"] <= 1.0 for r in m if r["step"] in (4, 8)) and "knn_top1" in m[-1]
+    backbone, payload = load_backbone(os.path.join(run, "checkpoints/final/backbone.pt"))
+    assert payload["in_channels"] == 1 and payload["objective"] == "simclr" and payload["steps"] == 8
+    assert backbone(torch.zeros(2, 1, 16, 16)).shape == (2, backbone.feature_dim)
+    with open(os.path.join(run, "config.yaml")) as f:
+        assert "objective: simclr" in f.read()
+    # rerunning the same command does nothing and says so
+    said = []
+    t0 = time.time()
+    again = launch(run, cfg, progress_bar=False, log=said.append)
+    assert again == summary and "already finished" in said[0] and time.time() - t0 < 10
+
+
+def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, tiny_source):
+    run = _fresh_run(tmp_path, tiny_source)
+    cfg = load_config(None, TINY + ["steps=120", "checkpoint_every=10", "max_failures=2", "knn_monitor=false"])
+    killed = {}
+
+    def killer():
+        deadline = time.time() + 240
+        while time.time() < deadline and not killed:
+            try:
+                steps = [r.get("step", 0) for r in _metrics(run)]
+            except (FileNotFoundError, json.JSONDecodeError):
+                steps = []
+            if steps and max(steps) >= 24:
+                for pid in _ray_train_worker_pids():
+                    os.kill(pid, signal.SIGKILL)  # one worker process dies mid-run
+                    killed["pid"], killed["at"] = pid, max(steps)
+                    break
+            time.sleep(0.05)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    summary = launch(run, cfg, progress_bar=False)
+    t.join(1)
+    assert killed, "no Ray Train worker process was found to kill"
+    assert summary["steps"] == 120
+    m = _metrics(run)
+    resumed = [r for r in m if r.get("event") == "resumed"]
+    assert resumed, "the run restarted without resuming"
+    assert 10 <= resumed[0]["step"] <= killed["at"], (resumed, killed)  # resumed from a checkpoint, not step 0
+    steps = [r["step"] for r in m if "loss" in r]
+    assert steps == sorted(steps) and steps[-1] == 120 and len(steps) == len(set(steps))
+
+
+def _ray_train_worker_pids() -> list[int]:
+    pids = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().decode(errors="replace")
+            except OSError:
+                continue
+            if "RayTrainWorker" in cmd:
+                pids.append(int(pid))
+    return sorted(pids)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, tiny_source):
+    """An absurd learning rate makes the loss NaN after the first steps; the run stops naming the
+    step, and every checkpoint it left behind is whole and finite."""
+    import re
+
+    run = _fresh_run(tmp_path, tiny_source)
+    bad = load_config(None, TINY + ["steps=50", "checkpoint_every=1", "lr=1e12", "max_failures=0",
+                                    "knn_monitor=false", "objective_params.temperature=0.01"])
+    with pytest.raises(Exception) as e:
+        launch(run, bad, progress_bar=False)
+    msg = str(e.value)
+    assert "non-finite loss" in msg, msg[-2000:]
+    bad_step = int(re.search(r"non-finite loss \(\S+\) at step (\d+)", msg).group(1))
+    ckpt_root = os.path.join(run, "checkpoints")
+    kept = [d for d in os.listdir(ckpt_root) if os.path.exists(os.path.join(ckpt_root, d, "state.pt"))]
+    assert kept, "the checkpoints written before the loss diverged are gone"
+    for d in kept:
+        state = torch.load(os.path.join(ckpt_root, d, "state.pt"), weights_only=True)
+        assert state["step"] <= bad_step
+        assert all(torch.isfinite(v).all() for v in state["objective"].values() if v.is_floating_point())
+    assert not os.path.exists(os.path.join(ckpt_root, "final", "backbone.pt"))

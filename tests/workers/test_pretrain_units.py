@@ -1,0 +1,99 @@
+"""Pretraining pieces without Ray: config validation, schedules, LARS, equal steps per rank, kNN."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from imagegen import write_images
+from workers.config import ConfigError, load_config
+from workers.data import epoch_batches, steps_per_epoch
+from workers.knn import knn_accuracy, knn_predict
+from workers.optim import LARS, build_optimizer, lr_schedule, param_groups
+from workers.shards import IngestParams, ingest
+from workers.sources import open_source
+from workers.storage import RunLocation
+
+
+def test_config_errors_name_the_key(tmp_path):
+    bad = tmp_path / "c.yaml"
+    bad.write_text("objective: simclr\nepochs: lots\n")
+    with pytest.raises(ConfigError, match="epochs"):
+        load_config(str(bad))
+    bad.write_text("objective: simclr\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="learning_rate"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="objective_params.tau"):
+        load_config(None, ["objective_params.tau=0.1"])
+    with pytest.raises(ConfigError, match="view: unknown key"):
+        load_config(None, ["view.zoom=2"])
+    with pytest.raises(ConfigError, match="fp16 needs use_gpu"):
+        load_config(None, ["precision=fp16"])
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))
+    c = load_config(None, ["workers=4", "batch_size=512", "objective_params.temperature=0.2", "view.scale=[0.3,1.0]"])
+    assert c.local_batch == 128 and c.scaled_lr == pytest.approx(0.3 * 2) and c.view["scale"] == [0.3, 1.0]
+
+
+def test_training_hash_ignores_bookkeeping_only():
+    a = load_config(None, [])
+    assert a.training_hash() == load_config(None, ["log_every=7", "knn_monitor=false"]).training_hash()
+    assert a.training_hash() != load_config(None, ["lr=0.1"]).training_hash()
+
+
+def test_lr_schedule_warmup_then_cosine():
+    s = lr_schedule(1.0, 100, 10, min_ratio=0.1)
+    assert len(s) == 100 and s[0] == pytest.approx(0.1) and s[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(s[10:], s[11:])) and s[-1] == pytest.approx(0.1, abs=1e-3)
+    t = 55
+    assert s[t] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (t - 10) / 90)))
+
+
+def test_lars_trust_ratio_and_exclusions():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(4, 3)
+    groups = param_groups(lin, weight_decay=0.0)
+    assert [len(g["params"]) for g in groups] == [1, 1]  # weight decays, bias does not
+    opt = LARS(groups, lr=1.0, momentum=0.0, eta=0.01)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    lin(torch.randn(8, 4)).pow(2).sum().backward()
+    gw, gb = lin.weight.grad.clone(), lin.bias.grad.clone()
+    opt.step()
+    expected_w = w0 - 0.01 * w0.norm() / gw.norm() * gw  # trust-ratio scaled step
+    assert torch.allclose(lin.weight, expected_w, atol=1e-6)
+    assert torch.allclose(lin.bias, b0 - gb, atol=1e-6)  # excluded: plain SGD
+    assert isinstance(build_optimizer("adamw", lin, 1e-3, 0.05), torch.optim.AdamW)
+
+
+def test_equal_steps_on_every_rank_even_with_uneven_shards(tmp_path):
+    # 3 classes x 9 images in shards of 4: 7 shards (6 full, 1 with 3), split unevenly over 2 ranks
+    write_images(tmp_path / "src", n_classes=3, per_class=9, size=8)
+    loc = RunLocation(str(tmp_path / "run"))
+    m = ingest(loc, open_source(str(tmp_path / "src")), IngestParams(shard_size=4, val_fraction=0), progress_bar=False)
+    spe = steps_per_epoch(m["splits"]["train"]["count"], 8)  # 27 // 8 = 3 steps, local batch 4 on 2 ranks
+    counts = []
+    for rank in range(2):
+        batches = list(epoch_batches(loc, m, epoch=0, n_batches=spe, rank=rank, world_size=2, local_batch=4,
+                                     loader_workers=0, seed=0))
+        assert all(b["image"].shape == (4, 1, 8, 8) and b["image"].dtype == torch.uint8 for b in batches)
+        counts.append(len(batches))
+        # the same epoch reproduces the same batches; resuming skips exactly what was seen
+        again = list(epoch_batches(loc, m, epoch=0, n_batches=spe, rank=rank, world_size=2, local_batch=4,
+                                   loader_workers=0, seed=0, skip=1))
+        assert len(again) == spe - 1 and torch.equal(again[0]["image"], batches[1]["image"])
+    assert counts == [spe, spe]
+    with pytest.raises(ValueError, match="fewer than one global batch"):
+        steps_per_epoch(27, 64)
+
+
+def test_knn_on_separable_features():
+    torch.manual_seed(0)
+    centers = torch.randn(3, 16) * 5
+    bank_y = torch.arange(3).repeat(50)
+    bank = centers[bank_y] + torch.randn(150, 16)
+    q_y = torch.arange(3).repeat(10)
+    q = centers[q_y] + torch.randn(30, 16)
+    assert knn_accuracy(bank, bank_y, q, q_y, 3, k=10) == 1.0
+    scores = knn_predict(bank[:2], bank_y[:2], bank[:1], 3, k=5)  # k larger than the bank is clipped
+    assert scores.shape == (1, 3) and scores[0, 0] > 0

@@ -14,6 +14,7 @@ the evaluation stage loads is ``RUN/checkpoints/final/backbone.pt``.
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -215,7 +216,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                 views = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
                          for k, v in views.items()}
             last_micro = micro == config.grad_accum - 1
-            sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else _nullcontext()
+            sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = model(views)
@@ -272,24 +273,17 @@ def train_loop_per_worker(cfg: dict) -> None:
                                 k: metrics[k] for k in ("loss", "samples_per_s", "knn_top1") if k in metrics}})
                         except Exception:
                             pass  # a full or gone progress queue never stops training
-                if step % config.checkpoint_every == 0 or end_of_epoch:
-                    save_checkpoint(step, metrics)
-                else:
-                    ray.train.report(metrics)
+                t_log, seen_log, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+            # ray.train.report is a barrier across workers that costs ~1 s here, so it runs only
+            # with checkpoints; metrics reach metrics.jsonl and the progress bar without it.
+            if step % config.checkpoint_every == 0 or step == total:
+                save_checkpoint(step, metrics)
                 t_log, seen_log, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
             if step >= total or step % spe == 0:
                 break
 
     if rank == 0:
         export_final(loc, config, manifest, core, step, total)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objective, step: int, total: int) -> None:
@@ -399,11 +393,9 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     started_here = False
     if not ray.is_initialized():
         if address:
-            import ssl_models
-            import workers
-
-            # The cluster may not have gelato installed: ship our two packages with the job.
-            ray.init(address=address, runtime_env={"py_modules": [ssl_models, workers]}, log_to_driver=True)
+            # An existing cluster: its nodes have gelato installed (infra/docker/Dockerfile), or the
+            # job was submitted with `ray job submit --working-dir .`, which puts this tree on them.
+            ray.init(address=address)
         else:
             need = config.workers * config.cpus_per_worker
             ray.init(num_cpus=max(need, os.cpu_count() or 1))

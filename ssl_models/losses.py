@@ -15,6 +15,11 @@ import torch.nn.functional as F
 from ssl_models import distributed as D
 
 
+def _fp32(*ts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Upcast float16/bfloat16 (autocast outputs) to float32 for distance arithmetic; others unchanged."""
+    return tuple(t.float() if t.dtype in (torch.float16, torch.bfloat16) else t for t in ts)
+
+
 def _check_pair(a: torch.Tensor, b: torch.Tensor, what: str, names: str = "z1, z2") -> None:
     if a.ndim != 2 or a.shape != b.shape:
         raise ValueError(f"{what}: {names} must both be (N, D) with the same shape, got "
@@ -117,6 +122,7 @@ def contrastive_margin(x1: torch.Tensor, x2: torch.Tensor, y: torch.Tensor, marg
                          f"got {tuple(y.shape)}")
     if margin <= 0:
         raise ValueError(f"contrastive_margin: margin must be > 0, got {margin}")
+    x1, x2 = _fp32(x1, x2)
     diff = x1 - x2                                        # (N, D)
     d2 = diff.pow(2).sum(dim=1)                           # (N,)
     d = torch.linalg.vector_norm(diff, dim=1)             # (N,)
@@ -143,6 +149,7 @@ def triplet_margin(anchor: torch.Tensor, positive: torch.Tensor, negative: torch
     _check_pair(anchor, negative, "triplet_margin", "anchor, negative")
     if margin < 0:
         raise ValueError(f"triplet_margin: margin must be >= 0, got {margin}")
+    anchor, positive, negative = _fp32(anchor, positive, negative)
     d_ap = torch.linalg.vector_norm(anchor - positive, dim=1)   # (N,)
     d_an = torch.linalg.vector_norm(anchor - negative, dim=1)   # (N,)
     return F.relu(margin + d_ap - d_an).mean()
@@ -168,14 +175,15 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
 
     Shape:
         scores: (B, K) prototype scores zᵀc of the local samples.
-        returns: (B, K) soft assignments, rows summing to 1, no gradient.
+        returns: (B, K) soft assignments, rows summing to 1, no gradient; float32 (float64 for
+            float64 scores), also under autocast, since they are targets.
     """
     if scores.ndim != 2:
         raise ValueError(f"sinkhorn: scores must be (B, K), got {tuple(scores.shape)}")
     if epsilon <= 0 or iterations < 0:
         raise ValueError(f"sinkhorn: need epsilon > 0 and iterations >= 0, got {epsilon}, {iterations}")
     B, K = scores.shape
-    s = scores.detach().float() / epsilon
+    s = scores.detach().to(torch.float64 if scores.dtype == torch.float64 else torch.float32) / epsilon
     s = s - D.all_reduce_max(s.max())                      # global shift, exp(·) <= 1
     q = torch.exp(s).T                                     # (K, B)
     b_total = D.all_reduce_sum(torch.tensor(float(B), device=q.device))   # global batch size
@@ -185,7 +193,7 @@ def sinkhorn(scores: torch.Tensor, epsilon: float = 0.05, iterations: int = 3) -
         q = q / row.clamp_min(1e-30) / K                   # each prototype gets mass 1/K
         q = q / q.sum(dim=0, keepdim=True).clamp_min(1e-30) / b_total     # each sample gets 1/B
     q = q / q.sum(dim=0, keepdim=True).clamp_min(1e-30)    # (K, B) columns sum to 1 exactly
-    return q.T.to(scores.dtype)                            # (B, K)
+    return q.T.to(torch.float64 if scores.dtype == torch.float64 else torch.float32)   # (B, K)
 
 
 __all__ = ["nt_xent", "info_nce", "contrastive_margin", "triplet_margin", "sinkhorn"]

@@ -62,6 +62,11 @@ class BYOL(Objective):
         self.view1_config = resolve_view_config(view1, ViewConfig(size=self.image_size, blur_p=1.0, solarize_p=0.0))
         self.view2_config = resolve_view_config(view2, ViewConfig(size=self.image_size, blur_p=0.1, solarize_p=0.2))
 
+    @property
+    def view_config(self) -> ViewConfig:
+        """The first view's augmentation (its mean/std are what ``preprocess`` normalises with)."""
+        return self.view1_config
+
     def make_views(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """BYOL's asymmetric views. Shape: images (B, C, H, W) uint8 → {"view1", "view2"}: (B, C, S, S)."""
         check_images(images, self.in_channels, "BYOL")
@@ -81,6 +86,7 @@ class BYOL(Objective):
         p = self.predictor(self.projection(self.backbone(both)))                 # (2B, out_dim)
         with torch.no_grad():
             z = self.target_projection(self.target_backbone(both))               # (2B, out_dim)
+        p, z = p.float(), z.float()                                              # loss in float32 under autocast
         p1, p2 = p[:n], p[n:]
         z1, z2 = z[:n], z[n:]
         cos_12 = F.cosine_similarity(p1, z2, dim=1)                              # (B,)

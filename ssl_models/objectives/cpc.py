@@ -104,6 +104,11 @@ class CPC(Objective):
         self.patch_view_config = resolve_view_config(
             patch_view, ViewConfig(size=p, scale=(0.6, 1.0), blur_p=0.0, grayscale_p=0.25, hue=0.1))
 
+    @property
+    def view_config(self) -> ViewConfig:
+        """The per-patch augmentation (its mean/std are what ``preprocess`` normalises with)."""
+        return self.patch_view_config
+
     def make_views(self, images: torch.Tensor, generator: Optional[torch.Generator] = None) -> dict[str, torch.Tensor]:
         """Per-patch augmented grid.
 
@@ -129,7 +134,7 @@ class CPC(Objective):
         grid = z.view(B, G, G, Dm).permute(0, 3, 1, 2)                           # (B, D, G, G)
         c = self.context(grid).permute(0, 2, 3, 1)                               # (B, G, G, Dc)
         idx = torch.arange(B * G * G, device=z.device).view(B, G, G)             # patch index in z
-        losses, correct, total = [], z.new_zeros(()), 0
+        losses, correct, total = [], torch.zeros((), device=z.device), 0     # float32 count, also under autocast
         for k, W in enumerate(self.predictors, start=1):
             pred = W(c[:, : G - k]).reshape(-1, Dm)                              # (B·(G−k)·G, D)
             target = idx[:, k:].reshape(-1)                                      # (B·(G−k)·G,) row r+k

@@ -113,6 +113,11 @@ class SwAV(Objective):
         return {"global": torch.stack(crops[:self.n_global]), "local": local}
 
     @property
+    def view_config(self) -> ViewConfig:
+        """The global crops' augmentation (its mean/std are what ``preprocess`` normalises with)."""
+        return self.global_view_config
+
+    @property
     def prototypes_frozen(self) -> bool:
         return int(self.step) < self.freeze_prototypes_steps
 
@@ -135,8 +140,8 @@ class SwAV(Objective):
             w = w.detach() + 0.0 * w                                             # zero gradient, still "used"
         scores = (z @ w.T).view(n_crops, B, -1)                                  # (n_crops, B, K)
         use_queue = self.queue_length > 0 and int(self.queue_filled) >= self.queue_length
-        loss = z.new_zeros(())
-        entropy = z.new_zeros(())
+        loss = torch.zeros((), device=z.device)                                  # float32, also under autocast
+        entropy = torch.zeros((), device=z.device)
         for s in range(n_g):
             with torch.no_grad():
                 sc = scores[s].detach()                                          # (B, K)
@@ -145,7 +150,7 @@ class SwAV(Objective):
                     sc = torch.cat([share @ w.detach().T, sc], dim=0)            # (Q/W + B, K)
                 q = sinkhorn(sc, self.epsilon, self.sinkhorn_iterations)[-B:]    # (B, K)
                 entropy += -(q * q.clamp_min(1e-12).log()).sum(dim=1).mean()
-            sub = z.new_zeros(())
+            sub = torch.zeros((), device=z.device)
             for t in range(n_crops):
                 if t != s:
                     logp = F.log_softmax(scores[t] / self.temperature, dim=1)    # (B, K)

@@ -85,6 +85,16 @@ def test_forward_backward_finite_loss_and_backbone_gradients(name, c):
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_bf16_autocast_forward_and_preprocess(name):
+    obj = make(name, 3)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = obj(views_of(obj, images(3)))
+    assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    x = obj.preprocess(images(3, b=2))                       # the base class's evaluation input
+    assert x.shape == (2, 3, SIDE, SIDE) and x.min() >= -1 and x.max() <= 1
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_default_build_at_28_px(name):
     backbone = backbones.build("small_cnn", in_channels=1, width=8)
     obj = build(name, backbone, image_size=28)

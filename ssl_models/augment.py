@@ -267,7 +267,7 @@ def blur_kernel_size(height: int, width: int) -> int:
 
 
 def gaussian_blur(x: torch.Tensor, p: float = 0.5, sigma: tuple[float, float] = (0.1, 2.0),
-                  kernel_size: Optional[int] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                  generator: Optional[torch.Generator] = None, kernel_size: Optional[int] = None) -> torch.Tensor:
     """With probability p per image, blur with a Gaussian of σ ~ U(sigma), per sample.
 
     The blur is separable: a weighted sum of k shifted copies along each axis (reflect padding),

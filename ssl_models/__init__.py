@@ -9,6 +9,6 @@ Pure PyTorch (torch and torchvision only), usable without the rest of gelato::
     out = objective(views)                    # {"loss": scalar, ...}
     out["loss"].backward(); optimizer.step(); objective.after_step()
 """
-from ssl_models import backbones, heads  # noqa: F401
+from ssl_models import augment, backbones, distributed, heads, losses, objectives  # noqa: F401
 
-__all__ = ["backbones", "heads"]
+__all__ = ["augment", "backbones", "distributed", "heads", "losses", "objectives"]

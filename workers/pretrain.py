@@ -245,6 +245,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             optimizer.zero_grad(set_to_none=True)
             core.after_step()
             step += 1
+            if log is not None and step == start_step + 1:  # time-to-first-step, for the benchmark
+                log.append({"event": "first_step", "step": step, "time": time.time()})
 
             end_of_epoch = step % spe == 0 or step == total
             if step % config.log_every == 0 or end_of_epoch or step % config.checkpoint_every == 0:

@@ -131,3 +131,20 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
         assert state["step"] <= bad_step
         assert all(torch.isfinite(v).all() for v in state["objective"].values() if v.is_floating_point())
     assert not os.path.exists(os.path.join(ckpt_root, "final", "backbone.pt"))
+
+
+def test_pretrain_on_s3_run(tmp_path, tiny_source, s3_bucket):
+    """Shards read from, checkpoints and the final backbone written to S3 (moto_server over HTTP)."""
+    run = f"s3://{s3_bucket}/runs/tiny"
+    loc = RunLocation(run)
+    ingest(loc, open_source(tiny_source), IngestParams(shard_size=20, val_fraction=0.2), progress_bar=False)
+    cfg = load_config(None, TINY + ["steps=4", "checkpoint_every=2", "knn_monitor=false"])
+    summary = launch(run, cfg, progress_bar=False)
+    assert summary["steps"] == 4
+    fs = loc.fs()
+    listing = fs.ls(f"{s3_bucket}/runs/tiny/checkpoints")
+    assert any(os.path.basename(p).startswith("checkpoint_2") for p in listing)
+    backbone, payload = load_backbone(f"{run}/checkpoints/final/backbone.pt")
+    assert payload["steps"] == 4 and backbone(torch.zeros(2, 1, 16, 16)).shape[1] == backbone.feature_dim
+    with fs.open(f"{s3_bucket}/runs/tiny/metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f.read().decode().splitlines() if b"loss" in line.encode()] == [2, 4]

@@ -1,0 +1,155 @@
+"""Pretraining throughput on Fashion-MNIST, measured side by side in one run on this machine.
+
+Same backbone (ResNet-18, small-image stem, base width 64 and 32), batch 256, 28×28, SimCLR:
+
+- gelato as users launch it: ``workers.pretrain.launch`` (Ray Train, shard stream, DDP over gloo),
+  2 workers × 1 CPU, and 1 worker × 2 CPUs (scaling);
+- the practical ceiling: a plain single-process PyTorch loop over in-memory uint8 tensors with the
+  same model, the same batched augmentation (``objective.make_views``), bf16 autocast and
+  channels_last;
+- lightly's stock SimCLR (``SimCLRTransform`` per sample through a DataLoader, ``NTXentLoss``,
+  ``SimCLRProjectionHead``), in its own environment (``bench/setup_lightly.sh``), fp32 and
+  bf16 + channels_last.
+
+Also the time from ``launch()`` to the first training step. Throughput is image pairs/s over the
+steps after a warm-up.
+
+    .venv/bin/python bench/pretrain.py [--widths 32,64] [--steps 8] [--repeats 1]
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+import torch  # noqa: E402
+
+from workers.config import load_config  # noqa: E402
+from workers.pretrain import build_objective, launch  # noqa: E402
+from workers.shards import IngestParams, ingest  # noqa: E402
+from workers.sources import FashionMNIST  # noqa: E402
+from workers.storage import RunLocation  # noqa: E402
+
+
+def common(width: int) -> list[str]:
+    return ["objective=simclr", "backbone=resnet18", f"backbone_params={{small_stem: true, width: {width}}}",
+            "image_size=28", "batch_size=256", "precision=bf16", "channels_last=true", "optimizer=lars",
+            "knn_monitor=false", "objective_params.temperature=0.5"]
+
+
+def plain_loop(width: int, images: torch.Tensor, warmup: int, steps: int) -> float:
+    """Single process, in-memory tensors, batched augmentation, bf16 autocast, channels_last."""
+    from workers.optim import build_optimizer
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cfg = load_config(None, common(width) + ["workers=1"])
+    obj = build_objective(cfg, 1).to(memory_format=torch.channels_last)
+    opt = build_optimizer("lars", obj, lr=0.3, weight_decay=1e-6)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(images), generator=g)
+    t0 = None
+    for s in range(warmup + steps):
+        if s == warmup:
+            t0 = time.perf_counter()
+        x = images[perm[s * 256:(s + 1) * 256]]
+        views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in obj.make_views(x, generator=g).items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = obj(views)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return steps * 256 / (time.perf_counter() - t0)
+
+
+def gelato(width: int, run: str, workers: int, warmup: int, steps: int) -> tuple[float, float]:
+    """(pairs/s after warm-up, seconds from launch() to the first step)."""
+    cfg = load_config(None, common(width) + [f"workers={workers}", f"cpus_per_worker={2 // workers}",
+                                             f"steps={warmup + steps}", "log_every=1", "loader_workers=1",
+                                             f"checkpoint_every={warmup + steps}"])
+    t0 = time.time()
+    launch(run, cfg, overwrite=True, progress_bar=False, log=lambda *a: None)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    first = next(r["time"] for r in rows if r.get("event") == "first_step")
+    timed = [r for r in rows if "loss" in r and r["step"] > warmup]
+    span = timed[-1]["time"] - next(r["time"] for r in rows if "loss" in r and r["step"] == warmup)
+    # the last step also writes a checkpoint; its time is not in the step interval measured here
+    return (len(timed) * 256) / span, first - t0
+
+
+def lightly(width: int, root: str, warmup: int, steps: int, bf16_cl: bool) -> float:
+    py = os.path.join(REPO, "bench", ".venv-lightly", "bin", "python")
+    cmd = [py, os.path.join(REPO, "bench", "lightly_simclr.py"), "--root", root, "--width", str(width),
+           "--warmup", str(warmup), "--steps", str(steps)] + (["--bf16-channels-last"] if bf16_cl else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
+    return json.loads(out.stdout.strip().splitlines()[-1])["pairs_per_s"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--widths", default="32,64")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--skip-lightly", action="store_true")
+    a = ap.parse_args()
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not a.skip_lightly:
+        subprocess.run(["bash", os.path.join(REPO, "bench", "setup_lightly.sh")], check=True)
+
+    src = FashionMNIST()
+    images = torch.from_numpy(src._images["train"]).unsqueeze(1).contiguous()  # (60000, 1, 28, 28) uint8
+    tmp = tempfile.mkdtemp(prefix="gelato-bench-pretrain-")
+    run = os.path.join(tmp, "run")
+    ingest(RunLocation(run), src, IngestParams(shard_size=1000, val_fraction=0.1), progress_bar=False)
+    raw = os.path.join(tmp, "tv", "FashionMNIST", "raw")
+    os.makedirs(raw)
+    for fn in os.listdir(src.root):
+        if fn.endswith(".gz"):
+            with gzip.open(os.path.join(src.root, fn)) as f, open(os.path.join(raw, fn[:-3]), "wb") as g:
+                g.write(f.read())
+
+    results: dict[str, list[float]] = {}
+
+    def record(key: str, value: float) -> None:
+        results.setdefault(key, []).append(value)
+        print(f"  {key:<32s} {value:8.1f}", flush=True)
+
+    for width in [int(w) for w in a.widths.split(",")]:
+        for _ in range(a.repeats):
+            record(f"w{width} plain loop", plain_loop(width, images, a.warmup, a.steps))
+            rate, first = gelato(width, run, 2, a.warmup, a.steps)
+            record(f"w{width} gelato 2 workers", rate)
+            record(f"w{width} gelato first step s", first)
+            rate1, _ = gelato(width, run, 1, a.warmup, a.steps)
+            record(f"w{width} gelato 1 worker", rate1)
+            if not a.skip_lightly:
+                record(f"w{width} lightly fp32", lightly(width, os.path.dirname(os.path.dirname(raw)), a.warmup, a.steps, False))
+                record(f"w{width} lightly bf16+cl", lightly(width, os.path.dirname(os.path.dirname(raw)), a.warmup, a.steps, True))
+    shutil.rmtree(tmp, ignore_errors=True)
+
+    med = {k: statistics.median(v) for k, v in results.items()}
+    print(f"\nmachine: {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}; batch 256 pairs, 28x28, "
+          f"{a.steps} timed steps after {a.warmup} warm-up, medians of {a.repeats}")
+    for width in [int(w) for w in a.widths.split(",")]:
+        p, g2, g1 = med[f"w{width} plain loop"], med[f"w{width} gelato 2 workers"], med[f"w{width} gelato 1 worker"]
+        line = (f"width {width}: gelato {g2:.1f} pairs/s | plain loop {p:.1f} ({g2 / p:.2f}x) | "
+                f"1 worker {g1:.1f} (2 workers = {g2 / g1:.2f}x) | first step {med[f'w{width} gelato first step s']:.1f} s")
+        if not a.skip_lightly:
+            lf, lb = med[f"w{width} lightly fp32"], med[f"w{width} lightly bf16+cl"]
+            line += f" | lightly fp32 {lf:.1f} ({g2 / lf:.2f}x), bf16+cl {lb:.1f} ({g2 / lb:.2f}x)"
+        print(line)
+
+
+if __name__ == "__main__":
+    main()

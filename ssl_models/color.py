@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 # sRGB (linear) → XYZ for the D65 white point, and that white point (X, Y, Z).

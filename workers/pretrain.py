@@ -22,7 +22,7 @@ import os
 import tempfile
 import threading
 import time
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 
@@ -120,7 +120,11 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     import logging
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # our own metrics say the same, once
+    # Ray Train logs every report and checkpoint at INFO (some loggers are named by file path);
+    # our metrics.jsonl and progress bar say the same once.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("ray.train") or "/ray/train/" in name:
+            logging.getLogger(name).setLevel(logging.WARNING)
     config = PretrainConfig(**cfg["config"])
     loc = RunLocation(cfg["run"], config.storage_options)
     manifest: dict = cfg["manifest"]

@@ -14,8 +14,8 @@ the published shards whose sha256 still match and writes the rest. :func:`finali
 
 Reading side
 ------------
-:func:`open_split` opens a split as a WebDataset stream with explicit node and worker
-splitting and per-epoch shard shuffling, written out stage by stage.
+:func:`open_split` (in ``workers/stream.py``, re-exported here) opens a split as a WebDataset
+stream with explicit node and worker splitting and per-epoch shard shuffling.
 """
 from __future__ import annotations
 
@@ -27,11 +27,11 @@ import os
 import random
 import threading
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Optional
 
-from workers.images import IMAGE_FORMATS, GRAY_MODES, RejectedImage, decode_bytes
+from workers.images import GRAY_MODES, IMAGE_FORMATS, RejectedImage
+from workers.tarformat import add_member
 from workers.sources import Record, Source
 from workers.storage import RunLocation
 
@@ -160,37 +160,6 @@ class _HashingWriter:
         pass
 
 
-def _ustar_header(name: str, size: int) -> bytes:
-    """A POSIX ustar header for a regular file with fixed mode/owner/mtime (deterministic bytes).
-
-    Hand-built because ``tarfile.TarInfo`` header creation was half of the shard-writing time.
-    """
-    raw = name.encode()
-    if len(raw) > 100:
-        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
-    h = bytearray(512)
-    h[0:len(raw)] = raw
-    h[100:108] = b"0000444\0"                   # mode
-    h[108:116] = b"0000000\0"                   # uid
-    h[116:124] = b"0000000\0"                   # gid
-    h[124:136] = b"%011o\0" % size              # size
-    h[136:148] = b"00000000000\0"               # mtime = 0
-    h[148:156] = b"        "                    # checksum placeholder (spaces)
-    h[156:157] = b"0"                           # regular file
-    h[257:265] = b"ustar\x0000"                 # magic + version
-    h[148:156] = b"%06o\0 " % sum(h)            # checksum over the header with spaces
-    return bytes(h)
-
-
-def _add(out, name: str, data: bytes) -> None:
-    """Append one member (header, data, zero padding to 512 bytes)."""
-    out.write(_ustar_header(name, len(data)))
-    out.write(data)
-    pad = -len(data) % 512
-    if pad:
-        out.write(b"\0" * pad)
-
-
 def _state_path(loc: RunLocation, spec: ShardSpec) -> str:
     return loc.join(STATE_DIR, spec.name + ".json")
 
@@ -246,14 +215,14 @@ def write_shard(loc: RunLocation, source: Source, spec: ShardSpec, image_format:
                 # One sample = image, optional .cls, .json: appended to the tar stream in one write.
                 meta = {"source": rec.path, "mode": enc.mode, "size": list(enc.size)}
                 sample = io.BytesIO()
-                _add(sample, f"{key}.{enc.ext}", enc.data)
+                add_member(sample, f"{key}.{enc.ext}", enc.data)
                 if rec.label is not None:
                     meta["label"] = rec.label
-                    _add(sample, f"{key}.cls", str(rec.label).encode())
+                    add_member(sample, f"{key}.cls", str(rec.label).encode())
                 if rec.labels is not None:
                     meta["labels"] = list(rec.labels)
                     meta["difficult"] = list(rec.difficult or ())
-                _add(sample, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+                add_member(sample, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
                 hw.write(sample.getvalue())
                 result.count += 1
                 result.modes[enc.mode] = result.modes.get(enc.mode, 0) + 1
@@ -413,204 +382,6 @@ def ingest(loc: RunLocation, source: Source, params: IngestParams, overwrite: bo
     return finalize(loc, plan, results)
 
 
-# ----------------------------------------------------------------------------- reading side
-
-def shard_urls(loc: RunLocation, manifest: dict, split: str) -> list[str]:
-    if split not in manifest["splits"]:
-        raise KeyError(f"{loc.uri}: split {split!r} not in the manifest (have {sorted(manifest['splits'])})")
-    return [loc.join(SHARD_DIR, s["name"]) for s in manifest["splits"][split]["shards"]]
-
-
-def open_split(run: str | RunLocation, split: str, *, rank: int = 0, world_size: int = 1,
-               num_workers: int = 0, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-               shuffle_buffer: int = 1000, manifest: Optional[dict] = None):
-    """A split of a run as an ``IterableDataset`` of ``{"key", "image" (C,H,W) uint8, "label"}``.
-
-    Node splitting is explicit (``rank``/``world_size``, not discovered), DataLoader-worker
-    splitting happens inside each worker; with ``shuffle`` the shard order is permuted with
-    ``seed + epoch`` (identically on every rank, before splitting) and samples pass a buffer.
-    Refuses when the split has fewer shards than ``world_size × max(1, num_workers)``, the case
-    that makes webdataset hang distributed training.
-    """
-    import webdataset as wds
-
-    loc = run if isinstance(run, RunLocation) else RunLocation(run)
-    manifest = manifest or read_manifest(loc)
-    if manifest is None:
-        raise FileNotFoundError(f"{loc.uri}: no {MANIFEST}; run `gelato ingest ... --out {loc.uri}` first")
-    urls = shard_urls(loc, manifest, split)
-    needed = world_size * max(1, num_workers)
-    if len(urls) < needed:
-        raise ValueError(
-            f"{loc.uri}: split {split!r} has {len(urls)} shards but {world_size} ranks × "
-            f"{max(1, num_workers)} loader workers need at least {needed}; re-ingest with a smaller "
-            f"--shard-size, or use fewer workers")
-    return wds.DataPipeline(
-        # 1. every rank sees the same, per-epoch-permuted shard list ...
-        _ShardList(urls, shuffle, seed + epoch),
-        # 2. ... and keeps its own slice; 3. each DataLoader worker keeps a slice of that.
-        _split_by_rank(rank, world_size),
-        _split_by_loader_worker,
-        # 4. open each shard through fsspec (one filesystem per process: s3fs is not fork-safe).
-        _open_with_fsspec(loc.storage_options),
-        # 5. tar members grouped into samples by key (errors re-raised, never skipped silently).
-        _tar_to_samples,
-        # 6. sample-level shuffle buffer (seeded), then decode to tensors.
-        *( [wds.shuffle(shuffle_buffer, rng=random.Random(seed + epoch + 7919 * rank))] if shuffle else [] ),
-        wds.map(_Decoder(manifest)),
-    )
-
-
-def _iterable_dataset_base():
-    import torch.utils.data
-
-    return torch.utils.data.IterableDataset
-
-
-class _ShardList(_iterable_dataset_base()):
-    def __init__(self, urls: list[str], shuffle: bool, seed: int):
-        self.urls, self.shuffle, self.seed = list(urls), shuffle, seed
-
-    def __iter__(self) -> Iterator[dict]:
-        urls = list(self.urls)
-        if self.shuffle:
-            random.Random(self.seed).shuffle(urls)
-        for u in urls:
-            yield {"url": u}
-
-
-def _split_by_rank(rank: int, world_size: int):
-    def stage(src):
-        for i, item in enumerate(src):
-            if i % world_size == rank:
-                yield item
-    return stage
-
-
-def _split_by_loader_worker(src):
-    import torch.utils.data
-
-    info = torch.utils.data.get_worker_info()
-    wid, n = (info.id, info.num_workers) if info is not None else (0, 1)
-    for i, item in enumerate(src):
-        if i % n == wid:
-            yield item
-
-
-def _open_with_fsspec(storage_options: dict):
-    def stage(src):
-        from workers.storage import filesystem
-
-        fs = None
-        for sample in src:
-            url = sample["url"]
-            fs = fs or filesystem(url, storage_options)
-            with fs.open(url, "rb") as stream:
-                yield {"url": url, "stream": stream}
-    return stage
-
-
-def _tar_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file in a tar stream.
-
-    A plain ustar reader (the format the writer above produces, and what webdataset tools
-    write): 3-4x faster than ``tarfile`` on shards of small images, where header parsing, not
-    decoding, dominated the read time. GNU long names are followed; pax headers are not expected
-    in shards and fail loudly rather than yield a wrong name.
-    """
-    long_name = None
-    while True:
-        header = stream.read(512)
-        if len(header) < 512 or header == b"\0" * 512:
-            return
-        try:
-            size = int(header[124:136].rstrip(b"\0 ").decode() or "0", 8)
-        except ValueError:
-            raise ValueError(f"{url}: corrupt tar header (bad size field); the shard is damaged, re-ingest it") from None
-        kind = header[156:157]
-        data = stream.read(size)
-        if len(data) < size:
-            raise ValueError(f"{url}: truncated tar member; the shard is damaged, re-ingest it")
-        if size % 512:
-            stream.read(512 - size % 512)
-        if kind == b"L":
-            long_name = data.rstrip(b"\0").decode()
-            continue
-        if kind in (b"x", b"g"):
-            raise ValueError(f"{url}: pax tar headers are not supported in shards (write shards with gelato ingest)")
-        if kind not in (b"0", b"\0"):
-            continue  # directories, links: not samples
-        name = long_name or header[0:100].rstrip(b"\0").decode()
-        prefix = header[345:500].rstrip(b"\0")
-        if prefix and long_name is None and header[257:262] == b"ustar":
-            name = prefix.decode() + "/" + name
-        long_name = None
-        yield name, data
-
-
-def _tar_to_samples(src):
-    """{url, stream} → samples {"__key__", "__url__", ext: bytes, ...}, members grouped by key."""
-    for item in src:
-        url, current = item["url"], None
-        for name, data in _tar_members(item["stream"], url):
-            slash = name.rfind("/") + 1
-            dot = name.find(".", slash)
-            if dot < 0:
-                continue
-            key, ext = name[:dot], name[dot + 1:].lower()
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            current[ext] = data
-        if current is not None:
-            yield current
-
-
-class _Decoder:
-    """Raw tar members → ``{"key", "image" uint8 (C, H, W), "label" int (-1: none), "labels"?}``."""
-
-    def __init__(self, manifest: dict):
-        self.channels = int(manifest.get("channels", 3))
-        self.multilabel = bool(manifest.get("multilabel"))
-        self.n_classes = len(manifest.get("classes") or [])
-
-    def __call__(self, sample: dict) -> dict:
-        import torch
-
-        ext = next((k for k in _FAST_EXTS + _OTHER_EXTS if k in sample), None)
-        if ext is None:
-            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image member")
-        try:
-            image = self._decode(sample[ext], ext)
-        except Exception as e:
-            raise ValueError(f"cannot decode sample {sample.get('__key__')} in {sample.get('__url__')}: {e}") from e
-        out = {"key": sample["__key__"], "image": image,
-               "label": int(sample["cls"]) if "cls" in sample else -1}
-        if self.multilabel:
-            meta = json.loads(sample["json"])
-            target = torch.zeros(self.n_classes)
-            target[list(meta.get("labels", []))] = 1.0
-            out["labels"] = target
-        return out
-
-    def _decode(self, data: bytes, ext: str):
-        """uint8 (C, H, W): torchvision's C++ decoders for PNG/JPEG/WebP, Pillow for the rest and 16-bit."""
-        import torch
-        from torchvision.io import ImageReadMode, decode_image
-
-        if ext in _FAST_EXTS:
-            mode = ImageReadMode.GRAY if self.channels == 1 else ImageReadMode.RGB
-            img = decode_image(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=mode)
-            if img.dtype == torch.uint8:
-                return img
-        arr = decode_bytes(data, self.channels)                   # (H, W, C) via Pillow
-        return torch.from_numpy(arr).permute(2, 0, 1).contiguous()  # (C, H, W)
-
-
-# torchvision 0.29 deprecates its decoders in favour of torchcodec, but they are the fastest we
-# have for small images (2x Pillow on 28 px PNGs); the Pillow path above is the fallback.
-warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision",
-                        category=DeprecationWarning)
-_FAST_EXTS = ("png", "jpg", "jpeg", "webp")
-_OTHER_EXTS = ("bmp", "tif", "tiff", "gif", "ppm")
+# The reading side lives in workers/stream.py; ``open_split`` is re-exported here because this is
+# where a reader of the format looks first.
+from workers.stream import open_split, shard_urls  # noqa: E402,F401

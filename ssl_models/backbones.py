@@ -80,7 +80,7 @@ class _WidthResNet(tv_resnet.ResNet):
 class SmallCNN(nn.Module):
     """Four conv-BN-ReLU blocks with pooling: a backbone for fast CPU runs and tests."""
 
-    def __init__(self, in_channels: int = 3, width: int = 32, **_ignored):
+    def __init__(self, in_channels: int = 3, width: int = 32):
         super().__init__()
         w = width
         def block(cin, cout, pool):
@@ -100,28 +100,32 @@ class SmallCNN(nn.Module):
         return self.features(x)
 
 
-def resnet18(in_channels: int = 3, small_stem: bool = False, width: int = 64, **kw) -> ResNetBackbone:
-    return ResNetBackbone(18, in_channels, small_stem, width, **kw)
+# Builders take explicit keywords only (no **kwargs), so a typo in a config's backbone_params
+# fails at validation, naming the key, instead of on the workers.
+def resnet18(in_channels: int = 3, small_stem: bool = False, width: int = 64,
+             zero_init_residual: bool = True) -> ResNetBackbone:
+    return ResNetBackbone(18, in_channels, small_stem, width, zero_init_residual)
 
 
-def resnet50(in_channels: int = 3, small_stem: bool = False, width: int = 64, **kw) -> ResNetBackbone:
-    return ResNetBackbone(50, in_channels, small_stem, width, **kw)
+def resnet50(in_channels: int = 3, small_stem: bool = False, width: int = 64,
+             zero_init_residual: bool = True) -> ResNetBackbone:
+    return ResNetBackbone(50, in_channels, small_stem, width, zero_init_residual)
 
 
-def small_cnn(in_channels: int = 3, width: int = 32, **kw) -> SmallCNN:
-    return SmallCNN(in_channels, width, **kw)
+def small_cnn(in_channels: int = 3, width: int = 32) -> SmallCNN:
+    return SmallCNN(in_channels, width)
 
 
-def vit_tiny(in_channels: int = 3, image_size: int = 32, patch_size: int = 4, **kw) -> nn.Module:
+def vit_tiny(in_channels: int = 3, image_size: int = 32, patch_size: int = 4, mlp_ratio: float = 4.0) -> nn.Module:
     from ssl_models.vit import VisionTransformer
     return VisionTransformer(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
-                             dim=192, depth=12, heads=3, name="vit_tiny", **kw)
+                             dim=192, depth=12, heads=3, mlp_ratio=mlp_ratio, name="vit_tiny")
 
 
-def vit_small(in_channels: int = 3, image_size: int = 32, patch_size: int = 4, **kw) -> nn.Module:
+def vit_small(in_channels: int = 3, image_size: int = 32, patch_size: int = 4, mlp_ratio: float = 4.0) -> nn.Module:
     from ssl_models.vit import VisionTransformer
     return VisionTransformer(in_channels=in_channels, image_size=image_size, patch_size=patch_size,
-                             dim=384, depth=12, heads=6, name="vit_small", **kw)
+                             dim=384, depth=12, heads=6, mlp_ratio=mlp_ratio, name="vit_small")
 
 
 BACKBONES: dict[str, Callable[..., nn.Module]] = {

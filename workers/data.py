@@ -21,16 +21,35 @@ from workers.shards import open_split
 from workers.storage import RunLocation
 
 
-def collate(samples: list[dict]) -> dict[str, torch.Tensor]:
-    """Stack uint8 images (B, C, H, W) and labels (B,); images of different sizes fail naming the keys."""
-    try:
-        images = torch.stack([s["image"] for s in samples])
-    except RuntimeError:
-        sizes = {tuple(s["image"].shape) for s in samples}
-        raise ValueError(f"images in one batch differ in size {sorted(sizes)[:4]} (e.g. sample "
-                         f"{samples[0]['key']}); set image_size and let the loader resize, or ingest "
-                         f"images of one size") from None
-    return {"image": images, "label": torch.tensor([s["label"] for s in samples])}
+def fit_size(image: torch.Tensor, size: Optional[int]) -> torch.Tensor:
+    """uint8 (C, H, W) → (C, size, size): shorter side resized to ``size`` (antialiased), then a
+    centre crop. Images already ``size``×``size`` pass untouched; ``size=None`` keeps every image."""
+    if size is None or tuple(image.shape[-2:]) == (size, size):
+        return image
+    from torchvision.transforms.v2 import functional as TF
+
+    return TF.center_crop(TF.resize(image, size, antialias=True), [size, size])
+
+
+class Collate:
+    """Stack uint8 images (B, C, H, W) and labels (B,), fitting each image to ``size`` first, so
+    sources with mixed image sizes (VOC, photo folders) batch; runs in the loader workers."""
+
+    def __init__(self, size: Optional[int] = None):
+        self.size = size
+
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        images = [fit_size(s["image"], self.size) for s in samples]
+        try:
+            stacked = torch.stack(images)
+        except RuntimeError:
+            sizes = sorted({tuple(i.shape) for i in images})
+            raise ValueError(f"images in one batch differ in size {sizes[:4]} (e.g. sample {samples[0]['key']}); "
+                             f"set image_size so the loader resizes them") from None
+        return {"image": stacked, "label": torch.tensor([s["label"] for s in samples])}
+
+
+collate = Collate()
 
 
 def steps_per_epoch(train_count: int, batch_size: int) -> int:
@@ -42,7 +61,7 @@ def steps_per_epoch(train_count: int, batch_size: int) -> int:
 
 def epoch_batches(run: RunLocation, manifest: dict, epoch: int, n_batches: int, *, rank: int, world_size: int,
                   local_batch: int, loader_workers: int, seed: int, split: str = "train",
-                  skip: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+                  skip: int = 0, image_size: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
     """Exactly ``n_batches`` batches of ``local_batch`` images for this rank in ``epoch``.
 
     Passes over the rank's shards (each pass reshuffled) until enough full batches were made;
@@ -53,7 +72,7 @@ def epoch_batches(run: RunLocation, manifest: dict, epoch: int, n_batches: int, 
         ds = open_split(run, split, rank=rank, world_size=world_size, num_workers=loader_workers, shuffle=True,
                         seed=seed + 1_000_003 * rep, epoch=epoch, manifest=manifest, shuffle_buffer=4 * local_batch)
         loader = DataLoader(ds, batch_size=local_batch, num_workers=loader_workers, drop_last=True,
-                            collate_fn=collate, persistent_workers=False)
+                            collate_fn=Collate(image_size), persistent_workers=False)
         got_any = False
         for batch in loader:
             got_any = True
@@ -68,18 +87,54 @@ def epoch_batches(run: RunLocation, manifest: dict, epoch: int, n_batches: int, 
     raise RuntimeError("unreachable")
 
 
-def in_memory_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int] = None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+def in_memory_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int] = None,
+                    image_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` samples of a split as tensors (images uint8 (N, C, H, W), labels (N,)).
 
     Used for the small fixed sets of the online kNN monitor; reads in shard order, no shuffling.
     """
     images, labels = [], []
     for s in open_split(run, split, manifest=manifest):
-        images.append(s["image"])
+        images.append(fit_size(s["image"], image_size))
         labels.append(s["label"])
         if limit is not None and len(images) >= limit:
             break
     if not images:
         raise ValueError(f"{run.uri}: split {split!r} is empty")
     return torch.stack(images), torch.tensor(labels)
+
+
+def load_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int] = None,
+               size: Optional[int] = None) -> dict:
+    """A whole split in memory, with every target the evaluation stage needs.
+
+    Returns ``{"key": list[str], "image": uint8 (N, C, H, W), "label": (N,) int64 (-1: unlabelled),
+    "labels": (N, K) float multi-hot or None, "difficult": (N, K) bool or None}`` (the last two
+    for multi-label sources). Images whose side differs from ``size`` are resized to
+    ``size × size`` (bilinear, antialiased; sources such as VOC hold images of many sizes);
+    with ``size=None`` every image must have the same size. Reads in shard order, no shuffling,
+    so the same run always gives the same order.
+    """
+    import torch.nn.functional as F
+
+    keys, images, labels, multi, difficult = [], [], [], [], []
+    for s in open_split(run, split, manifest=manifest):
+        img = s["image"]
+        if size is not None and tuple(img.shape[-2:]) != (size, size):
+            x = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", align_corners=False,
+                              antialias=True)
+            img = x[0].round().clamp(0, 255).to(torch.uint8)
+        keys.append(s["key"])
+        images.append(img)
+        labels.append(s["label"])
+        if "labels" in s:
+            multi.append(s["labels"])
+            difficult.append(s["difficult"])
+        if limit is not None and len(images) >= limit:
+            break
+    if not images:
+        raise ValueError(f"{run.uri}: split {split!r} is empty")
+    batch = collate([{"key": k, "image": im, "label": 0} for k, im in zip(keys, images)])
+    return {"key": keys, "image": batch["image"], "label": torch.tensor(labels, dtype=torch.long),
+            "labels": torch.stack(multi) if multi else None,
+            "difficult": torch.stack(difficult) if difficult else None}

@@ -75,7 +75,8 @@ def build_objective(config: PretrainConfig, in_channels: int):
     backbone_kw = dict(config.backbone_params)
     if config.backbone.startswith("vit"):
         backbone_kw.setdefault("image_size", config.image_size)
-    backbone = backbones.build(config.backbone, in_channels=in_channels, **backbone_kw)
+    channels = objectives.OBJECTIVES[config.objective].backbone_channels(in_channels)
+    backbone = backbones.build(config.backbone, in_channels=channels, **backbone_kw)
     return objectives.build(config.objective, backbone=backbone, image_size=config.image_size,
                             **config.objective_kwargs())
 
@@ -181,8 +182,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                 and "val" in manifest["splits"]):
             return None
         if knn_sets is None:
-            knn_sets = (in_memory_split(loc, manifest, "train", config.knn_bank),
-                        in_memory_split(loc, manifest, "val", config.knn_queries))
+            knn_sets = (in_memory_split(loc, manifest, "train", config.knn_bank, config.image_size),
+                        in_memory_split(loc, manifest, "val", config.knn_queries, config.image_size))
         (bank_x, bank_y), (q_x, q_y) = knn_sets
         core.eval()
         fn = lambda x: core.backbone(core.preprocess(x))  # noqa: E731
@@ -211,7 +212,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         epoch, in_epoch = divmod(step, spe)
         batches = epoch_batches(loc, manifest, epoch, spe * config.grad_accum, rank=rank, world_size=world,
                                 local_batch=config.local_batch, loader_workers=config.loader_workers,
-                                seed=config.seed, skip=in_epoch * config.grad_accum)
+                                seed=config.seed, skip=in_epoch * config.grad_accum, image_size=config.image_size)
         micro = 0
         for batch in batches:
             images = batch["image"].to(device, non_blocking=True)
@@ -300,7 +301,8 @@ def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objec
         "backbone_name": config.backbone,
         "backbone_params": dict(config.backbone_params) | ({"image_size": config.image_size}
                                                           if config.backbone.startswith("vit") else {}),
-        "in_channels": int(manifest["channels"]),
+        "in_channels": int(backbone.in_channels),        # what the backbone takes
+        "image_channels": int(manifest["channels"]),     # what the run's images have
         "feature_dim": int(backbone.feature_dim),
         "image_size": config.image_size,
         "objective": config.objective,

@@ -43,6 +43,12 @@ class Objective(nn.Module):
         self.register_buffer("progress", torch.zeros(()), persistent=True)
         self.register_buffer("step", torch.zeros((), dtype=torch.long), persistent=True)
 
+    @classmethod
+    def backbone_channels(cls, image_channels: int) -> int:
+        """Input channels the backbone needs for images with ``image_channels`` channels
+        (the same, except for objectives that feed it a transform of the image, e.g. colorization's L)."""
+        return image_channels
+
     def set_progress(self, step: int, total_steps: int) -> None:
         """Tell the objective where training stands (called before each step)."""
         self.step.fill_(int(step))

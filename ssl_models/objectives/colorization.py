@@ -86,6 +86,10 @@ class Colorization(Objective):
         lab = rgb_to_lab(x)                                          # (B, 3, S, S)
         return {"L": lab[:, :1] / 50.0 - 1.0, "ab": lab[:, 1:]}
 
+    @classmethod
+    def backbone_channels(cls, image_channels: int) -> int:
+        return 1  # the backbone sees the lightness L only
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone sees the lightness channel only: L/50 − 1 of the un-augmented image.
 

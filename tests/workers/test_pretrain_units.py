@@ -97,3 +97,25 @@ def test_knn_on_separable_features():
     assert knn_accuracy(bank, bank_y, q, q_y, 3, k=10) == 1.0
     scores = knn_predict(bank[:2], bank_y[:2], bank[:1], 3, k=5)  # k larger than the bank is clipped
     assert scores.shape == (1, 3) and scores[0, 0] > 0
+
+
+def test_loader_fits_mixed_sizes_to_image_size():
+    from workers.data import Collate
+
+    batch = Collate(16)([{"image": torch.randint(0, 255, (3, 40, 60), dtype=torch.uint8), "label": 1, "key": "a"},
+                         {"image": torch.randint(0, 255, (3, 20, 16), dtype=torch.uint8), "label": 2, "key": "b"}])
+    assert batch["image"].shape == (2, 3, 16, 16) and batch["image"].dtype == torch.uint8
+    with pytest.raises(ValueError, match="differ in size"):
+        Collate(None)([{"image": torch.zeros(1, 8, 8, dtype=torch.uint8), "label": 0, "key": "a"},
+                       {"image": torch.zeros(1, 9, 9, dtype=torch.uint8), "label": 0, "key": "b"}])
+
+
+def test_colorization_backbone_takes_the_l_channel():
+    from workers.pretrain import build_objective
+
+    cfg = load_config(None, ["objective=colorization", "backbone=small_cnn", "backbone_params={width: 8}",
+                             "image_size=16"])
+    obj = build_objective(cfg, in_channels=3)
+    assert obj.backbone.in_channels == 1
+    out = obj(obj.make_views(torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8)))
+    assert torch.isfinite(out["loss"])

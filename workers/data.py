@@ -110,22 +110,15 @@ def load_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int
 
     Returns ``{"key": list[str], "image": uint8 (N, C, H, W), "label": (N,) int64 (-1: unlabelled),
     "labels": (N, K) float multi-hot or None, "difficult": (N, K) bool or None}`` (the last two
-    for multi-label sources). Images whose side differs from ``size`` are resized to
-    ``size × size`` (bilinear, antialiased; sources such as VOC hold images of many sizes);
-    with ``size=None`` every image must have the same size. Reads in shard order, no shuffling,
-    so the same run always gives the same order.
+    for multi-label sources). Images are fitted to ``size × size`` as the training loader does
+    (:func:`fit_size`; sources such as VOC hold images of many sizes); with ``size=None`` every
+    image must have the same size. Reads in shard order, no shuffling, so the same run always
+    gives the same order.
     """
-    import torch.nn.functional as F
-
     keys, images, labels, multi, difficult = [], [], [], [], []
     for s in open_split(run, split, manifest=manifest):
-        img = s["image"]
-        if size is not None and tuple(img.shape[-2:]) != (size, size):
-            x = F.interpolate(img[None].float(), size=(size, size), mode="bilinear", align_corners=False,
-                              antialias=True)
-            img = x[0].round().clamp(0, 255).to(torch.uint8)
         keys.append(s["key"])
-        images.append(img)
+        images.append(fit_size(s["image"], size))
         labels.append(s["label"])
         if "labels" in s:
             multi.append(s["labels"])

@@ -50,3 +50,24 @@ def knn_accuracy(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.T
     """Top-1 accuracy (fraction) of weighted kNN."""
     pred = knn_predict(bank, bank_labels, queries, n_classes, k, temperature).argmax(1)
     return float((pred == query_labels).float().mean())
+
+
+@torch.no_grad()
+def knn_scores_multilabel(bank: torch.Tensor, bank_targets: torch.Tensor, queries: torch.Tensor, k: int = 200,
+                          temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
+    """Multi-label kNN: each of the k nearest bank rows adds exp(cos/T) to every class it holds.
+
+    Shape: bank (N, D), bank_targets (N, C) multi-hot, queries (M, D) → scores (M, C).
+    """
+    if len(bank) == 0:
+        raise ValueError("knn: empty feature bank")
+    k = min(k, len(bank))
+    bank = F.normalize(bank.float(), dim=1)
+    targets = bank_targets.float()
+    scores = []
+    for i in range(0, len(queries), chunk):
+        q = F.normalize(queries[i:i + chunk].float(), dim=1)
+        top_sim, top_idx = (q @ bank.T).topk(k, dim=1)                          # (m, k)
+        weights = (top_sim / temperature).exp()                                 # (m, k)
+        scores.append(torch.einsum("mk,mkc->mc", weights, targets[top_idx]))    # (m, C)
+    return torch.cat(scores)

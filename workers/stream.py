@@ -133,7 +133,7 @@ def _tar_to_samples(src):
 
 
 class _Decoder:
-    """Raw tar members → ``{"key", "image" uint8 (C, H, W), "label" int (-1: none), "labels"?}``."""
+    """Raw tar members → ``{"key", "image" uint8 (C, H, W), "label" int (-1: none), "labels"?, "difficult"?}``."""
 
     def __init__(self, manifest: dict):
         self.channels = int(manifest.get("channels", 3))
@@ -157,6 +157,9 @@ class _Decoder:
             target = torch.zeros(self.n_classes)
             target[list(meta.get("labels", []))] = 1.0
             out["labels"] = target
+            difficult = torch.zeros(self.n_classes, dtype=torch.bool)  # VOC: present only as "difficult"
+            difficult[list(meta.get("difficult", []))] = True
+            out["difficult"] = difficult
         return out
 
     def _decode(self, data: bytes, ext: str):

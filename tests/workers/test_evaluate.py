@@ -1,0 +1,323 @@
+"""The evaluation stage without Prefect: metrics against references, protocols on tiny runs, the report."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from evalrun import ingest_folder, pretrain_by_hand
+from imagegen import write_images, write_separable
+from workers.checkpoint import CheckpointMismatch
+from workers.config import ConfigError, load_config
+from workers.evaluate import Evaluation, eval_config, evaluate, fewshot_subset
+from workers.metrics import (average_precision, confusion_matrix, multilabel_ap, per_class_accuracy, topk_accuracy,
+                             voc07_average_precision)
+from workers.pretrain import build_objective, export_final
+from workers.probe import linear_probe
+from workers.report import PNG_SIGNATURE
+from workers.storage import RunLocation
+
+ROW_KEYS = {"protocol", "features", "metric", "split", "value"}
+PROTOCOL_NAMES = {"probe", "knn", "finetune", "fewshot_1pct", "fewshot_10pct"}
+FEATURE_NAMES = {"pretrained", "random_init", "raw_pixels", "supervised"}
+QUICK = dict(knn_k=10, finetune_epochs=2, fewshot_epochs=2, supervised_epochs=2, probe_max_iter=50)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny tensors: thread hand-offs cost more than the arithmetic on a busy 2-core machine.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def labelled_run(tmp_path_factory):
+    """6 classes separable in pixel space, 8 px grey; train/val/test; a checkpoint after 4 SimCLR steps."""
+    root = tmp_path_factory.mktemp("eval-labelled")
+    write_separable(root / "src", n_classes=6, per_class=15, size=8, splits=("train", "test"))
+    run = str(root / "run")
+    m = ingest_folder(str(root / "src"), run)
+    pretrain_by_hand(run, m, steps=4)
+    return run
+
+
+def _copy(run: str, tmp_path) -> str:
+    dst = str(tmp_path / "run-copy")
+    shutil.copytree(run, dst)
+    shutil.rmtree(os.path.join(dst, "eval"), ignore_errors=True)
+    return dst
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def test_average_precision_hand_computed():
+    scores = torch.tensor([0.9, 0.8, 0.7, 0.6, 0.5])
+    target = torch.tensor([1, 0, 1, 0, 1])
+    # positives at ranks 1, 3, 5: precision 1, 2/3, 3/5, each at a recall step of 1/3
+    assert average_precision(scores, target) == pytest.approx((1 + 2 / 3 + 3 / 5) / 3)
+    # 11-point: max precision at recall ≥ t is 1 for t ≤ 0.3, 2/3 for 0.4–0.6, 3/5 for 0.7–1.0
+    assert voc07_average_precision(scores, target) == pytest.approx((4 * 1 + 3 * 2 / 3 + 4 * 0.6) / 11)
+    # ties form one threshold: both tied samples count together (precision 1/2 at recall 1)
+    assert average_precision(torch.tensor([0.5, 0.5]), torch.tensor([1, 0])) == pytest.approx(0.5)
+    # an ignored ("difficult") sample is as if absent; a class with no positive is NaN
+    ignore = torch.tensor([False, True, False, False, False])
+    assert average_precision(scores, target, ignore) == pytest.approx((1 + 1 + 3 / 4) / 3)
+    assert np.isnan(average_precision(scores, torch.zeros(5)))
+    assert average_precision(torch.tensor([3.0, 2.0, 1.0]), torch.tensor([1, 1, 0])) == 1.0
+
+
+def test_average_precision_matches_sklearn():
+    from sklearn.metrics import average_precision_score
+
+    g = torch.Generator().manual_seed(0)
+    for trial in range(20):
+        n = int(torch.randint(5, 200, (1,), generator=g))
+        target = (torch.rand(n, generator=g) < 0.3).long()
+        target[0] = 1
+        scores = torch.rand(n, generator=g)
+        if trial % 2:  # coarse scores: many ties
+            scores = (scores * 5).floor()
+        ours = average_precision(scores, target)
+        assert ours == pytest.approx(average_precision_score(target.numpy(), scores.numpy()), abs=1e-12)
+    # mean AP over classes = sklearn's macro average (every class has a positive)
+    scores, targets = torch.rand(50, 4, generator=g), (torch.rand(50, 4, generator=g) < 0.4).long()
+    targets[0] = 1
+    assert multilabel_ap(scores, targets)["mAP"] == pytest.approx(
+        average_precision_score(targets.numpy(), scores.numpy(), average="macro"), abs=1e-12)
+
+
+def test_topk_confusion_per_class():
+    scores = torch.tensor([[3.0, 2, 1], [1, 3, 2], [3, 2, 1], [1, 2, 3]])
+    labels = torch.tensor([0, 2, 1, 2])
+    assert topk_accuracy(scores, labels, 1) == 0.5 and topk_accuracy(scores, labels, 2) == 1.0
+    cm = confusion_matrix(scores.argmax(1), labels, 3)
+    assert cm.tolist() == [[1, 0, 0], [1, 0, 0], [0, 1, 1]]
+    assert per_class_accuracy(cm) == [1.0, 0.0, 0.5]
+
+
+def test_probe_one_vs_rest_on_separable_multilabel_features():
+    g = torch.Generator().manual_seed(0)
+    y = (torch.rand(120, 3, generator=g) < 0.5).float()
+    x = torch.cat([y * 2 - 1 + 0.1 * torch.randn(120, 3, generator=g), torch.randn(120, 5, generator=g)], 1)
+    split = lambda a, b: (x[a:b], y[a:b], None)  # noqa: E731
+    out = linear_probe(split(0, 60), split(60, 80), split(80, 120), 3, multilabel=True)
+    assert out["mAP"] == pytest.approx(1.0) and out["voc07_mAP"] == pytest.approx(1.0)
+    assert len(out["per_class_ap"]) == 3 and out["weight_decay"] in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+def test_fewshot_subsets_are_class_balanced_and_seeded():
+    labels = torch.arange(10).repeat_interleave(100)[torch.randperm(1000, generator=torch.Generator().manual_seed(1))]
+    one, ten = fewshot_subset(labels, 0.01, seed=3), fewshot_subset(labels, 0.10, seed=3)
+    assert torch.bincount(labels[one], minlength=10).tolist() == [1] * 10
+    assert torch.bincount(labels[ten], minlength=10).tolist() == [10] * 10
+    assert torch.equal(one, fewshot_subset(labels, 0.01, seed=3))          # identical across runs
+    assert set(one.tolist()) <= set(ten.tolist())                           # 1 % inside 10 %
+    assert not torch.equal(ten, fewshot_subset(labels, 0.10, seed=4))       # the seed matters
+
+
+def test_eval_config_errors_name_the_key():
+    with pytest.raises(ConfigError, match="knn_k"):
+        eval_config(knn_k=0)
+    with pytest.raises(ConfigError, match="protocols"):
+        eval_config(protocols=("probe", "linear"))
+    with pytest.raises(ConfigError, match="unknown_key"):
+        eval_config(unknown_key=1)
+
+
+# ----------------------------------------------------------------------------- protocols on tiny runs
+
+def test_raw_pixel_probe_and_knn_are_near_perfect_on_separable_classes(labelled_run, tmp_path):
+    run = _copy(labelled_run, tmp_path)
+    report = evaluate(run, eval_config(protocols=("probe", "knn"), baselines=("raw_pixels",), **QUICK), log=lambda *_: None)
+    cells = {(r["protocol"], r["features"], r["metric"]): r["value"] for r in report["results"]}
+    assert cells["probe", "raw_pixels", "top1"] >= 0.95
+    assert cells["knn", "raw_pixels", "top1"] >= 0.95
+    assert cells["probe", "raw_pixels", "top5"] == 1.0  # 6 classes: top-5 is reported
+    probe = report["details"]["probe/raw_pixels"]
+    assert len(probe["confusion"]) == 6 and sum(map(sum, probe["confusion"])) == report["splits"]["test"] == 90
+
+
+def test_full_report_schema_and_plots(labelled_run, tmp_path):
+    from PIL import Image
+    import matplotlib.image
+
+    run = _copy(labelled_run, tmp_path)
+    report = evaluate(run, eval_config(baselines=("raw_pixels", "random_init", "supervised"), **QUICK),
+                      log=lambda *_: None)
+    with open(os.path.join(run, "report.json")) as f:
+        on_disk = json.load(f)
+    assert on_disk["results"] == report["results"] and on_disk["config_hash"] and on_disk["checkpoint_sha256"]
+    assert {"seed", "durations_s", "checkpoint", "eval_config_hash"} <= set(on_disk)
+    for row in on_disk["results"]:
+        assert ROW_KEYS <= set(row) and set(row) <= ROW_KEYS | {"via"}
+        assert row["protocol"] in PROTOCOL_NAMES and row["features"] in FEATURE_NAMES
+        assert row["metric"] in {"top1", "top5", "mAP"} and row["split"] == "test"
+        assert isinstance(row["value"], float) and 0.0 <= row["value"] <= 1.0
+        assert ("via" in row) == row["protocol"].startswith("fewshot")
+    got = {(r["protocol"], r["features"]) for r in on_disk["results"]}
+    for want in [("probe", f) for f in FEATURE_NAMES] + [("knn", f) for f in FEATURE_NAMES] + [
+            ("finetune", "pretrained"), ("finetune", "supervised"), ("fewshot_1pct", "pretrained"),
+            ("fewshot_10pct", "raw_pixels"), ("fewshot_10pct", "supervised")]:
+        assert want in got, want
+    with open(os.path.join(run, "report.md")) as f:
+        md = f.read()
+    assert "| protocol (test, %) | pretrained | random init | raw pixels | supervised |" in md
+    assert "not run" in md  # e.g. fine-tune of raw pixels is not a thing, and says so
+    assert set(on_disk["plots"]) == {"loss", "knn", "embedding", "confusion"}
+    for rel in on_disk["plots"].values():
+        assert f"]({rel})" in md
+        path = os.path.join(run, rel)
+        with open(path, "rb") as f:
+            assert f.read(8) == PNG_SIGNATURE
+        with Image.open(path) as im:
+            im.verify()
+        assert matplotlib.image.imread(path).ndim == 3
+    for proto in ("probe", "knn", "finetune", "fewshot"):
+        assert os.path.exists(os.path.join(run, "eval", f"{proto}.json"))
+
+
+def test_features_are_cached_and_reused(labelled_run, tmp_path, monkeypatch):
+    run = _copy(labelled_run, tmp_path)
+    cfg = eval_config(protocols=("knn",), baselines=("raw_pixels",), **QUICK)
+    ev = Evaluation(run, cfg)
+    first = ev.features("pretrained", "test")
+    key = ev.sources["pretrained"].key
+    assert key == ev.checkpoint.sha256[:16] and ("pretrained", "test") in ev.computed
+    path = os.path.join(run, "eval", "features", key, "test.pt")
+    mtime = os.stat(path).st_mtime_ns
+
+    import workers.features
+
+    def no_extraction(*a, **k):
+        raise AssertionError("features were recomputed instead of read from the cache")
+
+    monkeypatch.setattr(workers.features, "extract_features", no_extraction)
+    ev2 = Evaluation(run, cfg)
+    assert torch.equal(ev2.features("pretrained", "test"), first) and ev2.computed == []
+    assert os.stat(path).st_mtime_ns == mtime
+    # a different limit means other samples: the cache entry is not used for them
+    ev3 = Evaluation(run, eval_config(protocols=("knn",), limit=10, **QUICK))
+    with pytest.raises(AssertionError, match="recomputed"):
+        ev3.features("pretrained", "test")
+
+
+def test_ray_checkpoint_folder_gives_the_same_features(labelled_run, tmp_path):
+    run = _copy(labelled_run, tmp_path)
+    ev = Evaluation(run, eval_config(**QUICK))
+    ckdir = os.path.join(run, "checkpoints", "checkpoint_000004")
+    os.makedirs(ckdir)
+    torch.save({"objective": ev.checkpoint.objective.state_dict(), "step": 4}, os.path.join(ckdir, "state.pt"))
+    shutil.copy(os.path.join(run, "config.yaml"), ckdir)
+    ev_ray = Evaluation(run, eval_config(checkpoint="checkpoints/checkpoint_000004", **QUICK))
+    assert ev_ray.checkpoint.kind == "ray" and ev_ray.checkpoint.steps == 4
+    assert torch.allclose(ev_ray.features("pretrained", "test"), ev.features("pretrained", "test"), atol=1e-6)
+
+
+def test_checkpoint_with_wrong_channels_fails_naming_both(labelled_run, tmp_path):
+    run = _copy(labelled_run, tmp_path)
+    config = load_config(None, ["backbone=small_cnn", "backbone_params={width: 8}", "image_size=8", "view.size=8"])
+    rgb = RunLocation(str(tmp_path / "rgb"))
+    export_final(rgb, config, {"channels": 3}, build_objective(config, 3), 0, 0)
+    with pytest.raises(CheckpointMismatch, match=r"3-channel images but run .* holds 1-channel images"):
+        Evaluation(run, eval_config(checkpoint=str(tmp_path / "rgb/checkpoints/final/backbone.pt")))
+
+
+def test_checkpoint_with_wrong_backbone_fails_naming_both(labelled_run, tmp_path):
+    run = _copy(labelled_run, tmp_path)
+    other = load_config(None, ["backbone=resnet18", "backbone_params={small_stem: true, width: 8}", "image_size=8",
+                               "view.size=8"])
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write(other.to_yaml())
+    with pytest.raises(CheckpointMismatch, match=r"backbone small_cnn\(width=8\).*resnet18\(small_stem=True, width=8\)"):
+        Evaluation(run, eval_config())
+
+
+def test_missing_checkpoint_says_what_to_do(tmp_path):
+    write_separable(tmp_path / "src", n_classes=2, per_class=5, size=8)
+    run = str(tmp_path / "run")
+    ingest_folder(str(tmp_path / "src"), run)
+    with pytest.raises(FileNotFoundError, match="gelato pretrain --run"):
+        Evaluation(run, eval_config())
+    with pytest.raises(FileNotFoundError, match="nope.pt"):
+        Evaluation(run, eval_config(checkpoint="nope.pt"))
+
+
+def test_unlabelled_run_refuses_label_protocols_and_still_reports(tmp_path):
+    write_images(tmp_path / "flat", per_class=20, size=8, flat=True)
+    run = str(tmp_path / "run")
+    m = ingest_folder(str(tmp_path / "flat"), run)
+    pretrain_by_hand(run, m, steps=2)
+    said = []
+    report = evaluate(run, eval_config(**QUICK), log=said.append)
+    assert {x["protocol"] for x in report["refused"]} == {"probe", "knn", "finetune", "fewshot"}
+    assert all("unlabelled" in x["reason"] for x in report["refused"]) and len(said) == 4
+    assert report["results"] == [] and "embedding" in report["plots"] and "loss" in report["plots"]
+    with open(os.path.join(run, "report.md")) as f:
+        md = f.read()
+    assert "Not run: probe" in md and "| linear probe, top-1 | not run | not run | not run | not run |" in md
+
+
+def test_missing_split_refuses_what_needs_it(tmp_path):
+    write_separable(tmp_path / "src", n_classes=3, per_class=10, size=8)  # no test split
+    run = str(tmp_path / "run")
+    m = ingest_folder(str(tmp_path / "src"), run)
+    pretrain_by_hand(run, m, steps=2)
+    report = evaluate(run, eval_config(protocols=("probe", "knn"), **QUICK), log=lambda *_: None)
+    assert [x["protocol"] for x in report["refused"]] == ["probe", "knn"]
+    assert "needs the split(s) test" in report["refused"][0]["reason"]
+    assert report["results"] == [] and "embedding" in report["plots"]  # PCA of val features still drawn
+
+
+def _write_voc(root, n_per_combo: dict) -> None:
+    """A tiny VOC 2007: each image adds the binary pattern of every class it holds (dog, cat, car)."""
+    from PIL import Image
+
+    for d in ("JPEGImages", "Annotations", "ImageSets/Main"):
+        (root / d).mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = ["dog", "cat", "car"]
+    patterns = {n: rng.integers(0, 2, (8, 8, 3)) for n in names}
+    combos = [[n for j, n in enumerate(names) if k >> j & 1] for k in range(1, 8)]
+    i = 0
+    for split, per_combo in n_per_combo.items():
+        ids = []
+        for objs in combos:
+            for _ in range(per_combo):
+                i += 1
+                image_id = f"{i:06d}"
+                arr = 30 + sum(70 * patterns[n] for n in objs) + rng.integers(0, 10, (8, 8, 3))
+                Image.fromarray(arr.astype(np.uint8)).save(root / "JPEGImages" / f"{image_id}.png", format="PNG")
+                xml = "".join(f"<object><name>{n}</name><difficult>0</difficult></object>" for n in objs)
+                xml += "<object><name>bird</name><difficult>1</difficult></object>" if i % 5 == 0 else ""
+                (root / "Annotations" / f"{image_id}.xml").write_text(f"<annotation>{xml}</annotation>")
+                ids.append(image_id)
+        (root / "ImageSets/Main" / f"{split}.txt").write_text("\n".join(ids) + "\n")
+
+
+def test_multilabel_probe_reports_map(tmp_path):
+    _write_voc(tmp_path / "VOC2007", {"train": 4, "val": 2, "test": 2})
+    # the VOC source names .jpg files; ours are PNG bytes under that name (decoders go by content)
+    for p in (tmp_path / "VOC2007" / "JPEGImages").iterdir():
+        p.rename(p.with_suffix(".jpg"))
+    run = str(tmp_path / "run")
+    m = ingest_folder(str(tmp_path / "VOC2007"), run, val_fraction=None)
+    assert m["multilabel"] and m["channels"] == 3
+    pretrain_by_hand(run, m, steps=2)
+    report = evaluate(run, eval_config(protocols=("probe", "knn", "finetune", "fewshot"), baselines=("raw_pixels",),
+                                       **QUICK), log=lambda *_: None)
+    cells = {(r["protocol"], r["features"]): r for r in report["results"]}
+    assert all(r["metric"] == "mAP" for r in report["results"])
+    assert cells["probe", "raw_pixels"]["value"] >= 0.9
+    assert {("probe", "pretrained"), ("knn", "pretrained"), ("finetune", "pretrained")} <= set(cells)
+    probe = report["details"]["probe/raw_pixels"]
+    assert probe["classes_scored"] == 3 and probe["per_class_ap"][m["classes"].index("bird")] is None
+    assert 0.0 <= probe["voc07_mAP"] <= 1.0
+    assert [x["protocol"] for x in report["refused"]] == ["fewshot"]
+    with open(os.path.join(run, "report.md")) as f:
+        assert "| linear probe, mAP |" in f.read()

@@ -1,0 +1,155 @@
+"""Loading the checkpoint to evaluate, and refusing one that does not belong to the run.
+
+Two kinds are accepted:
+
+* ``checkpoints/final/backbone.pt`` (the default), written by ``workers.pretrain.export_final``:
+  backbone weights plus the pretraining config;
+* a Ray Train checkpoint ``checkpoints/checkpoint_*/state.pt`` (or its folder): the whole
+  objective's state dict; its config is the ``config.yaml`` saved beside it, else the run's.
+
+Either way the objective is rebuilt from the config with ``build_objective`` and its
+``preprocess`` (un-augmented, normalised as in training) is what feature extraction uses.
+A checkpoint trained on another number of channels than the run's images, or with another
+backbone than the run's ``config.yaml``, fails with an error naming both.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import yaml
+
+from workers.config import ConfigError, PretrainConfig
+from workers.pretrain import FINAL_DIR, build_objective
+from workers.storage import RunLocation
+
+
+class CheckpointMismatch(ConfigError):
+    """The checkpoint cannot be evaluated on this run (other channels, other backbone)."""
+
+
+@dataclass
+class Checkpoint:
+    """A loaded checkpoint: the rebuilt objective (backbone + preprocess) and where it came from."""
+
+    uri: str
+    sha256: str             # of the file's bytes: the key of the feature cache
+    kind: str               # "backbone" (backbone.pt) or "ray" (state.pt)
+    config: PretrainConfig
+    objective: torch.nn.Module
+    steps: Optional[int]
+
+    @property
+    def backbone(self) -> torch.nn.Module:
+        return self.objective.backbone
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:16]
+
+
+def resolve(loc: RunLocation, path: Optional[str] = None) -> str:
+    """The checkpoint file's URI: ``path`` as given, or relative to the run, or the run's final backbone.
+
+    A folder (a Ray checkpoint) resolves to the ``state.pt`` (or ``backbone.pt``) inside it.
+    """
+    if path is None:
+        uri = loc.join(FINAL_DIR, "backbone.pt")
+        if not loc.fs().exists(uri):
+            raise FileNotFoundError(f"{loc.uri}: no {FINAL_DIR}/backbone.pt; run `gelato pretrain --run {loc.uri}` "
+                                    f"first, or pass --checkpoint PATH")
+        return uri
+    candidates = [path] if ("://" in path or os.path.isabs(path)) else [path, loc.join(path)]
+    for c in candidates:
+        cfs = _fs_for(c, loc)
+        if cfs.isdir(c):
+            for name in ("state.pt", "backbone.pt"):
+                inner = c.rstrip("/") + "/" + name
+                if cfs.exists(inner):
+                    return inner
+            raise FileNotFoundError(f"checkpoint folder {c!r} holds neither state.pt nor backbone.pt")
+        if cfs.exists(c):
+            return c
+    raise FileNotFoundError(f"checkpoint {path!r} not found (looked at {', '.join(candidates)})")
+
+
+def _fs_for(uri: str, loc: RunLocation):
+    from workers.storage import filesystem
+
+    return filesystem(uri, loc.storage_options)
+
+
+def _first_conv_channels(state: dict[str, torch.Tensor], prefix: str) -> Optional[int]:
+    """Input channels of the first 4-D weight under ``prefix`` (the stem conv / patch embedding)."""
+    for k, v in state.items():
+        if k.startswith(prefix) and torch.is_tensor(v) and v.ndim == 4:
+            return int(v.shape[1])
+    return None
+
+
+def _describe(name: str, params: dict) -> str:
+    return f"{name}({', '.join(f'{k}={v}' for k, v in sorted(params.items()))})"
+
+
+def _run_config(loc: RunLocation) -> Optional[PretrainConfig]:
+    try:
+        with loc.fs().open(loc.join("config.yaml"), "r") as f:
+            return PretrainConfig(**yaml.safe_load(f))
+    except FileNotFoundError:
+        return None
+
+
+def _check(uri: str, loc: RunLocation, manifest: dict, config: PretrainConfig, channels: Optional[int]) -> None:
+    if channels is not None and channels != int(manifest["channels"]):
+        raise CheckpointMismatch(
+            f"checkpoint {uri} was trained on {channels}-channel images but run {loc.uri} holds "
+            f"{manifest['channels']}-channel images (manifest.json); evaluate it on a run of the same kind of images")
+    run_cfg = _run_config(loc)
+    if run_cfg is None:
+        return  # a checkpoint from elsewhere evaluated on a freshly ingested run: nothing to compare
+    params = lambda c: {k: v for k, v in c.backbone_params.items() if k != "image_size"}  # noqa: E731
+    if (config.backbone, params(config)) != (run_cfg.backbone, params(run_cfg)):
+        raise CheckpointMismatch(
+            f"checkpoint {uri} holds backbone {_describe(config.backbone, params(config))} but run {loc.uri} "
+            f"was configured with {_describe(run_cfg.backbone, params(run_cfg))} (config.yaml); "
+            f"pass the checkpoint of this run")
+
+
+def load(loc: RunLocation, manifest: dict, path: Optional[str] = None) -> Checkpoint:
+    """Resolve, read, check against the run, and rebuild the objective with the checkpoint's weights."""
+    uri = resolve(loc, path)
+    with _fs_for(uri, loc).open(uri, "rb") as f:
+        data = f.read()
+    sha = hashlib.sha256(data).hexdigest()
+    try:
+        obj: dict[str, Any] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"checkpoint {uri} cannot be read as a torch checkpoint: {e}") from None
+    if isinstance(obj, dict) and "backbone" in obj and "backbone_name" in obj:
+        config = PretrainConfig(**obj["config"])
+        _check(uri, loc, manifest, config, int(obj["in_channels"]))
+        objective = build_objective(config, int(obj["in_channels"]))
+        objective.backbone.load_state_dict(obj["backbone"])
+        return Checkpoint(uri, sha, "backbone", config, objective.eval(), obj.get("steps"))
+    if isinstance(obj, dict) and "objective" in obj:
+        config = _sibling_config(uri, loc) or _run_config(loc)
+        if config is None:
+            raise ConfigError(f"checkpoint {uri}: no config.yaml beside it nor in {loc.uri}; cannot rebuild the model")
+        _check(uri, loc, manifest, config, _first_conv_channels(obj["objective"], "backbone."))
+        objective = build_objective(config, int(manifest["channels"]))
+        objective.load_state_dict(obj["objective"])
+        return Checkpoint(uri, sha, "ray", config, objective.eval(), obj.get("step"))
+    raise ConfigError(f"{uri} is not a gelato checkpoint (neither a backbone.pt nor a Ray Train state.pt)")
+
+
+def _sibling_config(uri: str, loc: RunLocation) -> Optional[PretrainConfig]:
+    path = uri.rsplit("/", 1)[0] + "/config.yaml" if "/" in uri else "config.yaml"
+    try:
+        with _fs_for(path, loc).open(path, "r") as f:
+            return PretrainConfig(**yaml.safe_load(f))
+    except FileNotFoundError:
+        return None

@@ -1,0 +1,108 @@
+"""Frozen features for the evaluation protocols, extracted once and cached in the run.
+
+A :class:`FeatureSource` turns a uint8 batch into feature vectors: the pretrained backbone, the
+same architecture randomly initialised, a backbone trained from scratch with labels, or the
+raw pixels themselves. Features of one source and split are computed once (batched, backbone
+in eval mode, no augmentation, no gradient) and stored under
+``RUN/eval/features/<key>/<split>.pt``, where ``key`` is the hash of the checkpoint file's bytes
+(or a name + hash for the baselines); later protocols and later runs load them. A stored entry is
+used only when it was computed from the same samples in the same order (digest of their keys).
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+from torch import nn
+
+from workers.knn import extract_features
+from workers.pretrain import _atomic_write, build_objective
+from workers.storage import RunLocation
+
+FEATURE_DIR = "eval/features"
+
+# Seeded model construction draws from torch's global RNG; tasks may run in threads, so seeded
+# construction happens under this lock (everything else in evaluation uses its own Generator).
+SEED_LOCK = threading.Lock()
+
+
+@dataclass
+class FeatureSource:
+    """What turns images into features. ``module`` is None for raw pixels."""
+
+    name: str                                           # pretrained | random_init | raw_pixels | supervised
+    key: str                                            # folder under eval/features/
+    preprocess: Callable[[torch.Tensor], torch.Tensor]  # uint8 (B, C, H, W) → network input
+    module: Optional[nn.Module] = None
+    standardize_for_knn: bool = False                   # raw pixels: kNN on standardised dimensions
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Shape: images (B, C, H, W) uint8 → (B, D) float32."""
+        x = self.preprocess(images)
+        if self.module is None:
+            return x.flatten(1)                                          # (B, C·H·W)
+        return self.module(x)
+
+
+def pretrained(checkpoint, device: str) -> FeatureSource:
+    """The checkpoint's backbone; cache key = hash of the checkpoint file."""
+    return FeatureSource("pretrained", checkpoint.short_hash, checkpoint.objective.preprocess,
+                         checkpoint.backbone.to(device).eval())
+
+
+def random_init(config, in_channels: int, seed: int, device: str) -> FeatureSource:
+    """The same architecture with seeded random weights (and the same input normalisation)."""
+    with SEED_LOCK:
+        torch.manual_seed(seed)
+        objective = build_objective(config, in_channels)
+    spec = json.dumps([config.backbone, config.backbone_params, in_channels, config.image_size, seed,
+                       torch.__version__], sort_keys=True, default=str)
+    key = "random_init-" + hashlib.sha256(spec.encode()).hexdigest()[:16]
+    return FeatureSource("random_init", key, objective.preprocess, objective.backbone.to(device).eval())
+
+
+def raw_pixels(image_size: int) -> FeatureSource:
+    """Flattened pixels in [0, 1] (images already brought to ``image_size``); standardised by the protocols."""
+    from ssl_models.augment import to_float
+
+    return FeatureSource("raw_pixels", f"raw_pixels-{image_size}px", to_float, None, standardize_for_knn=True)
+
+
+def trained(name: str, objective: nn.Module, weights_sha256: str, device: str) -> FeatureSource:
+    """A backbone trained in this run (the supervised reference), keyed by the hash of its saved file."""
+    return FeatureSource(name, f"{name}-{weights_sha256[:16]}", objective.preprocess,
+                         objective.backbone.to(device).eval())
+
+
+def keys_digest(keys: list[str]) -> str:
+    return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
+
+
+def cached_features(loc: RunLocation, source: FeatureSource, split: str, data: dict, device: str,
+                    batch_size: int = 256) -> tuple[torch.Tensor, bool]:
+    """Features of ``data`` (a :func:`workers.data.load_split` dict) from the cache, or computed and stored.
+
+    Returns (features (N, D) float32 on CPU, whether they were computed now).
+    """
+    rel = f"{FEATURE_DIR}/{source.key}/{split}.pt"
+    digest = keys_digest(data["key"])
+    fs = loc.fs()
+    try:
+        with fs.open(loc.join(rel), "rb") as f:
+            blob = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+        if blob.get("keys_digest") == digest:
+            return blob["features"], False
+    except FileNotFoundError:
+        pass
+    feats = extract_features(source.encode, data["image"], batch_size=batch_size, device=device)
+    buf = io.BytesIO()
+    torch.save({"features": feats, "keys_digest": digest, "source": source.name, "split": split,
+                "count": len(feats)}, buf)
+    _atomic_write(loc, rel, buf.getvalue())
+    return feats, True

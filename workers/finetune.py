@@ -1,0 +1,109 @@
+"""Fine-tuning: the whole backbone plus a new linear head, trained with labels.
+
+Used three ways by the evaluation stage: fine-tuning the pretrained backbone (``finetune``), the
+same on 1 % / 10 % of the labels (``fewshot``), and training the randomly initialised
+architecture from scratch (the ``supervised`` reference, with the backbone at the head's
+learning rate).
+
+Light augmentation on the device, batched: random resized crop (scale 0.5–1) and horizontal
+flip, then the objective's own ``preprocess`` (the normalisation the backbone was trained with).
+AdamW with two parameter groups (backbone at ``backbone_lr``, head at ``head_lr``), cosine
+decay computed up front per step; the data order and the crops come from one seeded Generator.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_models.augment import horizontal_flip, random_resized_crop, to_float
+from workers.features import SEED_LOCK
+from workers.metrics import multilabel_ap
+from workers.probe import classification_report
+
+
+class Classifier(nn.Module):
+    """backbone → linear head. Shape: x (B, C, H, W) float → logits (B, n_classes)."""
+
+    def __init__(self, backbone: nn.Module, n_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = nn.Linear(backbone.feature_dim, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+def augment(images: torch.Tensor, size: int, generator: torch.Generator,
+            scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
+    """uint8 (B, C, H, W) → float [0, 1] (B, C, size, size): random resized crop + flip."""
+    x = random_resized_crop(to_float(images), size, scale=scale, generator=generator)
+    return horizontal_flip(x, 0.5, generator=generator)
+
+
+def train_classifier(backbone: nn.Module, preprocess: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
+                     targets: torch.Tensor, n_classes: int, *, image_size: int, epochs: int, head_lr: float,
+                     backbone_lr: float, weight_decay: float, batch_size: int, seed: int, device: str,
+                     multilabel: bool = False, ignore: Optional[torch.Tensor] = None) -> Classifier:
+    """Train a copy of ``backbone`` plus a new head on (images, targets); returns the model in eval mode.
+
+    Shape: images (N, C, H, W) uint8; targets (N,) int, or (N, K) multi-hot when ``multilabel``
+    (``ignore`` (N, K) bool leaves VOC "difficult" pairs out of the loss).
+    """
+    n = len(images)
+    if n < 2:
+        raise ValueError(f"fine-tuning needs at least 2 labelled images, got {n}")
+    with SEED_LOCK:  # the head's initial weights come from the global RNG
+        torch.manual_seed(seed)
+        model = Classifier(copy.deepcopy(backbone), n_classes)
+    model = model.to(device).train()
+    opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": backbone_lr},
+                             {"params": model.head.parameters(), "lr": head_lr}], weight_decay=weight_decay)
+    base = [backbone_lr, head_lr]
+    bs = min(batch_size, n)
+    steps_per_epoch = max(1, n // bs)  # drop the last partial batch (batch norm dislikes tiny batches)
+    total = epochs * steps_per_epoch
+    schedule = [0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)]  # cosine, per step
+    gen = torch.Generator().manual_seed(seed)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for i in range(steps_per_epoch):
+            idx = order[i * bs:(i + 1) * bs]
+            x = preprocess(augment(images[idx], image_size, gen).to(device))
+            logits = model(x)
+            y = targets[idx].to(device)
+            if multilabel:
+                w = None if ignore is None else (~ignore[idx]).float().to(device)
+                loss = F.binary_cross_entropy_with_logits(logits, y.float(), weight=w)
+            else:
+                loss = F.cross_entropy(logits, y)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"fine-tuning: non-finite loss at step {step}; lower the learning rate")
+            for g, lr in zip(opt.param_groups, base):
+                g["lr"] = lr * schedule[step]
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+    return model.eval()
+
+
+@torch.no_grad()
+def predict(model: nn.Module, preprocess: Callable, images: torch.Tensor, device: str,
+            batch_size: int = 256) -> torch.Tensor:
+    """Logits of un-augmented images. Shape: (N, C, H, W) uint8 → (N, n_classes) on CPU."""
+    model.eval()
+    return torch.cat([model(preprocess(images[i:i + batch_size].to(device))).float().cpu()
+                      for i in range(0, len(images), batch_size)])
+
+
+def classifier_metrics(logits: torch.Tensor, split: dict, n_classes: int, multilabel: bool) -> dict:
+    """Test figures of a classifier: mAP etc. (multi-label) or top-1/top-5/per-class/confusion."""
+    if multilabel:
+        return multilabel_ap(logits, split["labels"], split["difficult"])
+    return classification_report(logits, split["label"], n_classes)

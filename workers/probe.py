@@ -1,0 +1,133 @@
+"""Linear probe: logistic regression on frozen, standardised features, in torch.
+
+Multinomial (softmax) for single-label sources, one-vs-rest (one sigmoid per class) for
+multi-label ones. Full-batch L-BFGS on the convex objective
+
+    L(W, b) = mean_i ℓ(x_i W + b, y_i) + ½ · λ · ‖W‖²
+
+from zero weights (a convex problem: the result depends on λ, not on a seed). λ is picked from
+a small grid by the score on ``val`` (top-1, or mAP for multi-label); the classifier trained on
+``train`` with that λ is the one reported on ``test``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from workers.metrics import confusion_matrix, multilabel_ap, per_class_accuracy, topk_accuracy
+
+DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+
+
+@dataclass
+class Standardizer:
+    """Per-dimension (x − mean) / std with statistics from the training features."""
+
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, x: torch.Tensor) -> "Standardizer":
+        """Shape: x (N, D). Constant dimensions get std 1 (they carry no information)."""
+        std = x.std(dim=0, unbiased=False)
+        return cls(x.mean(dim=0), torch.where(std > 1e-6, std, torch.ones_like(std)))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+@dataclass
+class LinearClassifier:
+    weight: torch.Tensor  # (D, C)
+    bias: torch.Tensor    # (C,)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Shape: x (N, D) → logits (N, C)."""
+        return x @ self.weight + self.bias
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float, multilabel: bool = False,
+               ignore: Optional[torch.Tensor] = None, max_iter: int = 100) -> LinearClassifier:
+    """Minimise mean loss + ½·λ·‖W‖² with full-batch L-BFGS.
+
+    Shape: x (N, D) float (already standardised); y (N,) int for softmax, (N, C) {0,1} for
+    one-vs-rest; ignore (N, C) bool marks (sample, class) pairs left out of the loss (VOC difficult).
+    """
+    x = x.double()
+    w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
+                            tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    if multilabel:
+        target = y.double()
+        weight = None if ignore is None else (~ignore.bool()).double()
+
+    def closure():
+        opt.zero_grad()
+        logits = x @ w + b                                                         # (N, C)
+        if multilabel:
+            # Sum over classes, mean over samples: C independent binary problems, one λ.
+            loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / len(x)
+        else:
+            loss = F.cross_entropy(logits, y)
+        loss = loss + 0.5 * weight_decay * w.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    return LinearClassifier(w.detach().float(), b.detach().float())
+
+
+def score(clf: LinearClassifier, x: torch.Tensor, y: torch.Tensor, multilabel: bool,
+          ignore: Optional[torch.Tensor] = None) -> float:
+    """The model-selection score: top-1 (single-label) or mean AP (multi-label)."""
+    logits = clf(x)
+    return multilabel_ap(logits, y, ignore)["mAP"] if multilabel else topk_accuracy(logits, y, 1)
+
+
+def select_and_fit(train: tuple, val: tuple, n_classes: int, multilabel: bool = False,
+                   weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, max_iter: int = 100):
+    """Fit one classifier per λ on ``train``, keep the one with the best ``val`` score.
+
+    ``train`` and ``val`` are (features, targets, ignore-or-None). Ties go to the larger λ.
+    Returns (classifier, standardizer, chosen λ, {λ: val score}).
+    """
+    (xtr, ytr, igtr), (xva, yva, igva) = train, val
+    std = Standardizer.fit(xtr)
+    xtr, xva = std(xtr), std(xva)
+    best, scores = None, {}
+    for wd in sorted(weight_decays):
+        clf = fit_linear(xtr, ytr, n_classes, wd, multilabel, igtr, max_iter)
+        scores[wd] = score(clf, xva, yva, multilabel, igva)
+        if best is None or scores[wd] >= scores[best[0]]:
+            best = (wd, clf)
+    return best[1], std, best[0], scores
+
+
+def classification_report(logits: torch.Tensor, labels: torch.Tensor, n_classes: int) -> dict:
+    """top-1, top-5 (more than 5 classes), per-class accuracy and confusion matrix of single-label logits."""
+    conf = confusion_matrix(logits.argmax(1), labels, n_classes)
+    out = {"top1": topk_accuracy(logits, labels, 1), "per_class_accuracy": per_class_accuracy(conf),
+           "confusion": conf.tolist()}
+    if n_classes > 5:
+        out["top5"] = topk_accuracy(logits, labels, 5)
+    return out
+
+
+def linear_probe(train: tuple, val: tuple, test: tuple, n_classes: int, multilabel: bool = False,
+                 weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, max_iter: int = 100) -> dict:
+    """The whole probe protocol: λ chosen on val, reported on test.
+
+    Each of train/val/test is (features (N, D), targets, ignore-or-None); targets are labels
+    (N,) for single-label and multi-hot (N, C) for multi-label sources.
+    """
+    clf, std, wd, val_scores = select_and_fit(train, val, n_classes, multilabel, weight_decays, max_iter)
+    xte, yte, igte = test
+    logits = clf(std(xte))
+    out = multilabel_ap(logits, yte, igte) if multilabel else classification_report(logits, yte, n_classes)
+    return out | {"weight_decay": wd, "val_scores": {str(k): v for k, v in val_scores.items()},
+                  "n_train": len(train[0])}

@@ -1,0 +1,255 @@
+"""The evaluation report: ``RUN/report.json``, ``RUN/report.md`` and ``RUN/plots/*.png``.
+
+report.json holds every figure; its ``results`` are one row per table cell
+``{"protocol", "features", "metric", "split": "test", "value"}`` (few-label rows also say
+``"via": "probe" | "finetune"``), so tools can read it. report.md is for people: the results
+table (protocol × {pretrained, random init, raw pixels, supervised}; a cell that was not
+computed in this run says "not run"), the pretraining curves, a 2-D PCA of the test features and
+the probe's confusion matrix. Plots are drawn with matplotlib's Agg canvas (no pyplot, no
+display, safe in threads) and written through fsspec like everything else in the run.
+"""
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Optional
+
+import torch
+
+from workers.pretrain import _atomic_write
+
+COLUMNS = [("pretrained", "pretrained"), ("random_init", "random init"), ("raw_pixels", "raw pixels"),
+           ("supervised", "supervised")]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------- the table
+
+def table_rows(multilabel: bool, n_classes: int, knn_k: int, knn_t: float) -> list[tuple[str, str, Optional[str], str]]:
+    """(protocol, metric, via, label) of every row the table shows, computed or not."""
+    if multilabel:
+        return [("probe", "mAP", None, "linear probe, mAP"), ("knn", "mAP", None, f"kNN (k={knn_k}, T={knn_t}), mAP"),
+                ("finetune", "mAP", None, "fine-tune, mAP")]
+    rows = [("probe", "top1", None, "linear probe, top-1")]
+    if n_classes > 5:
+        rows.append(("probe", "top5", None, "linear probe, top-5"))
+    rows += [("knn", "top1", None, f"kNN (k={knn_k}, T={knn_t}), top-1"), ("finetune", "top1", None, "fine-tune, top-1")]
+    for proto, pct in (("fewshot_1pct", "1 %"), ("fewshot_10pct", "10 %")):
+        rows += [(proto, "top1", "probe", f"{pct} labels: linear probe, top-1"),
+                 (proto, "top1", "finetune", f"{pct} labels: fine-tune, top-1")]
+    return rows
+
+
+def results_table(report: dict) -> str:
+    """The markdown results table of a report.json dict (values in % on test)."""
+    cells = {(r["protocol"], r["metric"], r.get("via"), r["features"]): r["value"] for r in report["results"]}
+    shown = table_rows(report["multilabel"], len(report["classes"] or []), report["eval_config"]["knn_k"],
+                       report["eval_config"]["knn_t"])
+    lines = ["| protocol (test, %) | " + " | ".join(label for _, label in COLUMNS) + " |",
+             "| --- |" + " ---: |" * len(COLUMNS)]
+    for proto, metric, via, label in shown:
+        vals = [cells.get((proto, metric, via, col)) for col, _ in COLUMNS]
+        lines.append(f"| {label} | " + " | ".join("not run" if v is None else f"{100 * v:.1f}" for v in vals) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _png(fig) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    FigureCanvasAgg(fig)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def _figure(w: float = 6.0, h: float = 4.0):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(w, h))
+
+
+def read_metrics(loc) -> Optional[list[dict]]:
+    """Rows of RUN/metrics.jsonl, or None when the run has none."""
+    try:
+        with loc.fs().open(loc.join("metrics.jsonl"), "r") as f:
+            return [json.loads(line) for line in f.read().splitlines() if line.strip()]
+    except FileNotFoundError:
+        return None
+
+
+def curve_plot(rows: list[dict], key: str, title: str, ylabel: str) -> Optional[bytes]:
+    pts = [(r["epoch"], r[key]) for r in rows if key in r and "epoch" in r]
+    if not pts:
+        return None
+    fig = _figure()
+    ax = fig.add_subplot()
+    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, markersize=3)
+    ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def pca_2d(x: torch.Tensor) -> torch.Tensor:
+    """First two principal components (SVD of the centred features; signs fixed). Shape: (N, D) → (N, 2)."""
+    xc = x.double() - x.double().mean(dim=0)
+    _, _, vh = torch.linalg.svd(xc, full_matrices=False)
+    v = vh[:2].T                                                          # (D, 2)
+    v = v * torch.sign(v[v.abs().argmax(dim=0), torch.arange(v.shape[1])])  # largest loading positive
+    return (xc @ v).float()
+
+
+def embedding_plot(feats: torch.Tensor, labels: Optional[torch.Tensor], classes: list[str], title: str) -> bytes:
+    xy = pca_2d(feats)
+    fig = _figure(6, 5)
+    ax = fig.add_subplot()
+    if labels is None or not classes:
+        ax.scatter(xy[:, 0], xy[:, 1], s=4, alpha=0.6)
+    else:
+        import matplotlib
+
+        cmap = matplotlib.colormaps["tab10" if len(classes) <= 10 else "tab20"]
+        for c, name in enumerate(classes):
+            m = labels == c
+            if m.any():
+                ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.7, color=cmap(c % cmap.N), label=name)
+        if len(classes) <= 20:
+            ax.legend(markerscale=3, fontsize=7, loc="best")
+    ax.set(xlabel="PC 1", ylabel="PC 2", title=title)
+    return _png(fig)
+
+
+def confusion_plot(confusion: list[list[int]], classes: list[str], title: str) -> bytes:
+    cm = torch.tensor(confusion, dtype=torch.float64)
+    norm = cm / cm.sum(dim=1, keepdim=True).clamp(min=1)
+    n = len(classes)
+    fig = _figure(max(4, 0.5 * n + 2), max(3.5, 0.5 * n + 1.5))
+    ax = fig.add_subplot()
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    fig.colorbar(im, ax=ax, fraction=0.046, label="fraction of the true class")
+    ax.set_xticks(range(n), classes, rotation=90 if n > 6 else 0, fontsize=7)
+    ax.set_yticks(range(n), classes, fontsize=7)
+    ax.set(xlabel="predicted", ylabel="true", title=title)
+    if n <= 20:
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if norm[i, j] > 0.5 else "black")
+    return _png(fig)
+
+
+def _plots(ev, by_key: dict) -> dict[str, str]:
+    """Render and write the PNGs; returns {name: relative path} of those drawn."""
+    out: dict[str, str] = {}
+
+    def put(name: str, data: Optional[bytes]) -> None:
+        if data is not None:
+            _atomic_write(ev.loc, f"plots/{name}.png", data)
+            out[name] = f"plots/{name}.png"
+
+    rows = read_metrics(ev.loc) or []
+    put("loss", curve_plot(rows, "loss", "pretraining loss", "loss"))
+    put("knn", curve_plot(rows, "knn_top1", "online kNN top-1 on val (during pretraining)", "top-1"))
+    split = ev.embedding_split
+    labels = ev.split(split)["label"] if ev.classes and not ev.multilabel else None
+    put("embedding", embedding_plot(ev.features("pretrained", split), labels, ev.classes,
+                                    f"pretrained features, {split} split (PCA)"))
+    probe = by_key.get(("probe", "pretrained"))
+    if probe is not None and "confusion" in probe.details:
+        put("confusion", confusion_plot(probe.details["confusion"], ev.classes, "linear probe (pretrained), test"))
+    return out
+
+
+# ----------------------------------------------------------------------------- the files
+
+def write_report(ev, results: list, total_seconds: float) -> dict:
+    """Write plots, eval/<protocol>.json, report.json and report.md; return report.json's content."""
+    by_key = {(r.protocol, r.features): r for r in results}
+    plots = _plots(ev, by_key)
+    ck = ev.checkpoint
+    durations = dict(ev.durations) | {f"{r.protocol}/{r.features}": r.seconds for r in results}
+    report = {
+        "run": ev.loc.uri,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "checkpoint": ck.uri, "checkpoint_sha256": ck.sha256, "checkpoint_kind": ck.kind, "steps": ck.steps,
+        "objective": ck.config.objective, "backbone": ck.config.backbone,
+        "config_hash": ck.config.training_hash(), "eval_config_hash": ev.config.config_hash(),
+        "eval_config": ev.config.model_dump(mode="json"), "seed": ev.config.seed, "device": ev.device,
+        "classes": ev.classes or None, "multilabel": ev.multilabel,
+        "splits": {s: len(ev.split(s)["key"]) for s in ev.feature_splits()},
+        "refused": [{"protocol": p, "reason": why} for p, why in ev.refused.items()],
+        "results": [row for r in results for row in r.rows],
+        "details": {f"{r.protocol}/{r.features}": r.details for r in results},
+        "durations_s": durations | {"total": total_seconds},
+        "plots": plots,
+    }
+    for proto in ("probe", "knn", "finetune", "fewshot"):
+        mine = {k: v for k, v in report["details"].items() if k.split("/")[0].split("_")[0] == proto}
+        if mine:
+            _atomic_write(ev.loc, f"eval/{proto}.json", json.dumps(mine, indent=1).encode())
+    _atomic_write(ev.loc, "report.json", json.dumps(report, indent=1).encode())
+    _atomic_write(ev.loc, "report.md", render_markdown(report).encode())
+    return report
+
+
+def _pct(v) -> str:
+    return "–" if v is None else f"{100 * v:.1f}"
+
+
+def render_markdown(report: dict) -> str:
+    r, cfg = report, report["eval_config"]
+    md = [f"# gelato evaluation: {r['run']}", "",
+          f"- checkpoint: `{r['checkpoint']}` ({r['checkpoint_kind']}, sha256 `{r['checkpoint_sha256'][:16]}`, "
+          f"{r['steps']} steps); objective `{r['objective']}`, backbone `{r['backbone']}`",
+          f"- pretraining config hash `{r['config_hash']}`; evaluation config hash `{r['eval_config_hash']}`; "
+          f"seed {r['seed']}; device {r['device']}; {r['created']}; {r['durations_s']['total']:.1f} s",
+          "- samples: " + ", ".join(f"{s} {n}" for s, n in r["splits"].items())
+          + (f" (at most {cfg['limit']} per split)" if cfg.get("limit") else ""), "",
+          "## Results", "", results_table(r), "",
+          "Every number was computed in this run on the same splits and samples; \"not run\" marks a cell "
+          "that was not computed. *random init*: the same architecture with seeded random weights. "
+          "*raw pixels*: flattened, standardised pixels. *supervised*: the same architecture trained from "
+          "scratch with the labels (its fine-tune cell is that training's own test figure; its probe and kNN use "
+          "its frozen features; with few labels it is trained from scratch on the subset)."]
+    if r["multilabel"]:
+        md.append("mAP is the mean over classes of the area under the precision-recall curve; VOC07 11-point "
+                  "mAP is listed in the details below.")
+    for x in r["refused"]:
+        md.append(f"\n**Not run: {x['protocol']}** — {x['reason']}")
+    md += _details_md(r)
+    md += ["", "## Pretraining", ""]
+    for name, caption in (("loss", "loss by epoch"), ("knn", "online kNN top-1 by epoch")):
+        md.append(f"![{caption}]({r['plots'][name]})" if name in r["plots"]
+                  else f"- {caption}: not available (no such rows in metrics.jsonl)")
+    md += ["", "## Features", ""]
+    if "embedding" in r["plots"]:
+        md.append(f"![2-D PCA of the pretrained features]({r['plots']['embedding']})")
+    if "confusion" in r["plots"]:
+        md += ["", "## Linear probe confusion matrix (pretrained)", "", f"![confusion matrix]({r['plots']['confusion']})"]
+    return "\n".join(md) + "\n"
+
+
+def _details_md(r: dict) -> list[str]:
+    md: list[str] = []
+    probe = r["details"].get("probe/pretrained")
+    if probe:
+        md += ["", "## Linear probe details (pretrained)", "",
+               f"Weight decay {probe['weight_decay']:g}, chosen on val from "
+               + ", ".join(f"{k} → {100 * v:.1f}" for k, v in probe["val_scores"].items()) + f"; {probe['n_train']} train samples."]
+        classes = r["classes"] or []
+        if "per_class_accuracy" in probe and len(classes) <= 50:
+            md += ["", "| class | test accuracy (%) |", "| --- | ---: |"]
+            md += [f"| {c} | {_pct(a)} |" for c, a in zip(classes, probe["per_class_accuracy"])]
+        if "per_class_ap" in probe:
+            md += ["", f"mAP {100 * probe['mAP']:.1f} (area under curve), VOC07 11-point mAP "
+                       f"{100 * probe['voc07_mAP']:.1f}, over {probe['classes_scored']} classes with a positive.", "",
+                   "| class | AP (%) | VOC07 11-point AP (%) |", "| --- | ---: | ---: |"]
+            md += [f"| {c} | {_pct(a)} | {_pct(b)} |"
+                   for c, a, b in zip(classes, probe["per_class_ap"], probe["per_class_voc07_ap"])]
+    few = next((v for k, v in r["details"].items() if k.startswith("fewshot_")), None)
+    if few:
+        sizes = ", ".join(f"{k.split('_')[1]}: {v['labels']} labels" for k, v in few.items() if isinstance(v, dict))
+        md += ["", f"Few-label subsets (class-balanced, seed {r['seed']}): {sizes}."]
+    return md

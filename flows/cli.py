@@ -13,6 +13,7 @@ from typing import Optional
 STAGES = {
     "ingest": "turn raw images into sharded WebDataset archives + manifest.json (local or s3://)",
     "pretrain": "pretrain a backbone with an SSL objective on Ray Train workers (resumable)",
+    "evaluate": "linear probe, kNN, fine-tune and few-label evaluation with baselines; writes report.md/.json",
 }
 
 
@@ -106,6 +107,64 @@ def _run_pretrain(a) -> int:
     return 0
 
 
+def _add_evaluate(sub) -> None:
+    p = sub.add_parser("evaluate", help=STAGES["evaluate"], description=STAGES["evaluate"] + (
+        ". Every protocol reports on the test split; baselines run on the same splits and protocols."))
+    p.add_argument("--run", required=True, metavar="RUN_URI", help="run directory (ingested, and pretrained)")
+    p.add_argument("--protocols", default="probe,knn,finetune,fewshot", metavar="LIST",
+                   help="comma-separated subset of probe,knn,finetune,fewshot (default: all)")
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="backbone.pt, or a Ray checkpoint folder / its state.pt; a path relative to the run works "
+                        "(default: RUN_URI/checkpoints/final/backbone.pt)")
+    p.add_argument("--baselines", default="raw_pixels,random_init", metavar="LIST",
+                   help="comma-separated subset of raw_pixels,random_init,supervised, or 'none' "
+                        "(default: raw_pixels,random_init; supervised costs a training run)")
+    p.add_argument("--finetune-epochs", type=int, default=5, metavar="N", help="fine-tuning epochs (default 5)")
+    p.add_argument("--supervised-epochs", type=int, default=None, metavar="N",
+                   help="epochs of the supervised reference (default: as many as the pretraining)")
+    p.add_argument("--knn-k", type=int, default=200, metavar="K", help="kNN neighbours (default 200)")
+    p.add_argument("--knn-t", type=float, default=0.1, metavar="T", help="kNN temperature (default 0.1)")
+    p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N samples per split (quick runs)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of random init, few-label subsets, "
+                                                                     "fine-tuning (default 0)")
+    p.add_argument("--config", default=None, help="YAML whose storage_options (s3fs keyword arguments) open --run")
+
+
+def _csv(value: str, allowed: tuple, flag: str) -> tuple:
+    items = tuple(x.strip() for x in value.split(",") if x.strip() and x.strip() != "none")
+    bad = [x for x in items if x not in allowed]
+    if bad:
+        raise ValueError(f"{flag}: unknown {', '.join(bad)}; choose from {', '.join(allowed)}")
+    return items
+
+
+def _run_evaluate(a) -> int:
+    from workers.evaluate import BASELINES, PROTOCOLS, Evaluation, eval_config
+    from workers.report import results_table
+
+    protocols = _csv(a.protocols, PROTOCOLS, "--protocols")
+    if not protocols:
+        raise ValueError("--protocols: name at least one of " + ", ".join(PROTOCOLS))
+    config = eval_config(protocols=protocols, baselines=_csv(a.baselines, BASELINES, "--baselines"),
+                         checkpoint=a.checkpoint, finetune_epochs=a.finetune_epochs,
+                         supervised_epochs=a.supervised_epochs, knn_k=a.knn_k, knn_t=a.knn_t, limit=a.limit,
+                         device=a.device, seed=a.seed)
+    run = a.run if "://" in a.run else os.path.abspath(a.run)
+    opts = _storage_options(a.config)
+    # The manifest, the checkpoint and its match with the run are checked here, before Prefect starts.
+    ev = Evaluation(run, config, opts)
+    for p, why in ev.refused.items():
+        print(f"gelato evaluate: not running {p}: {why}", file=sys.stderr)
+
+    from flows.evaluate import evaluate_flow
+
+    report = evaluate_flow(run, config.model_dump(mode="json"), storage_options=opts)
+    print(f"\n{run}/report.md (checkpoint {report['checkpoint']}):\n")
+    print(results_table(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gelato",
@@ -115,10 +174,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="stage", metavar="STAGE", required=True)
     _add_ingest(sub)
     _add_pretrain(sub)
+    _add_evaluate(sub)
     return parser
 
 
-RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain}
+RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "evaluate": _run_evaluate}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -1,0 +1,105 @@
+"""Prefect flow ``evaluate``: frozen features first, then the protocols as dependent tasks, then the report.
+
+The graph: one task per (feature source, split) extracts features (cached in the run); each
+probe / kNN / few-label probe task waits for the features it reads; fine-tuning and the
+supervised reference need only the images and start at once; the supervised backbone's probe and
+kNN wait for its training; the report task waits for everything. Tasks run in threads
+(``ThreadPoolTaskRunner``): they share the splits and features held by one
+``workers.evaluate.Evaluation``, and torch releases the GIL in its kernels. All logic lives in
+``workers/evaluate.py``; each task here is a line or two.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NONE
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from workers.evaluate import (NEEDS, Evaluation, Result, eval_config, frozen_sources, run_fewshot, run_finetune,
+                              run_knn, run_probe, run_supervised)
+from workers.report import render_markdown, write_report
+
+# Two threads: on a CPU torch already spreads one protocol over the cores, and on a GPU two
+# protocols at a time keep it busy without fighting for memory.
+THREADS = 2
+
+
+@task(cache_policy=NONE, task_run_name="features-{source}-{split}")
+def features_task(ev: Evaluation, source: str, split: str) -> int:
+    return len(ev.features(source, split))
+
+
+@task(cache_policy=NONE, task_run_name="probe-{source}")
+def probe_task(ev: Evaluation, source: str) -> Result:
+    return run_probe(ev, source)
+
+
+@task(cache_policy=NONE, task_run_name="knn-{source}")
+def knn_task(ev: Evaluation, source: str) -> Result:
+    return run_knn(ev, source)
+
+
+@task(cache_policy=NONE, task_run_name="finetune-pretrained")
+def finetune_task(ev: Evaluation) -> Result:
+    return run_finetune(ev)
+
+
+@task(cache_policy=NONE, task_run_name="fewshot-{via}-{source}")
+def fewshot_task(ev: Evaluation, source: str, via: str) -> Result:
+    return run_fewshot(ev, source, via)
+
+
+@task(cache_policy=NONE, task_run_name="supervised-reference")
+def supervised_task(ev: Evaluation) -> Result:
+    return run_supervised(ev)
+
+
+@task(cache_policy=NONE, task_run_name="report")
+def report_task(ev: Evaluation, results: list[Result], started: float) -> dict:
+    report = write_report(ev, results, total_seconds=time.perf_counter() - started)
+    create_markdown_artifact(key="gelato-evaluation", markdown=render_markdown(report),
+                             description=f"gelato evaluation of {ev.loc.uri}")
+    return report
+
+
+@flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=THREADS), log_prints=False)
+def evaluate_flow(run: str, config: Optional[dict[str, Any]] = None,
+                  storage_options: Optional[dict[str, Any]] = None) -> dict:
+    """Evaluate ``run``'s checkpoint (``config``: fields of ``workers.evaluate.EvalConfig``); returns report.json."""
+    log = get_run_logger()
+    started = time.perf_counter()
+    ev = Evaluation(run, eval_config(**(config or {})), storage_options)
+    for p, why in ev.refused.items():
+        log.warning("not running %s: %s", p, why)
+    log.info("evaluating %s on %s: protocols %s, features %s", ev.checkpoint.uri, run, ", ".join(ev.protocols) or "none",
+             ", ".join(ev.sources))
+    feats = {(s, split): features_task.submit(ev, s, split)
+             for s in frozen_sources(ev) for split in ev.feature_splits()}
+    needs = lambda s, p: [feats[s, sp] for sp in NEEDS[p]]  # noqa: E731
+    futures = []
+    for s in frozen_sources(ev):
+        if "probe" in ev.protocols:
+            futures.append(probe_task.submit(ev, s, wait_for=needs(s, "probe")))
+        if "knn" in ev.protocols:
+            futures.append(knn_task.submit(ev, s, wait_for=needs(s, "knn")))
+        if "fewshot" in ev.protocols:
+            futures.append(fewshot_task.submit(ev, s, "probe", wait_for=needs(s, "fewshot")))
+    if "finetune" in ev.protocols:
+        futures.append(finetune_task.submit(ev))
+    if "fewshot" in ev.protocols:
+        futures.append(fewshot_task.submit(ev, "pretrained", "finetune"))
+    if "supervised" in ev.config.baselines and "supervised" not in ev.refused:
+        sup = supervised_task.submit(ev)
+        futures.append(sup)
+        if "probe" in ev.protocols:
+            futures.append(probe_task.submit(ev, "supervised", wait_for=[sup]))
+        if "knn" in ev.protocols:
+            futures.append(knn_task.submit(ev, "supervised", wait_for=[sup]))
+        if "fewshot" in ev.protocols:
+            futures.append(fewshot_task.submit(ev, "supervised", "finetune"))
+    report = report_task.submit(ev, futures, started, wait_for=list(feats.values())).result()
+    log.info("report: %s/report.md", run)
+    return report

@@ -133,6 +133,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
+    if device.type == "cpu":
+        # Ray exports OMP_NUM_THREADS for the worker, but torch may have sized its pool before:
+        # two workers × all cores each would oversubscribe the machine.
+        torch.set_num_threads(config.cpus_per_worker)
 
     # --- model: identical initial weights on every rank (DDP also broadcasts them)
     torch.manual_seed(config.seed)
@@ -207,14 +211,16 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     # --- the loop
     step = start_step
-    t_log, seen_log, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+    t_log, seen_log, loss_sum, loss_n, wait_log = time.perf_counter(), 0, 0.0, 0, 0.0
     while step < total:
         epoch, in_epoch = divmod(step, spe)
         batches = epoch_batches(loc, manifest, epoch, spe * config.grad_accum, rank=rank, world_size=world,
                                 local_batch=config.local_batch, loader_workers=config.loader_workers,
                                 seed=config.seed, skip=in_epoch * config.grad_accum, image_size=config.image_size)
         micro = 0
+        t_fetch = time.perf_counter()
         for batch in batches:
+            wait_log += time.perf_counter() - t_fetch  # time spent waiting on the data stream
             images = batch["image"].to(device, non_blocking=True)
             views = core.make_views(images, generator=gen)
             if config.channels_last:
@@ -237,6 +243,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             loss_sum, loss_n, seen_log = loss_sum + loss.item(), loss_n + 1, seen_log + images.shape[0]
             micro += 1
             if not last_micro:
+                t_fetch = time.perf_counter()
                 continue
             micro = 0
             for g in optimizer.param_groups:
@@ -251,7 +258,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             core.after_step()
             step += 1
             if log is not None and step == start_step + 1:  # time-to-first-step, for the benchmark
-                log.append({"event": "first_step", "step": step, "time": time.time()})
+                log.append({"event": "first_step", "step": step, "time": time.time(), "threads": torch.get_num_threads()})
 
             end_of_epoch = step % spe == 0 or step == total
             if step % config.log_every == 0 or end_of_epoch or step % config.checkpoint_every == 0:
@@ -261,6 +268,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                     dist.all_reduce(stats)
                 metrics = {"step": step, "epoch": step / spe, "loss": float(stats[0]) / world, "lr": lrs[step - 1],
                            "samples_per_s": float(stats[1]), "samples_per_s_per_worker": float(stats[1]) / world,
+                           "data_wait": wait_log / max(dt, 1e-9),  # share of rank 0's time waiting on data
                            "time": time.time()}
                 mom = _momentum_of(core)
                 if mom is not None:
@@ -280,14 +288,15 @@ def train_loop_per_worker(cfg: dict) -> None:
                                 k: metrics[k] for k in ("loss", "samples_per_s", "knn_top1") if k in metrics}})
                         except Exception:
                             pass  # a full or gone progress queue never stops training
-                t_log, seen_log, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+                t_log, seen_log, loss_sum, loss_n, wait_log = time.perf_counter(), 0, 0.0, 0, 0.0
             # ray.train.report is a barrier across workers that costs ~1 s here, so it runs only
             # with checkpoints; metrics reach metrics.jsonl and the progress bar without it.
             if step % config.checkpoint_every == 0 or step == total:
                 save_checkpoint(step, metrics)
-                t_log, seen_log, loss_sum, loss_n = time.perf_counter(), 0, 0.0, 0
+                t_log, seen_log, loss_sum, loss_n, wait_log = time.perf_counter(), 0, 0.0, 0, 0.0
             if step >= total or step % spe == 0:
                 break
+            t_fetch = time.perf_counter()
 
     if rank == 0:
         export_final(loc, config, manifest, core, step, total)

@@ -53,7 +53,7 @@ def pretrain_by_hand(run: str, manifest: dict, steps: int = 4, overrides: tuple 
             objective.train()
         log.append(row)
     if write_config:
-        with open(loc.join("config.yaml"), "w") as f:
+        with loc.fs().open(loc.join("config.yaml"), "w") as f:
             f.write(config.to_yaml())
     export_final(loc, config, manifest, objective.eval(), steps, steps)
     return config

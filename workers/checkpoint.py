@@ -52,20 +52,21 @@ class Checkpoint:
         return self.sha256[:16]
 
 
-def resolve(loc: RunLocation, path: Optional[str] = None) -> str:
+def resolve(loc: RunLocation, path: Optional[str] = None, fs=None) -> str:
     """The checkpoint file's URI: ``path`` as given, or relative to the run, or the run's final backbone.
 
     A folder (a Ray checkpoint) resolves to the ``state.pt`` (or ``backbone.pt``) inside it.
     """
+    fs = fs or loc.fs()
     if path is None:
         uri = loc.join(FINAL_DIR, "backbone.pt")
-        if not loc.fs().exists(uri):
+        if not fs.exists(uri):
             raise FileNotFoundError(f"{loc.uri}: no {FINAL_DIR}/backbone.pt; run `gelato pretrain --run {loc.uri}` "
                                     f"first, or pass --checkpoint PATH")
         return uri
     candidates = [path] if ("://" in path or os.path.isabs(path)) else [path, loc.join(path)]
     for c in candidates:
-        cfs = _fs_for(c, loc)
+        cfs = _fs_for(c, loc, fs)
         if cfs.isdir(c):
             for name in ("state.pt", "backbone.pt"):
                 inner = c.rstrip("/") + "/" + name
@@ -77,9 +78,13 @@ def resolve(loc: RunLocation, path: Optional[str] = None) -> str:
     raise FileNotFoundError(f"checkpoint {path!r} not found (looked at {', '.join(candidates)})")
 
 
-def _fs_for(uri: str, loc: RunLocation):
+def _fs_for(uri: str, loc: RunLocation, run_fs=None):
+    """The run's filesystem for a URI on the same kind of storage, else a fresh one for it."""
     from workers.storage import filesystem
 
+    same_kind = uri.startswith("s3://") if loc.is_s3 else "://" not in uri
+    if run_fs is not None and same_kind:
+        return run_fs
     return filesystem(uri, loc.storage_options)
 
 
@@ -95,20 +100,20 @@ def _describe(name: str, params: dict) -> str:
     return f"{name}({', '.join(f'{k}={v}' for k, v in sorted(params.items()))})"
 
 
-def _run_config(loc: RunLocation) -> Optional[PretrainConfig]:
+def _run_config(loc: RunLocation, fs) -> Optional[PretrainConfig]:
     try:
-        with loc.fs().open(loc.join("config.yaml"), "r") as f:
+        with fs.open(loc.join("config.yaml"), "r") as f:
             return PretrainConfig(**yaml.safe_load(f))
     except FileNotFoundError:
         return None
 
 
-def _check(uri: str, loc: RunLocation, manifest: dict, config: PretrainConfig, channels: Optional[int]) -> None:
+def _check(uri: str, loc: RunLocation, fs, manifest: dict, config: PretrainConfig, channels: Optional[int]) -> None:
     if channels is not None and channels != int(manifest["channels"]):
         raise CheckpointMismatch(
             f"checkpoint {uri} was trained on {channels}-channel images but run {loc.uri} holds "
             f"{manifest['channels']}-channel images (manifest.json); evaluate it on a run of the same kind of images")
-    run_cfg = _run_config(loc)
+    run_cfg = _run_config(loc, fs)
     if run_cfg is None:
         return  # a checkpoint from elsewhere evaluated on a freshly ingested run: nothing to compare
     params = lambda c: {k: v for k, v in c.backbone_params.items() if k != "image_size"}  # noqa: E731
@@ -119,10 +124,13 @@ def _check(uri: str, loc: RunLocation, manifest: dict, config: PretrainConfig, c
             f"pass the checkpoint of this run")
 
 
-def load(loc: RunLocation, manifest: dict, path: Optional[str] = None) -> Checkpoint:
-    """Resolve, read, check against the run, and rebuild the objective with the checkpoint's weights."""
-    uri = resolve(loc, path)
-    with _fs_for(uri, loc).open(uri, "rb") as f:
+def load(loc: RunLocation, manifest: dict, path: Optional[str] = None, fs=None) -> Checkpoint:
+    """Resolve, read, check against the run, and rebuild the objective with the checkpoint's weights.
+
+    ``fs``: the run's filesystem, reused (a fresh s3fs instance costs a round of set-up)."""
+    fs = fs or loc.fs()
+    uri = resolve(loc, path, fs)
+    with _fs_for(uri, loc, fs).open(uri, "rb") as f:
         data = f.read()
     sha = hashlib.sha256(data).hexdigest()
     try:
@@ -131,25 +139,25 @@ def load(loc: RunLocation, manifest: dict, path: Optional[str] = None) -> Checkp
         raise ConfigError(f"checkpoint {uri} cannot be read as a torch checkpoint: {e}") from None
     if isinstance(obj, dict) and "backbone" in obj and "backbone_name" in obj:
         config = PretrainConfig(**obj["config"])
-        _check(uri, loc, manifest, config, int(obj["in_channels"]))
+        _check(uri, loc, fs, manifest, config, int(obj["in_channels"]))
         objective = build_objective(config, int(obj["in_channels"]))
         objective.backbone.load_state_dict(obj["backbone"])
         return Checkpoint(uri, sha, "backbone", config, objective.eval(), obj.get("steps"))
     if isinstance(obj, dict) and "objective" in obj:
-        config = _sibling_config(uri, loc) or _run_config(loc)
+        config = _sibling_config(uri, loc, fs) or _run_config(loc, fs)
         if config is None:
             raise ConfigError(f"checkpoint {uri}: no config.yaml beside it nor in {loc.uri}; cannot rebuild the model")
-        _check(uri, loc, manifest, config, _first_conv_channels(obj["objective"], "backbone."))
+        _check(uri, loc, fs, manifest, config, _first_conv_channels(obj["objective"], "backbone."))
         objective = build_objective(config, int(manifest["channels"]))
         objective.load_state_dict(obj["objective"])
         return Checkpoint(uri, sha, "ray", config, objective.eval(), obj.get("step"))
     raise ConfigError(f"{uri} is not a gelato checkpoint (neither a backbone.pt nor a Ray Train state.pt)")
 
 
-def _sibling_config(uri: str, loc: RunLocation) -> Optional[PretrainConfig]:
+def _sibling_config(uri: str, loc: RunLocation, fs) -> Optional[PretrainConfig]:
     path = uri.rsplit("/", 1)[0] + "/config.yaml" if "/" in uri else "config.yaml"
     try:
-        with _fs_for(path, loc).open(path, "r") as f:
+        with _fs_for(path, loc, fs).open(path, "r") as f:
             return PretrainConfig(**yaml.safe_load(f))
     except FileNotFoundError:
         return None

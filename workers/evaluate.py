@@ -156,7 +156,8 @@ class Evaluation:
         if manifest is None:
             raise FileNotFoundError(f"{run}: no manifest.json; run `gelato ingest SOURCE --out {run}` first")
         self.manifest = manifest
-        self.checkpoint = ckpt.load(self.loc, manifest, config.checkpoint)
+        self.fs = self.loc.fs()  # one instance for the whole evaluation (threads share it)
+        self.checkpoint = ckpt.load(self.loc, manifest, config.checkpoint, self.fs)
         self.device = resolve_device(config.device)
         self.image_size = self.checkpoint.config.image_size
         self.classes = manifest.get("classes") or []
@@ -207,7 +208,7 @@ class Evaluation:
             if (source, split) not in self._features:
                 t0 = time.perf_counter()
                 feats, computed = features.cached_features(self.loc, self.sources[source], split, self.split(split),
-                                                           self.device, self.config.batch_size)
+                                                           self.device, self.config.batch_size, self.fs)
                 self._features[source, split] = feats
                 if computed:
                     self.computed.append((source, split))
@@ -362,8 +363,6 @@ def run_supervised(ev: Evaluation) -> Result:
     """
     import io
 
-    from workers.pretrain import _atomic_write
-
     epochs = ev.supervised_epochs()
     init = features.random_init(ev.checkpoint.config, ev.manifest["channels"], ev.config.seed, "cpu")
     model = _train(ev, _Wrapped(init), None, epochs, 1.0)
@@ -374,7 +373,7 @@ def run_supervised(ev: Evaluation) -> Result:
                 "head": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
                 "backbone_name": ev.checkpoint.config.backbone, "epochs": epochs, "seed": ev.config.seed}, buf)
     data = buf.getvalue()
-    _atomic_write(ev.loc, "eval/supervised/backbone.pt", data)
+    features.write_file(ev.loc, "eval/supervised/backbone.pt", data, ev.fs)
     objective = _Wrapped(init)
     objective.backbone = model.backbone
     ev.sources["supervised"] = features.trained("supervised", objective, hashlib.sha256(data).hexdigest(), ev.device)

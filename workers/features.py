@@ -84,15 +84,24 @@ def keys_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
+def write_file(loc: RunLocation, rel: str, data: bytes, fs=None) -> None:
+    """``loc/rel`` written whole or not at all; on S3 through ``fs`` when given (one PUT)."""
+    if loc.is_s3 and fs is not None:
+        with fs.open(loc.join(rel), "wb") as f:
+            f.write(data)
+    else:
+        _atomic_write(loc, rel, data)
+
+
 def cached_features(loc: RunLocation, source: FeatureSource, split: str, data: dict, device: str,
-                    batch_size: int = 256) -> tuple[torch.Tensor, bool]:
+                    batch_size: int = 256, fs=None) -> tuple[torch.Tensor, bool]:
     """Features of ``data`` (a :func:`workers.data.load_split` dict) from the cache, or computed and stored.
 
     Returns (features (N, D) float32 on CPU, whether they were computed now).
     """
     rel = f"{FEATURE_DIR}/{source.key}/{split}.pt"
     digest = keys_digest(data["key"])
-    fs = loc.fs()
+    fs = fs or loc.fs()
     try:
         with fs.open(loc.join(rel), "rb") as f:
             blob = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
@@ -104,5 +113,5 @@ def cached_features(loc: RunLocation, source: FeatureSource, split: str, data: d
     buf = io.BytesIO()
     torch.save({"features": feats, "keys_digest": digest, "source": source.name, "split": split,
                 "count": len(feats)}, buf)
-    _atomic_write(loc, rel, buf.getvalue())
+    write_file(loc, rel, buf.getvalue(), fs)
     return feats, True

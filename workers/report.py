@@ -17,7 +17,7 @@ from typing import Optional
 
 import torch
 
-from workers.pretrain import _atomic_write
+from workers.features import write_file
 
 COLUMNS = [("pretrained", "pretrained"), ("random_init", "random init"), ("raw_pixels", "raw pixels"),
            ("supervised", "supervised")]
@@ -71,10 +71,10 @@ def _figure(w: float = 6.0, h: float = 4.0):
     return Figure(figsize=(w, h))
 
 
-def read_metrics(loc) -> Optional[list[dict]]:
+def read_metrics(loc, fs=None) -> Optional[list[dict]]:
     """Rows of RUN/metrics.jsonl, or None when the run has none."""
     try:
-        with loc.fs().open(loc.join("metrics.jsonl"), "r") as f:
+        with (fs or loc.fs()).open(loc.join("metrics.jsonl"), "r") as f:
             return [json.loads(line) for line in f.read().splitlines() if line.strip()]
     except FileNotFoundError:
         return None
@@ -146,10 +146,10 @@ def _plots(ev, by_key: dict) -> dict[str, str]:
 
     def put(name: str, data: Optional[bytes]) -> None:
         if data is not None:
-            _atomic_write(ev.loc, f"plots/{name}.png", data)
+            write_file(ev.loc, f"plots/{name}.png", data, ev.fs)
             out[name] = f"plots/{name}.png"
 
-    rows = read_metrics(ev.loc) or []
+    rows = read_metrics(ev.loc, ev.fs) or []
     put("loss", curve_plot(rows, "loss", "pretraining loss", "loss"))
     put("knn", curve_plot(rows, "knn_top1", "online kNN top-1 on val (during pretraining)", "top-1"))
     split = ev.embedding_split
@@ -188,9 +188,9 @@ def write_report(ev, results: list, total_seconds: float) -> dict:
     for proto in ("probe", "knn", "finetune", "fewshot"):
         mine = {k: v for k, v in report["details"].items() if k.split("/")[0].split("_")[0] == proto}
         if mine:
-            _atomic_write(ev.loc, f"eval/{proto}.json", json.dumps(mine, indent=1).encode())
-    _atomic_write(ev.loc, "report.json", json.dumps(report, indent=1).encode())
-    _atomic_write(ev.loc, "report.md", render_markdown(report).encode())
+            write_file(ev.loc, f"eval/{proto}.json", json.dumps(mine, indent=1).encode(), ev.fs)
+    write_file(ev.loc, "report.json", json.dumps(report, indent=1).encode(), ev.fs)
+    write_file(ev.loc, "report.md", render_markdown(report).encode(), ev.fs)
     return report
 
 

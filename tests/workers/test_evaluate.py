@@ -321,3 +321,24 @@ def test_multilabel_probe_reports_map(tmp_path):
     assert [x["protocol"] for x in report["refused"]] == ["fewshot"]
     with open(os.path.join(run, "report.md")) as f:
         assert "| linear probe, mAP |" in f.read()
+
+
+@pytest.mark.slow
+def test_evaluate_on_s3(s3_bucket, tmp_path):
+    """Shards, checkpoint, feature cache, report and plots all through s3fs (moto_server on loopback)."""
+    import s3fs
+
+    write_separable(tmp_path / "src", n_classes=3, per_class=8, size=8, splits=("train", "test"))
+    run = f"s3://{s3_bucket}/runs/tiny"
+    m = ingest_folder(str(tmp_path / "src"), run)
+    pretrain_by_hand(run, m, steps=2)
+    report = evaluate(run, eval_config(protocols=("probe", "knn"), **QUICK), log=lambda *_: None)
+    assert {(r["protocol"], r["features"]) for r in report["results"]} >= {("probe", "raw_pixels"), ("knn", "pretrained")}
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, endpoint_url=os.environ["AWS_ENDPOINT_URL"])
+    base = f"{s3_bucket}/runs/tiny"
+    assert fs.exists(f"{base}/report.md") and json.loads(fs.cat(f"{base}/report.json"))["results"] == report["results"]
+    assert fs.cat(f"{base}/plots/embedding.png")[:8] == PNG_SIGNATURE
+    assert fs.exists(f"{base}/eval/features/{report['checkpoint_sha256'][:16]}/test.pt")
+    ev = Evaluation(run, eval_config(protocols=("knn",)))
+    ev.features("pretrained", "test")
+    assert ev.computed == []  # read back from the S3 cache

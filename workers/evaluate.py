@@ -6,9 +6,9 @@ Plain functions, no Prefect (``flows/evaluate.py`` wraps them in tasks). The pie
 * :class:`Evaluation` — one run being evaluated: its manifest, the checkpoint (checked against the
   run), the splits held in memory and the feature sources, with features extracted once per
   source and split (``workers/features.py``, cached under ``RUN/eval/features/``);
-* ``run_probe`` / ``run_knn`` / ``run_finetune`` / ``run_fewshot`` / ``run_supervised`` — one
-  protocol on one feature source each, returning a :class:`Result` whose ``rows`` are the cells of
-  the report's table;
+* ``run_probe`` / ``run_knn`` / ``run_finetune`` / ``run_fewshot`` / ``run_supervised``
+  (``workers/protocols.py``, re-exported here) — one protocol on one feature source each,
+  returning a ``Result`` whose ``rows`` are the cells of the report's table;
 * :func:`evaluate` — everything in order, then the report (``workers/report.py``).
 
 Every protocol is reported on ``test``. The same splits, samples and protocol serve the
@@ -24,7 +24,6 @@ import json
 import math
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
@@ -34,16 +33,14 @@ from workers import checkpoint as ckpt
 from workers import features
 from workers.config import ConfigError
 from workers.data import load_split
-from workers.finetune import classifier_metrics, predict, train_classifier
-from workers.knn import knn_predict, knn_scores_multilabel
-from workers.metrics import multilabel_ap, topk_accuracy
-from workers.probe import DEFAULT_WEIGHT_DECAYS, Standardizer, linear_probe
+from workers.probe import DEFAULT_WEIGHT_DECAYS
+from workers.protocols import (FEWSHOT, Result, fewshot_subset, run_fewshot, run_finetune, run_knn,
+                               run_probe, run_supervised)
 from workers.shards import read_manifest
 from workers.storage import RunLocation
 
 PROTOCOLS = ("probe", "knn", "finetune", "fewshot")
 BASELINES = ("raw_pixels", "random_init", "supervised")
-FEWSHOT = {"fewshot_1pct": 0.01, "fewshot_10pct": 0.10}
 NEEDS = {"probe": ("train", "val", "test"), "knn": ("train", "test"), "finetune": ("train", "test"),
          "fewshot": ("train", "val", "test"), "supervised": ("train", "test")}
 
@@ -103,39 +100,6 @@ def plan(manifest: dict, config: EvalConfig) -> tuple[list[str], dict[str, str]]
         elif p != "supervised":
             run.append(p)
     return run, refused
-
-
-def fewshot_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """Indices of a class-balanced, seeded subset holding ``fraction`` of the labels.
-
-    Every class gets ``max(1, round(fraction · N / C))`` samples (fewer only if it has fewer),
-    drawn by a per-class permutation seeded with (seed, class): the same seed gives the same
-    subset on every run and for every checkpoint, and the 1 % subset lies inside the 10 % one.
-    Shape: labels (N,) int → sorted indices (M,).
-    """
-    classes = sorted(set(labels.tolist()) - {-1})
-    per_class = max(1, round(fraction * len(labels) / len(classes)))
-    picked = []
-    for c in classes:
-        idx = (labels == c).nonzero().flatten()
-        g = torch.Generator().manual_seed(seed * 1_000_003 + int(c))
-        picked.append(idx[torch.randperm(len(idx), generator=g)[:per_class]])
-    return torch.cat(picked).sort().values
-
-
-@dataclass
-class Result:
-    """One protocol on one feature source: its table cells, its details, its duration."""
-
-    protocol: str
-    features: str
-    rows: list[dict] = field(default_factory=list)
-    details: dict = field(default_factory=dict)
-    seconds: float = 0.0
-
-    def add(self, protocol: str, metric: str, value: float, **extra) -> None:
-        self.rows.append({"protocol": protocol, "features": self.features, "metric": metric, "split": "test",
-                          "value": float(value), **extra})
 
 
 def resolve_device(device: str) -> str:
@@ -229,157 +193,6 @@ class Evaluation:
         return max(1, math.ceil(c.epochs))
 
 
-# ----------------------------------------------------------------------------- protocols
-
-def _timed(fn):
-    def wrapper(ev: Evaluation, *args, **kwargs) -> Result:
-        t0 = time.perf_counter()
-        result = fn(ev, *args, **kwargs)
-        result.seconds = time.perf_counter() - t0
-        return result
-    wrapper.__name__, wrapper.__doc__ = fn.__name__, fn.__doc__
-    return wrapper
-
-
-@_timed
-def run_probe(ev: Evaluation, source: str, train_idx: Optional[torch.Tensor] = None,
-              protocol: str = "probe") -> Result:
-    """Linear probe on frozen ``source`` features (λ chosen on val), reported on test."""
-    split_data = {}
-    for s in ("train", "val", "test"):
-        x = ev.features(source, s)
-        y, ig = ev.targets(s)
-        if s == "train" and train_idx is not None:
-            x, y, ig = x[train_idx], y[train_idx], (ig[train_idx] if ig is not None else None)
-        split_data[s] = (x, y, ig)
-    d = linear_probe(split_data["train"], split_data["val"], split_data["test"], ev.n_classes, ev.multilabel,
-                     ev.config.probe_weight_decays, ev.config.probe_max_iter)
-    r = Result(protocol, source, details=d)
-    extra = {"via": "probe"} if protocol.startswith("fewshot") else {}
-    for metric in ("mAP", "top1", "top5"):
-        if metric in d:
-            r.add(protocol, metric, d[metric], **extra)
-    return r
-
-
-@_timed
-def run_knn(ev: Evaluation, source: str) -> Result:
-    """Weighted cosine kNN (k, T from the config): train features as the bank, test as queries."""
-    bank, queries = ev.features(source, "train"), ev.features(source, "test")
-    if ev.sources[source].standardize_for_knn:
-        std = Standardizer.fit(bank)
-        bank, queries = std(bank), std(queries)
-    (ytr, _), (yte, igte) = ev.targets("train"), ev.targets("test")
-    k, t = ev.config.knn_k, ev.config.knn_t
-    r = Result("knn", source, details={"k": k, "temperature": t})
-    if ev.multilabel:
-        d = multilabel_ap(knn_scores_multilabel(bank, ytr, queries, k, t), yte, igte)
-        r.details |= d
-        r.add("knn", "mAP", d["mAP"])
-    else:
-        scores = knn_predict(bank, ytr, queries, ev.n_classes, k, t)
-        r.details["top1"] = topk_accuracy(scores, yte, 1)
-        r.add("knn", "top1", r.details["top1"])
-    return r
-
-
-def _train(ev: Evaluation, objective, idx: Optional[torch.Tensor], epochs: int, backbone_lr_ratio: float):
-    """Fine-tune ``objective.backbone`` + a new head on train (or its subset ``idx``)."""
-    train = ev.split("train")
-    y, ig = ev.targets("train")
-    images = train["image"]
-    if idx is not None:
-        images, y, ig = images[idx], y[idx], (ig[idx] if ig is not None else None)
-    c = ev.config
-    return train_classifier(objective.backbone, objective.preprocess, images, y, ev.n_classes,
-                            image_size=ev.image_size, epochs=epochs, head_lr=c.finetune_lr,
-                            backbone_lr=c.finetune_lr * backbone_lr_ratio, weight_decay=c.finetune_weight_decay,
-                            batch_size=c.finetune_batch_size, seed=c.seed, device=ev.device,
-                            multilabel=ev.multilabel, ignore=ig)
-
-
-def _finetune_result(ev: Evaluation, model, preprocess, protocol: str, source: str, **extra) -> Result:
-    logits = predict(model, preprocess, ev.split("test")["image"], ev.device, ev.config.batch_size)
-    d = classifier_metrics(logits, ev.split("test"), ev.n_classes, ev.multilabel)
-    r = Result(protocol, source, details=d)
-    r.add(protocol, "mAP" if ev.multilabel else "top1", d["mAP"] if ev.multilabel else d["top1"], **extra)
-    return r
-
-
-@_timed
-def run_finetune(ev: Evaluation) -> Result:
-    """The pretrained backbone + a new head, all trained on train (backbone at a lower lr)."""
-    obj, c = ev.checkpoint.objective, ev.config
-    model = _train(ev, obj, None, c.finetune_epochs, c.finetune_backbone_lr_ratio)
-    r = _finetune_result(ev, model, obj.preprocess, "finetune", "pretrained")
-    r.details |= {"epochs": c.finetune_epochs, "head_lr": c.finetune_lr,
-                  "backbone_lr": c.finetune_lr * c.finetune_backbone_lr_ratio}
-    return r
-
-
-def fewshot_indices(ev: Evaluation) -> dict[str, torch.Tensor]:
-    labels = ev.split("train")["label"]
-    return {name: fewshot_subset(labels, frac, ev.config.seed) for name, frac in FEWSHOT.items()}
-
-
-@_timed
-def run_fewshot(ev: Evaluation, source: str, via: Literal["probe", "finetune"]) -> Result:
-    """1 % and 10 % class-balanced label subsets of train: probe on ``source`` features, or fine-tune.
-
-    Fine-tuning ``pretrained`` starts from the checkpoint; ``supervised`` trains the architecture
-    from scratch on the subset (the supervised reference in the few-label regime).
-    """
-    out = Result(f"fewshot_{via}", source, details={"via": via})
-    epochs = ev.config.fewshot_epochs or 4 * ev.config.finetune_epochs
-    for name, idx in fewshot_indices(ev).items():
-        if via == "probe":
-            r = run_probe(ev, source, train_idx=idx, protocol=name)
-        elif source == "pretrained":
-            model = _train(ev, ev.checkpoint.objective, idx, epochs, ev.config.finetune_backbone_lr_ratio)
-            r = _finetune_result(ev, model, ev.checkpoint.objective.preprocess, name, source, via="finetune")
-        else:  # supervised from scratch on the subset
-            obj = features.random_init(ev.checkpoint.config, ev.manifest["channels"], ev.config.seed, "cpu")
-            model = _train(ev, _Wrapped(obj), idx, epochs, 1.0)
-            r = _finetune_result(ev, model, obj.preprocess, name, source, via="finetune")
-        out.rows += r.rows
-        out.details[name] = r.details | {"labels": len(idx), "epochs": epochs if via == "finetune" else None}
-    return out
-
-
-class _Wrapped:
-    """A FeatureSource seen as an objective (``.backbone`` + ``.preprocess``) for :func:`_train`."""
-
-    def __init__(self, source: features.FeatureSource):
-        self.backbone, self.preprocess = source.module, source.preprocess
-
-
-@_timed
-def run_supervised(ev: Evaluation) -> Result:
-    """The supervised reference: the architecture trained from scratch with all train labels.
-
-    Its test figure is the ``finetune`` cell of the ``supervised`` column; its frozen backbone
-    becomes the feature source ``supervised`` for the probe and kNN (saved to
-    ``RUN/eval/supervised/backbone.pt``, whose hash keys its feature cache).
-    """
-    import io
-
-    epochs = ev.supervised_epochs()
-    init = features.random_init(ev.checkpoint.config, ev.manifest["channels"], ev.config.seed, "cpu")
-    model = _train(ev, _Wrapped(init), None, epochs, 1.0)
-    r = _finetune_result(ev, model, init.preprocess, "finetune", "supervised")
-    r.details |= {"epochs": epochs, "lr": ev.config.finetune_lr}
-    buf = io.BytesIO()
-    torch.save({"backbone": {k: v.detach().cpu() for k, v in model.backbone.state_dict().items()},
-                "head": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
-                "backbone_name": ev.checkpoint.config.backbone, "epochs": epochs, "seed": ev.config.seed}, buf)
-    data = buf.getvalue()
-    features.write_file(ev.loc, "eval/supervised/backbone.pt", data, ev.fs)
-    objective = _Wrapped(init)
-    objective.backbone = model.backbone
-    ev.sources["supervised"] = features.trained("supervised", objective, hashlib.sha256(data).hexdigest(), ev.device)
-    return r
-
-
 # ----------------------------------------------------------------------------- the whole stage
 
 def frozen_sources(ev: Evaluation) -> list[str]:
@@ -425,3 +238,8 @@ def run_protocols(ev: Evaluation):
                 yield fn(ev, "supervised")
         if "fewshot" in ev.protocols:
             yield run_fewshot(ev, "supervised", "finetune")
+
+
+__all__ = ["BASELINES", "FEWSHOT", "NEEDS", "PROTOCOLS", "EvalConfig", "Evaluation", "Result", "eval_config",
+           "evaluate", "fewshot_subset", "frozen_sources", "plan", "run_fewshot", "run_finetune", "run_knn",
+           "run_probe", "run_protocols", "run_supervised"]

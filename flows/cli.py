@@ -120,6 +120,9 @@ def _add_evaluate(sub) -> None:
                    help="comma-separated subset of raw_pixels,random_init,supervised, or 'none' "
                         "(default: raw_pixels,random_init; supervised costs a training run)")
     p.add_argument("--finetune-epochs", type=int, default=5, metavar="N", help="fine-tuning epochs (default 5)")
+    p.add_argument("--finetune-lr", type=float, default=1e-2, metavar="LR",
+                   help="AdamW learning rate of the new head, and of the supervised reference (default 1e-2); "
+                        "the pretrained backbone gets a tenth of it")
     p.add_argument("--supervised-epochs", type=int, default=None, metavar="N",
                    help="epochs of the supervised reference (default: as many as the pretraining)")
     p.add_argument("--knn-k", type=int, default=200, metavar="K", help="kNN neighbours (default 200)")
@@ -147,7 +150,7 @@ def _run_evaluate(a) -> int:
     if not protocols:
         raise ValueError("--protocols: name at least one of " + ", ".join(PROTOCOLS))
     config = eval_config(protocols=protocols, baselines=_csv(a.baselines, BASELINES, "--baselines"),
-                         checkpoint=a.checkpoint, finetune_epochs=a.finetune_epochs,
+                         checkpoint=a.checkpoint, finetune_epochs=a.finetune_epochs, finetune_lr=a.finetune_lr,
                          supervised_epochs=a.supervised_epochs, knn_k=a.knn_k, knn_t=a.knn_t, limit=a.limit,
                          device=a.device, seed=a.seed)
     run = a.run if "://" in a.run else os.path.abspath(a.run)

@@ -27,12 +27,18 @@ from workers.probe import classification_report
 
 
 class Classifier(nn.Module):
-    """backbone → linear head. Shape: x (B, C, H, W) float → logits (B, n_classes)."""
+    """backbone → batch norm without affine parameters → linear head.
+
+    The parameter-free batch norm puts features of any scale on the footing the linear probe
+    has after standardising (as MAE does before its linear classifier, He et al. 2022 §A.2), so one
+    head learning rate serves every backbone. Shape: x (B, C, H, W) float → logits (B, n_classes).
+    """
 
     def __init__(self, backbone: nn.Module, n_classes: int):
         super().__init__()
         self.backbone = backbone
-        self.head = nn.Linear(backbone.feature_dim, n_classes)
+        self.head = nn.Sequential(nn.BatchNorm1d(backbone.feature_dim, affine=False),
+                                  nn.Linear(backbone.feature_dim, n_classes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.backbone(x))

@@ -76,8 +76,7 @@ def evaluate_flow(run: str, config: Optional[dict[str, Any]] = None,
         log.warning("not running %s: %s", p, why)
     log.info("evaluating %s on %s: protocols %s, features %s", ev.checkpoint.uri, run, ", ".join(ev.protocols) or "none",
              ", ".join(ev.sources))
-    feats = {(s, split): features_task.submit(ev, s, split)
-             for s in frozen_sources(ev) for split in ev.feature_splits()}
+    feats = {(s, split): features_task.submit(ev, s, split) for s, split in ev.feature_jobs()}
     needs = lambda s, p: [feats[s, sp] for sp in NEEDS[p]]  # noqa: E731
     futures = []
     for s in frozen_sources(ev):

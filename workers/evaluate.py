@@ -156,12 +156,19 @@ class Evaluation:
     def embedding_split(self) -> str:
         return next(s for s in ("test", "val", "train") if s in self.manifest["splits"])
 
-    def feature_splits(self) -> list[str]:
-        """Splits whose frozen features some protocol (or the embedding plot) needs."""
-        need = {self.embedding_split}
-        for p in self.protocols:
-            need |= set(NEEDS[p])
-        return [s for s in ("train", "val", "test") if s in need]
+    def feature_jobs(self) -> list[tuple[str, str]]:
+        """(source, split) pairs whose frozen features the protocols (and the embedding plot) read."""
+        frozen = set().union(*(NEEDS[p] for p in self.protocols if p in ("probe", "knn", "fewshot")))
+        jobs = []
+        for source in frozen_sources(self):
+            need = frozen | ({self.embedding_split} if source == "pretrained" else set())
+            jobs += [(source, s) for s in ("train", "val", "test") if s in need]
+        return jobs
+
+    def loaded_splits(self) -> dict[str, int]:
+        """Samples of each split this evaluation read."""
+        with self._lock:
+            return {s: len(self._splits[s]["key"]) for s in ("train", "val", "test") if s in self._splits}
 
     def split(self, name: str) -> dict:
         with self._lock_for(("split", name)):
@@ -212,9 +219,8 @@ def evaluate(run: str, config: EvalConfig, storage_options: Optional[dict] = Non
     ev = Evaluation(run, config, storage_options)
     for p, why in ev.refused.items():
         log(f"refused {p}: {why}")
-    for split in ev.feature_splits():
-        for s in frozen_sources(ev):
-            ev.features(s, split)
+    for source, split in ev.feature_jobs():
+        ev.features(source, split)
     results = [r for r in run_protocols(ev)]
     return write_report(ev, results, total_seconds=time.perf_counter() - t0)
 

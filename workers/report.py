@@ -178,7 +178,7 @@ def write_report(ev, results: list, total_seconds: float) -> dict:
         "config_hash": ck.config.training_hash(), "eval_config_hash": ev.config.config_hash(),
         "eval_config": ev.config.model_dump(mode="json"), "seed": ev.config.seed, "device": ev.device,
         "classes": ev.classes or None, "multilabel": ev.multilabel,
-        "splits": {s: len(ev.split(s)["key"]) for s in ev.feature_splits()},
+        "splits": ev.loaded_splits(),
         "refused": [{"protocol": p, "reason": why} for p, why in ev.refused.items()],
         "results": [row for r in results for row in r.rows],
         "details": {f"{r.protocol}/{r.features}": r.details for r in results},

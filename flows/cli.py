@@ -14,6 +14,7 @@ STAGES = {
     "ingest": "turn raw images into sharded WebDataset archives + manifest.json (local or s3://)",
     "pretrain": "pretrain a backbone with an SSL objective on Ray Train workers (resumable)",
     "evaluate": "linear probe, kNN, fine-tune and few-label evaluation with baselines; writes report.md/.json",
+    "run": "the whole pipeline: ingest -> pretrain -> evaluate -> report, as one Prefect flow",
 }
 
 
@@ -168,6 +169,30 @@ def _run_evaluate(a) -> int:
     return 0
 
 
+def _add_run(sub) -> None:
+    p = sub.add_parser("run", help=STAGES["run"], description=STAGES["run"] + (
+        ". Overrides are key=value pairs, e.g. pretrain.epochs=5 evaluate.finetune_epochs=2"))
+    p.add_argument("--config", default=None, help="pipeline YAML (see configs/pipeline_*.yaml)")
+    p.add_argument("--run", default=None, metavar="RUN_URI", help="run directory (overrides the config's run)")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def _run_run(a) -> int:
+    from flows.pipeline import format_table, load_pipeline_config, results_table
+
+    overrides = list(a.overrides) + ([f"run={a.run}"] if a.run else [])
+    cfg = load_pipeline_config(a.config, overrides)  # validated before Prefect, Ray or any stage starts
+
+    from flows.pipeline import pipeline_flow
+
+    report = pipeline_flow(cfg, progress_bar=not a.no_progress)
+    print(f"\nThe Gelato Bet on {cfg.run} (test split, %):\n")
+    print(format_table(results_table(report)))
+    print(f"\nreport: {cfg.run}/report.md")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gelato",
@@ -178,10 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_ingest(sub)
     _add_pretrain(sub)
     _add_evaluate(sub)
+    _add_run(sub)
     return parser
 
 
-RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "evaluate": _run_evaluate}
+RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "run": _run_run, "evaluate": _run_evaluate}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

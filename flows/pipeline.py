@@ -1,0 +1,169 @@
+"""Prefect flow ``pipeline``: ingest → pretrain → {probe, knn, finetune, fewshot} → report.
+
+Parameters are one typed config (:class:`PipelineConfig`): Prefect validates it when the run is
+submitted, so a bad value fails naming the field before any stage runs. Every stage is
+idempotent and keyed on what it depends on: ingest on the source fingerprint and its parameters
+(a finished ingest is reused), pretraining on the training-config hash (a finished run is
+reused, a killed one resumes from its last checkpoint), evaluation on the checkpoint's sha256
+and the evaluation-config hash (a matching report.json is reused). Rerunning a finished pipeline
+does no work; changing only evaluation settings reruns only evaluation.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from typing import Any, Optional
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from flows.evaluate import evaluate_flow
+from flows.ingest import ingest_flow
+from flows.pretrain import pretrain_task
+from workers.config import ConfigError, PretrainConfig, apply_overrides
+from workers.evaluate import EvalConfig
+from workers.storage import RunLocation
+
+
+class IngestSettings(BaseModel):
+    """The ingest stage's arguments (those of ``gelato ingest``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = "fashion-mnist"
+    shard_size: int = Field(1000, ge=1)
+    image_format: str = "keep"
+    val_fraction: Optional[float] = Field(None, ge=0, lt=1)
+    seed: int = 0
+    data_root: Optional[str] = None
+    kind: str = "auto"
+
+
+class PipelineConfig(BaseModel):
+    """One pipeline run: where, what source, how to pretrain, how to evaluate."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "demo"
+    run: str = "runs/demo"
+    ingest: IngestSettings = Field(default_factory=IngestSettings)
+    pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
+    evaluate: EvalConfig = Field(default_factory=EvalConfig)
+    address: Optional[str] = None          # Ray cluster for pretraining (default: local / $RAY_ADDRESS)
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+def load_pipeline_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> PipelineConfig:
+    """YAML + ``key=value`` overrides (``pretrain.epochs=5``, ``evaluate.finetune_epochs=2``); errors name the key."""
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+    raw = apply_overrides(raw, overrides or [])
+    try:
+        return PipelineConfig(**raw)
+    except ValidationError as e:
+        msgs = []
+        for err in e.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            msgs.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}" if loc else err["msg"])
+        raise ConfigError(f"{path or 'config'}: " + "; ".join(msgs)) from None
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9-]+", "-", name.lower()).strip("-") or "run"
+
+
+def _sha256(loc: RunLocation, rel: str) -> Optional[str]:
+    fs = loc.fs()
+    try:
+        with fs.open(loc.join(rel), "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    except FileNotFoundError:
+        return None
+
+
+def reusable_report(loc: RunLocation, evaluation: EvalConfig) -> Optional[dict]:
+    """report.json if it was made from the current final checkpoint with these evaluation settings."""
+    try:
+        with loc.fs().open(loc.join("report.json"), "r") as f:
+            report = json.load(f)
+    except FileNotFoundError:
+        return None
+    ckpt_rel = "checkpoints/final/backbone.pt"
+    same_ckpt = evaluation.checkpoint is None and report.get("checkpoint_sha256") == _sha256(loc, ckpt_rel)
+    return report if same_ckpt and report.get("eval_config_hash") == evaluation.config_hash() else None
+
+
+def results_table(report: dict) -> list[dict]:
+    """One row per protocol/metric, one column per feature source (the Gelato Bet table)."""
+    cols = ["pretrained", "random_init", "raw_pixels", "supervised"]
+    rows: dict[tuple, dict] = {}
+    for r in report.get("results", []):
+        key = (r["protocol"], r["metric"])
+        rows.setdefault(key, {"protocol": r["protocol"], "metric": r["metric"]} | {c: None for c in cols})
+        rows[key][r["features"]] = round(100 * r["value"], 2)
+    return list(rows.values())
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["pretrained", "random_init", "raw_pixels", "supervised"]
+    head = f"{'protocol':<14} {'metric':<6} " + " ".join(f"{c:>12}" for c in cols)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        cells = " ".join(f"{('%.1f' % r[c]) if r[c] is not None else 'not run':>12}" for c in cols)
+        lines.append(f"{r['protocol']:<14} {r['metric']:<6} {cells}")
+    return "\n".join(lines)
+
+
+@task(cache_policy=NONE)
+def publish(cfg: PipelineConfig, run: str, report: dict) -> list[dict]:
+    """Prefect artifacts: the results table (stable key per run name), the report, links to the plots."""
+    rows = results_table(report)
+    key = f"gelato-results-{_slug(cfg.name)}"
+    create_table_artifact(key=key, table=rows, description=f"gelato results for {run} (top-1 / mAP, %)")
+    loc = RunLocation(run, cfg.storage_options)
+    try:
+        with loc.fs().open(loc.join("report.md"), "r") as f:
+            md = f.read()
+    except FileNotFoundError:
+        md = format_table(rows)
+    create_markdown_artifact(key=f"gelato-report-{_slug(cfg.name)}", markdown=md, description=f"report of {run}")
+    for name in report.get("plots", {}) if isinstance(report.get("plots"), dict) else report.get("plots", []):
+        path = report["plots"][name] if isinstance(report.get("plots"), dict) else name
+        link = path if "://" in str(path) else f"file://{loc.join(str(path)) if not str(path).startswith('/') else path}"
+        create_link_artifact(link=link, link_text=str(name), description=f"plot of {run}")
+    return rows
+
+
+@flow(name="pipeline")
+def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
+    """The whole pipeline on one config; returns report.json's content."""
+    import os
+
+    log = get_run_logger()
+    cfg = config
+    run = cfg.run if "://" in cfg.run else os.path.abspath(cfg.run)
+    opts = cfg.storage_options
+    pre = cfg.pretrain.model_copy(update={"storage_options": opts or cfg.pretrain.storage_options})
+    ing = cfg.ingest
+    ingest_flow(ing.source, run, shard_size=ing.shard_size, image_format=ing.image_format,
+                val_fraction=ing.val_fraction, seed=ing.seed, data_root=ing.data_root, kind=ing.kind,
+                storage_options=opts, progress_bar=progress_bar)
+    pretrain_task(run, pre, cfg.address, False, progress_bar)
+    loc = RunLocation(run, opts)
+    report = reusable_report(loc, cfg.evaluate)
+    if report is not None:
+        log.info("evaluation of this checkpoint with these settings is already in %s/report.json", run)
+    else:
+        report = evaluate_flow(run, cfg.evaluate.model_dump(mode="json"), opts)
+    rows = publish(cfg, run, report)
+    log.info("results (%%, test split):\n%s", format_table(rows))
+    return report

@@ -15,6 +15,8 @@ STAGES = {
     "pretrain": "pretrain a backbone with an SSL objective on Ray Train workers (resumable)",
     "evaluate": "linear probe, kNN, fine-tune and few-label evaluation with baselines; writes report.md/.json",
     "run": "the whole pipeline: ingest -> pretrain -> evaluate -> report, as one Prefect flow",
+    "deploy": "register prefect.yaml's deployments with the Prefect API (process work pool)",
+    "serve": "serve prefect.yaml's deployments from this process, with their schedules",
 }
 
 
@@ -193,6 +195,34 @@ def _run_run(a) -> int:
     return 0
 
 
+def _add_deployments(sub) -> None:
+    for name in ("deploy", "serve"):
+        p = sub.add_parser(name, help=STAGES[name], description=STAGES[name])
+        p.add_argument("--file", default=None, help="deployments file (default: prefect.yaml at the repository root)")
+        p.add_argument("--only", nargs="*", default=None, metavar="NAME", help="only these deployments")
+        if name == "deploy":
+            p.add_argument("--work-pool", default=None, help="override the work pool of every deployment")
+
+
+def _run_deploy(a) -> int:
+    from flows.deploy import deploy, read_deployments
+
+    read_deployments(a.file, a.only)  # a bad file fails before contacting the API
+    ids = deploy(a.file, a.only, a.work_pool)
+    print(f"registered {len(ids)} deployment(s); run them with a worker: prefect worker start --pool "
+          f"{a.work_pool or 'gelato-process'}")
+    return 0
+
+
+def _run_serve(a) -> int:
+    from flows.deploy import read_deployments, serve
+
+    names = [d["name"] for d in read_deployments(a.file, a.only)]
+    print(f"serving {', '.join(names)} (Ctrl-C to stop)")
+    serve(a.file, a.only)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gelato",
@@ -204,10 +234,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_pretrain(sub)
     _add_evaluate(sub)
     _add_run(sub)
+    _add_deployments(sub)
     return parser
 
 
-RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "run": _run_run, "evaluate": _run_evaluate}
+RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "run": _run_run, "deploy": _run_deploy, "serve": _run_serve, "evaluate": _run_evaluate}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

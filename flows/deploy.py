@@ -6,7 +6,6 @@ with their schedules, the lightest way to get a nightly pipeline.
 """
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any, Optional
 
@@ -33,9 +32,11 @@ def read_deployments(path: Optional[str] = None, only: Optional[list[str]] = Non
 
 def load_flow(entrypoint: str):
     """``flows/pipeline.py:pipeline_flow`` → the flow object."""
-    file, func = entrypoint.split(":")
-    module = file.removesuffix(".py").replace("/", ".")
-    return getattr(importlib.import_module(module), func)
+    from prefect.flows import load_flow_from_entrypoint
+
+    # Loaded from its file path (not imported as a module) so the deployment records an entrypoint
+    # the runner can load again in the process that executes the run.
+    return load_flow_from_entrypoint(os.path.join(REPO, entrypoint))
 
 
 def _cron(d: dict) -> Optional[str]:
@@ -75,8 +76,10 @@ def deploy(path: Optional[str] = None, only: Optional[list[str]] = None, work_po
 
     asyncio.run(ensure_pools())
     for d in deps:
-        flow = load_flow(d["entrypoint"]).from_source(source=REPO, entrypoint=d["entrypoint"])
-        ids.append(str(flow.deploy(name=d["name"], work_pool_name=work_pool or d["work_pool"]["name"],
-                                   parameters=d.get("parameters") or {}, cron=_cron(d),
-                                   description=d.get("description"), print_next_steps=False)))
+        # The code stays where it is: the deployment records this checkout's path, which a process
+        # worker on this machine (or one with the same checkout) runs from.
+        dep = load_flow(d["entrypoint"]).to_deployment(
+            name=d["name"], work_pool_name=work_pool or (d.get("work_pool") or {}).get("name") or "gelato-process",
+            parameters=d.get("parameters") or {}, cron=_cron(d), description=d.get("description"))
+        ids.append(str(dep.apply()))
     return ids

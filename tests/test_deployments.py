@@ -96,8 +96,9 @@ def test_deploy_then_serve_runs_the_tiny_pipeline(tmp_path, prefect_server):
     dep = asyncio.run(api(lambda c: c.read_deployment_by_name("pipeline/tiny")))
     assert dep.work_pool_name == "gelato-test-pool" and dep.parameters["config"]["name"] == "served-tiny"
 
+    serve_log = open(tmp_path / "serve.log", "w")
     serve = subprocess.Popen([gelato, "serve", "--file", str(deployments)], env=env, cwd=REPO,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             stdout=serve_log, stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
         time.sleep(8)  # serve registers its deployment and starts polling
         run = asyncio.run(api(lambda c: c.create_flow_run_from_deployment(dep.id)))
@@ -109,7 +110,8 @@ def test_deploy_then_serve_runs_the_tiny_pipeline(tmp_path, prefect_server):
             if state is not None and state.is_final():
                 break
             time.sleep(2)
-        assert state is not None and state.is_completed(), f"flow run ended {state}"
+        assert state is not None and state.is_completed(), \
+            f"flow run ended {state}; serve said:\n" + (tmp_path / "serve.log").read_text()[-4000:]
         from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
 
         arts = asyncio.run(api(lambda c: c.read_artifacts(

@@ -15,16 +15,15 @@ import json
 import re
 from typing import Any, Optional
 
-import yaml
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.pretrain import pretrain_task
-from workers.config import ConfigError, PretrainConfig, apply_overrides
+from workers.config import PretrainConfig, load_model
 from workers.evaluate import EvalConfig
 from workers.storage import RunLocation
 
@@ -59,22 +58,7 @@ class PipelineConfig(BaseModel):
 
 def load_pipeline_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> PipelineConfig:
     """YAML + ``key=value`` overrides (``pretrain.epochs=5``, ``evaluate.finetune_epochs=2``); errors name the key."""
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
-    raw = apply_overrides(raw, overrides or [])
-    try:
-        return PipelineConfig(**raw)
-    except ValidationError as e:
-        msgs = []
-        for err in e.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            msgs.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}" if loc else err["msg"])
-        raise ConfigError(f"{path or 'config'}: " + "; ".join(msgs)) from None
+    return load_model(PipelineConfig, path, overrides)
 
 
 def _slug(name: str) -> str:

@@ -164,9 +164,9 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
-                base: Optional[dict[str, Any]] = None) -> PretrainConfig:
-    """Read ``path`` (YAML), apply ``key=value`` overrides, validate. Errors name the key."""
+def load_model(model: type[BaseModel], path: Optional[str] = None, overrides: Optional[list[str]] = None,
+               base: Optional[dict[str, Any]] = None):
+    """Read ``path`` (YAML), apply ``key=value`` overrides, validate into ``model``. Errors name the key."""
     raw: dict[str, Any] = dict(base or {})
     if path:
         try:
@@ -181,7 +181,7 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
         raw.update(loaded)
     raw = apply_overrides(raw, overrides or [])
     try:
-        return PretrainConfig(**raw)
+        return model(**raw)
     except ValidationError as e:
         msgs = []
         for err in e.errors():
@@ -189,3 +189,9 @@ def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = Non
             msg = err["msg"].removeprefix("Value error, ")
             msgs.append(msg if loc == "config" else f"{loc}: {msg}")
         raise ConfigError(f"{path or 'config'}: " + "; ".join(msgs)) from None
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                base: Optional[dict[str, Any]] = None) -> PretrainConfig:
+    """The pretraining config from ``path`` and overrides (see :func:`load_model`)."""
+    return load_model(PretrainConfig, path, overrides, base)

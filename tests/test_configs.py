@@ -20,7 +20,8 @@ from workers.config import ConfigError, load_config
 from workers.pretrain import build_objective
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+PIPELINE_CONFIGS = sorted((ROOT / "configs").glob("pipeline_*.yaml"))  # whole-pipeline configs, checked below
+CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p not in PIPELINE_CONFIGS)
 GPU_CONFIGS = [p for p in CONFIGS if p.name.startswith("imagenet_")]
 CPU_CONFIGS = [p for p in CONFIGS if p not in GPU_CONFIGS]
 IMAGENET = {"imagenet_simclr_r50.yaml": "simclr", "imagenet_moco_v2_r50.yaml": "moco",
@@ -219,3 +220,11 @@ def test_shipped_config_with_a_typo_fails_naming_the_key(tmp_path):
         load_config(_write(tmp_path, bad))
     with pytest.raises(ConfigError, match=r"\bepochs\b"):
         load_config(str(ROOT / "configs" / "fashion_mnist_moco.yaml"), ["epochs=many"])
+
+
+@pytest.mark.parametrize("path", PIPELINE_CONFIGS, ids=_ids)
+def test_pipeline_config_validates(path):
+    from flows.pipeline import load_pipeline_config
+
+    cfg = load_pipeline_config(str(path))
+    assert cfg.pretrain.objective in ("simclr", "moco", "byol", "swav") and cfg.evaluate.protocols

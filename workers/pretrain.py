@@ -226,13 +226,16 @@ def train_loop_per_worker(cfg: dict) -> None:
             if config.channels_last:
                 views = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
                          for k, v in views.items()}
+            if micro == 0:
+                core.set_progress(step, total)  # before the forward: schedules inside it see this step
             last_micro = micro == config.grad_accum - 1
             sync = model.no_sync() if (world > 1 and not last_micro and hasattr(model, "no_sync")) else contextlib.nullcontext()
             with sync:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = model(views)
                 loss = out["loss"]
-                bad = torch.tensor([0.0 if torch.isfinite(loss.detach()).item() else 1.0])
+                # on the device: NCCL reduces CUDA tensors only
+                bad = (~torch.isfinite(loss.detach())).float().reshape(1)
                 if world > 1:
                     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
                 if bad.item() > 0:
@@ -248,7 +251,6 @@ def train_loop_per_worker(cfg: dict) -> None:
             micro = 0
             for g in optimizer.param_groups:
                 g["lr"] = lrs[step]
-            core.set_progress(step, total)
             if config.clip_grad_norm:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(objective.parameters(), config.clip_grad_norm)
@@ -263,9 +265,10 @@ def train_loop_per_worker(cfg: dict) -> None:
             end_of_epoch = step % spe == 0 or step == total
             if step % config.log_every == 0 or end_of_epoch or step % config.checkpoint_every == 0:
                 dt = time.perf_counter() - t_log
-                stats = torch.tensor([loss_sum / max(1, loss_n), seen_log / max(dt, 1e-9)])
+                stats = torch.tensor([loss_sum / max(1, loss_n), seen_log / max(dt, 1e-9)], device=device)
                 if world > 1:
                     dist.all_reduce(stats)
+                stats = stats.cpu()
                 metrics = {"step": step, "epoch": step / spe, "loss": float(stats[0]) / world, "lr": lrs[step - 1],
                            "samples_per_s": float(stats[1]), "samples_per_s_per_worker": float(stats[1]) / world,
                            "data_wait": wait_log / max(dt, 1e-9),  # share of rank 0's time waiting on data

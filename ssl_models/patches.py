@@ -175,6 +175,21 @@ def grid_geometry(image_size: int, grid: int = 3) -> tuple[int, int, int]:
 
 # --------------------------------------------------------------------------- permutations
 
+
+def resolve_grid(image_size: int, patch: int | None, gap: int | None, jitter: int | None,
+                 grid: int = 3) -> tuple[int, int, int]:
+    """(patch, gap, jitter) of a ``grid``×``grid`` tile layout: given values, else :func:`grid_geometry`'s
+    defaults; raises ValueError when the tiles, gaps and jitter do not fit in ``image_size``."""
+    d_patch, d_gap, d_jitter = grid_geometry(image_size, grid)
+    patch = int(patch if patch is not None else d_patch)
+    gap = int(gap if gap is not None else d_gap)
+    jitter = int(jitter if jitter is not None else d_jitter)
+    need = grid * patch + (grid - 1) * gap + 2 * jitter
+    if need > image_size:
+        raise ValueError(f"{grid} tiles of {patch}px with gap {gap} and jitter {jitter} need "
+                         f"{need}px > image_size {image_size}; lower patch, gap or jitter")
+    return patch, gap, jitter
+
 def hamming_permutations(n_perms: int = 100, n_tiles: int = 9, seed: int = 0,
                          criterion: str = "maximin") -> torch.Tensor:
     """A set of permutations far apart in Hamming distance (Noroozi & Favaro 2016, Algorithm 1).

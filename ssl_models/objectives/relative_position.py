@@ -9,7 +9,7 @@ from torch import nn
 
 from ssl_models.heads import ClassifierHead
 from ssl_models.objectives.base import Objective
-from ssl_models.patches import (grid_geometry, normalize_input, patch_grid, prepare_images, randint,
+from ssl_models.patches import (normalize_input, patch_grid, prepare_images, randint, resolve_grid,
                                 resize_tiles, tile_input_size)
 
 
@@ -49,14 +49,7 @@ class RelativePosition(Objective):
                  jitter: int | None = None, tile_size: int | None = None, head_hidden_dim: int = 256,
                  flip_p: float = 0.5):
         super().__init__(backbone, image_size)
-        d_patch, d_gap, d_jitter = grid_geometry(self.image_size, 3)
-        self.patch = int(patch if patch is not None else d_patch)
-        self.gap = int(gap if gap is not None else d_gap)
-        self.jitter = int(jitter if jitter is not None else d_jitter)
-        need = 3 * self.patch + 2 * self.gap + 2 * self.jitter
-        if need > self.image_size:
-            raise ValueError(f"3 tiles of {self.patch}px with gap {self.gap} and jitter {self.jitter} need "
-                             f"{need}px > image_size {self.image_size}; lower patch, gap or jitter")
+        self.patch, self.gap, self.jitter = resolve_grid(self.image_size, patch, gap, jitter)
         self.tile_size = int(tile_size if tile_size is not None else tile_input_size(backbone, self.patch))
         self.flip_p = float(flip_p)
         self.head = ClassifierHead(2 * backbone.feature_dim, 8, hidden_dim=head_hidden_dim)

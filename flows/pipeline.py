@@ -120,10 +120,10 @@ def publish(cfg: PipelineConfig, run: str, report: dict) -> list[dict]:
     except FileNotFoundError:
         md = format_table(rows)
     create_markdown_artifact(key=f"gelato-report-{_slug(cfg.name)}", markdown=md, description=f"report of {run}")
-    for name in report.get("plots", {}) if isinstance(report.get("plots"), dict) else report.get("plots", []):
-        path = report["plots"][name] if isinstance(report.get("plots"), dict) else name
-        link = path if "://" in str(path) else f"file://{loc.join(str(path)) if not str(path).startswith('/') else path}"
-        create_link_artifact(link=link, link_text=str(name), description=f"plot of {run}")
+    for name, rel in report.get("plots", {}).items():  # {name: path relative to the run}
+        path = loc.join(rel)
+        create_link_artifact(link=path if loc.is_s3 else f"file://{path}", link_text=name,
+                             description=f"plot of {run}")
     return rows
 
 

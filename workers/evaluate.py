@@ -67,7 +67,9 @@ class EvalConfig(BaseModel):
     finetune_batch_size: int = Field(128, ge=2)
     fewshot_epochs: Optional[int] = Field(None, ge=1, description="default: 4 × finetune_epochs")
     supervised_epochs: Optional[int] = Field(None, ge=1, description="default: the pretraining's epochs")
-    batch_size: int = Field(256, ge=1, description="feature extraction batch")
+    batch_size: int = Field(512, ge=1, description="feature extraction batch")
+    precision: Literal["fp32", "bf16"] = Field(
+        "bf16", description="bf16 autocast + channels_last for feature extraction and fine-tuning (CPU and GPU)")
     limit: Optional[int] = Field(None, ge=2, description="at most this many samples per split (quick runs)")
     device: str = "auto"
 
@@ -181,7 +183,8 @@ class Evaluation:
             if (source, split) not in self._features:
                 t0 = time.perf_counter()
                 feats, computed = features.cached_features(self.loc, self.sources[source], split, self.split(split),
-                                                           self.device, self.config.batch_size, self.fs)
+                                                           self.device, self.config.batch_size, self.fs,
+                                                           self.config.precision)
                 self._features[source, split] = feats
                 if computed:
                     self.computed.append((source, split))

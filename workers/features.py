@@ -42,12 +42,21 @@ class FeatureSource:
     standardize_for_knn: bool = False                   # raw pixels: kNN on standardised dimensions
 
     @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Shape: images (B, C, H, W) uint8 → (B, D) float32."""
+    def encode(self, images: torch.Tensor, precision: str = "fp32") -> torch.Tensor:
+        """Shape: images (B, C, H, W) uint8 → (B, D) float32.
+
+        ``precision="bf16"`` runs the network under bf16 autocast with channels_last inputs (what
+        pretraining used on CPU and GPU; ~5x faster than fp32 on a 2-core CPU); features come back
+        as float32 either way.
+        """
         x = self.preprocess(images)
         if self.module is None:
             return x.flatten(1)                                          # (B, C·H·W)
-        return self.module(x)
+        if precision == "fp32":
+            return self.module(x).float()
+        x = x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return self.module(x).float()
 
 
 def pretrained(checkpoint, device: str) -> FeatureSource:
@@ -94,24 +103,28 @@ def write_file(loc: RunLocation, rel: str, data: bytes, fs=None) -> None:
 
 
 def cached_features(loc: RunLocation, source: FeatureSource, split: str, data: dict, device: str,
-                    batch_size: int = 256, fs=None) -> tuple[torch.Tensor, bool]:
+                    batch_size: int = 256, fs=None, precision: str = "fp32") -> tuple[torch.Tensor, bool]:
     """Features of ``data`` (a :func:`workers.data.load_split` dict) from the cache, or computed and stored.
 
-    Returns (features (N, D) float32 on CPU, whether they were computed now).
+    A cached entry is used only when it holds the same samples and was computed at the same
+    precision. Returns (features (N, D) float32 on CPU, whether they were computed now).
     """
+    if source.module is None:
+        precision = "fp32"  # raw pixels: no network, nothing to run at lower precision
     rel = f"{FEATURE_DIR}/{source.key}/{split}.pt"
     digest = keys_digest(data["key"])
     fs = fs or loc.fs()
     try:
         with fs.open(loc.join(rel), "rb") as f:
             blob = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
-        if blob.get("keys_digest") == digest:
+        if blob.get("keys_digest") == digest and blob.get("precision", "fp32") == precision:
             return blob["features"], False
     except FileNotFoundError:
         pass
-    feats = extract_features(source.encode, data["image"], batch_size=batch_size, device=device)
+    feats = extract_features(lambda x: source.encode(x, precision), data["image"], batch_size=batch_size,
+                             device=device)
     buf = io.BytesIO()
     torch.save({"features": feats, "keys_digest": digest, "source": source.name, "split": split,
-                "count": len(feats)}, buf)
+                "count": len(feats), "precision": precision}, buf)
     write_file(loc, rel, buf.getvalue(), fs)
     return feats, True

@@ -7,11 +7,14 @@ learning rate).
 
 Light augmentation on the device, batched: random resized crop (scale 0.5–1) and horizontal
 flip, then the objective's own ``preprocess`` (the normalisation the backbone was trained with).
+``precision="bf16"`` trains and predicts under bf16 autocast with channels_last (weights and
+optimizer state stay float32).
 AdamW with two parameter groups (backbone at ``backbone_lr``, head at ``head_lr``), cosine
 decay computed up front per step; the data order and the crops come from one seeded Generator.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from typing import Callable, Optional
@@ -24,6 +27,16 @@ from ssl_models.augment import horizontal_flip, random_resized_crop, to_float
 from workers.features import SEED_LOCK
 from workers.metrics import multilabel_ap
 from workers.probe import classification_report
+
+
+def _autocast(device: str, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+
+
+def _layout(x: torch.Tensor, precision: str) -> torch.Tensor:
+    return x.contiguous(memory_format=torch.channels_last) if precision != "fp32" and x.ndim == 4 else x
 
 
 class Classifier(nn.Module):
@@ -54,7 +67,8 @@ def augment(images: torch.Tensor, size: int, generator: torch.Generator,
 def train_classifier(backbone: nn.Module, preprocess: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
                      targets: torch.Tensor, n_classes: int, *, image_size: int, epochs: int, head_lr: float,
                      backbone_lr: float, weight_decay: float, batch_size: int, seed: int, device: str,
-                     multilabel: bool = False, ignore: Optional[torch.Tensor] = None) -> Classifier:
+                     multilabel: bool = False, ignore: Optional[torch.Tensor] = None,
+                     precision: str = "fp32") -> Classifier:
     """Train a copy of ``backbone`` plus a new head on (images, targets); returns the model in eval mode.
 
     Shape: images (N, C, H, W) uint8; targets (N,) int, or (N, K) multi-hot when ``multilabel``
@@ -67,6 +81,8 @@ def train_classifier(backbone: nn.Module, preprocess: Callable[[torch.Tensor], t
         torch.manual_seed(seed)
         model = Classifier(copy.deepcopy(backbone), n_classes)
     model = model.to(device).train()
+    if precision != "fp32":
+        model = model.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": backbone_lr},
                              {"params": model.head.parameters(), "lr": head_lr}], weight_decay=weight_decay)
     base = [backbone_lr, head_lr]
@@ -80,8 +96,9 @@ def train_classifier(backbone: nn.Module, preprocess: Callable[[torch.Tensor], t
         order = torch.randperm(n, generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * bs:(i + 1) * bs]
-            x = preprocess(augment(images[idx], image_size, gen).to(device))
-            logits = model(x)
+            x = _layout(preprocess(augment(images[idx], image_size, gen).to(device)), precision)
+            with _autocast(device, precision):
+                logits = model(x).float()
             y = targets[idx].to(device)
             if multilabel:
                 w = None if ignore is None else (~ignore[idx]).float().to(device)
@@ -101,11 +118,15 @@ def train_classifier(backbone: nn.Module, preprocess: Callable[[torch.Tensor], t
 
 @torch.no_grad()
 def predict(model: nn.Module, preprocess: Callable, images: torch.Tensor, device: str,
-            batch_size: int = 256) -> torch.Tensor:
+            batch_size: int = 256, precision: str = "fp32") -> torch.Tensor:
     """Logits of un-augmented images. Shape: (N, C, H, W) uint8 → (N, n_classes) on CPU."""
     model.eval()
-    return torch.cat([model(preprocess(images[i:i + batch_size].to(device))).float().cpu()
-                      for i in range(0, len(images), batch_size)])
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = _layout(preprocess(images[i:i + batch_size].to(device)), precision)
+        with _autocast(device, precision):
+            out.append(model(x).float().cpu())
+    return torch.cat(out)
 
 
 def classifier_metrics(logits: torch.Tensor, split: dict, n_classes: int, multilabel: bool) -> dict:

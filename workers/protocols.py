@@ -126,11 +126,12 @@ def _train(ev: Evaluation, objective, idx: Optional[torch.Tensor], epochs: int, 
                             image_size=ev.image_size, epochs=epochs, head_lr=c.finetune_lr,
                             backbone_lr=c.finetune_lr * backbone_lr_ratio, weight_decay=c.finetune_weight_decay,
                             batch_size=c.finetune_batch_size, seed=c.seed, device=ev.device,
-                            multilabel=ev.multilabel, ignore=ig)
+                            multilabel=ev.multilabel, ignore=ig, precision=c.precision)
 
 
 def _finetune_result(ev: Evaluation, model, preprocess, protocol: str, source: str, **extra) -> Result:
-    logits = predict(model, preprocess, ev.split("test")["image"], ev.device, ev.config.batch_size)
+    logits = predict(model, preprocess, ev.split("test")["image"], ev.device, ev.config.batch_size,
+                     ev.config.precision)
     d = classifier_metrics(logits, ev.split("test"), ev.n_classes, ev.multilabel)
     r = Result(protocol, source, details=d)
     r.add(protocol, "mAP" if ev.multilabel else "top1", d["mAP"] if ev.multilabel else d["top1"], **extra)

@@ -207,6 +207,18 @@ def test_features_are_cached_and_reused(labelled_run, tmp_path, monkeypatch):
         ev3.features("pretrained", "test")
 
 
+def test_bf16_features_match_fp32_and_are_cached_apart(labelled_run, tmp_path):
+    run = _copy(labelled_run, tmp_path)
+    bf16 = Evaluation(run, eval_config(protocols=("knn",), precision="bf16", **QUICK))
+    fp32 = Evaluation(run, eval_config(protocols=("knn",), precision="fp32", **QUICK))
+    a, b = bf16.features("pretrained", "test"), fp32.features("pretrained", "test")
+    # the second extraction was not served the first one's bf16 features from the cache
+    assert ("pretrained", "test") in fp32.computed and a.dtype == b.dtype == torch.float32
+    assert not torch.equal(a, b)
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
+    assert cos.min() > 0.99, cos.min()
+
+
 def test_ray_checkpoint_folder_gives_the_same_features(labelled_run, tmp_path):
     run = _copy(labelled_run, tmp_path)
     ev = Evaluation(run, eval_config(**QUICK))

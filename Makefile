@@ -9,7 +9,7 @@ RUN    ?= runs/demo
 .PHONY: demo test venv venv-test data clean-demo help
 
 help:
-	@echo "make demo   # ingest Fashion-MNIST into $(RUN) (creates/reuses .venv)"
+	@echo "make demo   # the whole pipeline on Fashion-MNIST into $(RUN) (creates/reuses .venv)"
 	@echo "make test   # run the test suite (creates/reuses .venv with test extras)"
 
 # The stamp files make a second run instant; they are rebuilt when pyproject.toml changes.
@@ -31,8 +31,10 @@ venv-test: $(VENV)/.installed-test
 data:
 	@bash .ci/ensure-fashion-mnist
 
+# ingest -> SimCLR pretraining (Ray, 2 workers) -> probe / kNN / fine-tune -> the Gelato Bet table.
+# Rerunning reuses every finished stage; a run killed mid-way resumes where it stopped.
 demo: venv data
-	$(BIN)/gelato ingest fashion-mnist --out $(RUN)
+	$(BIN)/gelato run --config configs/pipeline_demo.yaml --run $(RUN)
 
 test: venv-test
 	$(BIN)/python -m pytest -q

@@ -19,7 +19,6 @@ steps after a warm-up.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import shutil
@@ -31,9 +30,11 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+sys.path.insert(0, os.path.join(REPO, "bench"))
 
 import torch  # noqa: E402
 
+from quality import tv_root  # noqa: E402
 from workers.config import load_config  # noqa: E402
 from workers.pretrain import build_objective, launch  # noqa: E402
 from workers.shards import IngestParams, ingest  # noqa: E402
@@ -112,12 +113,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="gelato-bench-pretrain-")
     run = os.path.join(tmp, "run")
     ingest(RunLocation(run), src, IngestParams(shard_size=1000, val_fraction=0.1), progress_bar=False)
-    raw = os.path.join(tmp, "tv", "FashionMNIST", "raw")
-    os.makedirs(raw)
-    for fn in os.listdir(src.root):
-        if fn.endswith(".gz"):
-            with gzip.open(os.path.join(src.root, fn)) as f, open(os.path.join(raw, fn[:-3]), "wb") as g:
-                g.write(f.read())
+    raw = os.path.join(tv_root(os.path.join(tmp, "tv")), "FashionMNIST", "raw")
 
     results: dict[str, list[float]] = {}
 

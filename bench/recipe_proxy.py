@@ -27,7 +27,8 @@ import torch  # noqa: E402
 
 from workers.config import load_config  # noqa: E402
 from workers.data import load_split  # noqa: E402
-from workers.knn import knn_accuracy  # noqa: E402
+from workers.features import FeatureSource  # noqa: E402
+from workers.knn import extract_features, knn_accuracy  # noqa: E402
 from workers.optim import build_optimizer, lr_schedule  # noqa: E402
 from workers.pretrain import build_objective  # noqa: E402
 from workers.probe import linear_probe  # noqa: E402
@@ -49,15 +50,10 @@ def splits(run: str) -> dict:
     return out
 
 
-@torch.no_grad()
-def features(backbone, preprocess, images: torch.Tensor, bs: int = 1024) -> torch.Tensor:
-    backbone.eval()
-    out = []
-    for i in range(0, len(images), bs):
-        x = preprocess(images[i:i + bs]).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            out.append(backbone(x).float())
-    return torch.cat(out)
+def features(backbone, preprocess, images: torch.Tensor) -> torch.Tensor:
+    """What the evaluation stage extracts (bf16 + channels_last, eval mode), without its cache."""
+    src = FeatureSource("proxy", "proxy", preprocess, backbone.eval())
+    return extract_features(lambda x: src.encode(x, "bf16"), images, batch_size=1024)
 
 
 def main() -> None:

@@ -10,6 +10,7 @@ used only when it was computed from the same samples in the same order (digest o
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -29,6 +30,18 @@ FEATURE_DIR = "eval/features"
 # Seeded model construction draws from torch's global RNG; tasks may run in threads, so seeded
 # construction happens under this lock (everything else in evaluation uses its own Generator).
 SEED_LOCK = threading.Lock()
+
+
+def autocast(device_type: str, precision: str):
+    """bf16 autocast for ``precision="bf16"`` (CPU or CUDA), nothing for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16)
+
+
+def to_layout(x: torch.Tensor, precision: str) -> torch.Tensor:
+    """channels_last for image batches at reduced precision (where the conv kernels want it)."""
+    return x.contiguous(memory_format=torch.channels_last) if precision != "fp32" and x.ndim == 4 else x
 
 
 @dataclass
@@ -52,10 +65,8 @@ class FeatureSource:
         x = self.preprocess(images)
         if self.module is None:
             return x.flatten(1)                                          # (B, C·H·W)
-        if precision == "fp32":
-            return self.module(x).float()
-        x = x.contiguous(memory_format=torch.channels_last) if x.ndim == 4 else x
-        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        x = to_layout(x, precision)
+        with autocast(x.device.type, precision):
             return self.module(x).float()
 
 

@@ -14,7 +14,6 @@ decay computed up front per step; the data order and the crops come from one see
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from typing import Callable, Optional
@@ -24,19 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_models.augment import horizontal_flip, random_resized_crop, to_float
-from workers.features import SEED_LOCK
+from workers.features import SEED_LOCK, autocast, to_layout
 from workers.metrics import multilabel_ap
 from workers.probe import classification_report
-
-
-def _autocast(device: str, precision: str):
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-
-
-def _layout(x: torch.Tensor, precision: str) -> torch.Tensor:
-    return x.contiguous(memory_format=torch.channels_last) if precision != "fp32" and x.ndim == 4 else x
 
 
 class Classifier(nn.Module):
@@ -96,8 +85,8 @@ def train_classifier(backbone: nn.Module, preprocess: Callable[[torch.Tensor], t
         order = torch.randperm(n, generator=gen)
         for i in range(steps_per_epoch):
             idx = order[i * bs:(i + 1) * bs]
-            x = _layout(preprocess(augment(images[idx], image_size, gen).to(device)), precision)
-            with _autocast(device, precision):
+            x = to_layout(preprocess(augment(images[idx], image_size, gen).to(device)), precision)
+            with autocast(torch.device(device).type, precision):
                 logits = model(x).float()
             y = targets[idx].to(device)
             if multilabel:
@@ -123,8 +112,8 @@ def predict(model: nn.Module, preprocess: Callable, images: torch.Tensor, device
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = _layout(preprocess(images[i:i + batch_size].to(device)), precision)
-        with _autocast(device, precision):
+        x = to_layout(preprocess(images[i:i + batch_size].to(device)), precision)
+        with autocast(torch.device(device).type, precision):
             out.append(model(x).float().cpu())
     return torch.cat(out)
 

@@ -53,7 +53,7 @@ def splits(run: str) -> dict:
 def features(backbone, preprocess, images: torch.Tensor) -> torch.Tensor:
     """What the evaluation stage extracts (bf16 + channels_last, eval mode), without its cache."""
     src = FeatureSource("proxy", "proxy", preprocess, backbone.eval())
-    return extract_features(lambda x: src.encode(x, "bf16"), images, batch_size=1024)
+    return extract_features(lambda x: src.encode(x, "bf16"), images, batch_size=256)
 
 
 def main() -> None:

@@ -206,7 +206,10 @@ def render_markdown(report: dict) -> str:
           f"- pretraining config hash `{r['config_hash']}`; evaluation config hash `{r['eval_config_hash']}`; "
           f"seed {r['seed']}; device {r['device']}; {r['created']}; {r['durations_s']['total']:.1f} s",
           "- samples: " + ", ".join(f"{s} {n}" for s, n in r["splits"].items())
-          + (f" (at most {cfg['limit']} per split)" if cfg.get("limit") else ""), "",
+          + (f" (at most {cfg['limit']} per split)" if cfg.get("limit") else ""),
+          f"- networks run at {cfg.get('precision', 'fp32')}"
+          + (f", on images resized to {cfg['input_size']} px (evaluation input_size)" if cfg.get("input_size") else ""),
+          "",
           "## Results", "", results_table(r), "",
           "Every number was computed in this run on the same splits and samples; \"not run\" marks a cell "
           "that was not computed. *random init*: the same architecture with seeded random weights. "

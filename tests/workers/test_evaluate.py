@@ -111,6 +111,19 @@ def test_probe_one_vs_rest_on_separable_multilabel_features():
     assert len(out["per_class_ap"]) == 3 and out["weight_decay"] in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 
 
+def test_warm_started_probe_path_reaches_the_cold_start_optimum():
+    from workers.probe import fit_linear, select_and_fit
+
+    g = torch.Generator().manual_seed(1)
+    y = torch.randint(0, 4, (400,), generator=g)
+    x = torch.randn(400, 12, generator=g) + torch.nn.functional.one_hot(y, 12).float() * 1.5
+    tr, va = (x[:300], y[:300], None), (x[300:], y[300:], None)
+    clf, std, wd, scores = select_and_fit(tr, va, 4, weight_decays=(1e-1, 1e-2, 1e-3), max_iter=500)
+    assert list(scores) == [1e-3, 1e-2, 1e-1]                     # reported in increasing λ
+    cold = fit_linear(std(x[:300]), y[:300], 4, wd, max_iter=500)  # the same λ from zero weights
+    assert torch.allclose(clf.weight, cold.weight, atol=1e-3) and torch.allclose(clf.bias, cold.bias, atol=1e-3)
+
+
 def test_fewshot_subsets_are_class_balanced_and_seeded():
     labels = torch.arange(10).repeat_interleave(100)[torch.randperm(1000, generator=torch.Generator().manual_seed(1))]
     one, ten = fewshot_subset(labels, 0.01, seed=3), fewshot_subset(labels, 0.10, seed=3)
@@ -217,6 +230,27 @@ def test_bf16_features_match_fp32_and_are_cached_apart(labelled_run, tmp_path):
     assert not torch.equal(a, b)
     cos = torch.nn.functional.cosine_similarity(a, b, dim=1)
     assert cos.min() > 0.99, cos.min()
+
+
+def test_input_size_resizes_for_every_network_and_is_cached_apart(labelled_run, tmp_path):
+    run = _copy(labelled_run, tmp_path)
+    native = Evaluation(run, eval_config(protocols=("knn",), precision="fp32", **QUICK))
+    big = Evaluation(run, eval_config(protocols=("knn",), precision="fp32", input_size=16, **QUICK))
+    assert native.input_size is None and big.input_size == 16                       # the run is at 8 px
+    images = big.split("test")["image"][:4]
+    assert big.sources["pretrained"].preprocess(images).shape[-2:] == (16, 16)
+    assert big.sources["random_init"].preprocess(images).shape[-2:] == (16, 16)
+    assert big.sources["raw_pixels"].preprocess(images).shape[-2:] == (8, 8)         # pixels stay native
+    assert big.sources["pretrained"].key == native.sources["pretrained"].key + "-16px"
+    a, b = native.features("pretrained", "test"), big.features("pretrained", "test")
+    assert ("pretrained", "test") in big.computed and not torch.equal(a, b)
+    # asking for the native size is the native evaluation (same cache entry)
+    same = Evaluation(run, eval_config(protocols=("knn",), precision="fp32", input_size=8, **QUICK))
+    assert same.input_size is None and same.sources["pretrained"].key == native.sources["pretrained"].key
+    # fine-tuning sees the same size: the report says so and the protocol runs end to end
+    report = evaluate(run, eval_config(protocols=("finetune",), baselines=(), input_size=16, **QUICK), log=lambda *a: None)
+    assert [r["protocol"] for r in report["results"]] == ["finetune"]
+    assert "resized to 16 px" in open(os.path.join(run, "report.md")).read()
 
 
 def test_ray_checkpoint_folder_gives_the_same_features(labelled_run, tmp_path):

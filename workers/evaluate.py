@@ -68,9 +68,10 @@ class EvalConfig(BaseModel):
     fewshot_epochs: Optional[int] = Field(None, ge=1, description="default: 4 × finetune_epochs")
     supervised_epochs: Optional[int] = Field(None, ge=1, description="default: the pretraining's epochs")
     batch_size: int = Field(256, ge=1, description="feature extraction batch")
-    input_size: Optional[int] = Field(
-        None, ge=8, description="resolution the networks see in evaluation (frozen features and fine-tuning); "
-                                "default: the pretraining image_size. Pick it on val (see workers.features.at_size)")
+    frozen_input_size: Optional[int] = Field(
+        None, ge=8, description="resolution the frozen backbones see (probe, kNN, few-label probe); default: "
+                                "the pretraining image_size. Fine-tuning stays at image_size. Pick it on val "
+                                "(see workers.features.at_size)")
     precision: Literal["fp32", "bf16"] = Field(
         "bf16", description="bf16 autocast + channels_last for feature extraction and fine-tuning (CPU and GPU)")
     limit: Optional[int] = Field(None, ge=2, description="at most this many samples per split (quick runs)")
@@ -131,19 +132,19 @@ class Evaluation:
         self.checkpoint = ckpt.load(self.loc, manifest, config.checkpoint, self.fs)
         self.device = resolve_device(config.device)
         self.image_size = self.checkpoint.config.image_size
-        size = config.input_size if config.input_size not in (None, self.image_size) else None
+        size = config.frozen_input_size if config.frozen_input_size not in (None, self.image_size) else None
         if size is not None and self.checkpoint.config.backbone.startswith("vit"):
-            raise ConfigError(f"evaluate: input_size {size} differs from the ViT's image_size "
-                              f"{self.image_size}; its position embeddings are fixed, leave input_size unset")
-        self.input_size = size                      # None: the networks see image_size
+            raise ConfigError(f"evaluate: frozen_input_size {size} differs from the ViT's image_size "
+                              f"{self.image_size}; its position embeddings are fixed, leave frozen_input_size unset")
+        self.frozen_input_size = size                      # None: the networks see image_size
         self.classes = manifest.get("classes") or []
         self.multilabel = bool(manifest.get("multilabel"))
         self.protocols, self.refused = plan(manifest, config)
         self.sources: dict[str, features.FeatureSource] = {
-            "pretrained": features.pretrained(self.checkpoint, self.device, self.input_size)}
+            "pretrained": features.pretrained(self.checkpoint, self.device, self.frozen_input_size)}
         if "random_init" in config.baselines:
             self.sources["random_init"] = features.random_init(self.checkpoint.config, manifest["channels"],
-                                                               config.seed, self.device, self.input_size)
+                                                               config.seed, self.device, self.frozen_input_size)
         if "raw_pixels" in config.baselines:
             self.sources["raw_pixels"] = features.raw_pixels(self.image_size)
         self.computed: list[tuple[str, str]] = []   # features computed (not loaded from the cache) here

@@ -81,7 +81,7 @@ class FeatureSource:
 def at_size(preprocess: Callable[[torch.Tensor], torch.Tensor], size: Optional[int]):
     """``preprocess`` followed by a bilinear (antialiased) resize to ``size`` × ``size``.
 
-    The evaluation's ``input_size``: a backbone pretrained on small random crops can give better
+    The evaluation's ``frozen_input_size``: a backbone pretrained on small random crops can give better
     frozen features when evaluated above its training resolution (Touvron et al., "Fixing the
     train-test resolution discrepancy", NeurIPS 2019); the size is a hyper-parameter picked on val.
     ``size=None`` returns ``preprocess`` itself. Normalisation is per-channel affine, so resizing

@@ -54,24 +54,27 @@ class LinearClassifier:
 
 def fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: float, multilabel: bool = False,
                ignore: Optional[torch.Tensor] = None, max_iter: int = 100,
-               init: Optional[LinearClassifier] = None) -> LinearClassifier:
+               init: Optional[LinearClassifier] = None, dtype: torch.dtype = torch.float32) -> LinearClassifier:
     """Minimise mean loss + ½·λ·‖W‖² with full-batch L-BFGS, from zero or from ``init``.
+
+    float32 by default: on Fashion-MNIST features (256-d and 784-d raw pixels, 54k samples) float64
+    chose the same λ, with val/test top-1 within 0.1 point at every λ, in 1.6x the time.
 
     Shape: x (N, D) float (already standardised); y (N,) int for softmax, (N, C) {0,1} for
     one-vs-rest; ignore (N, C) bool marks (sample, class) pairs left out of the loss (VOC difficult).
     """
-    x = x.double()
+    x = x.to(dtype)
     if init is None:
-        w = torch.zeros(x.shape[1], n_classes, dtype=torch.float64, requires_grad=True)
-        b = torch.zeros(n_classes, dtype=torch.float64, requires_grad=True)
+        w = torch.zeros(x.shape[1], n_classes, dtype=dtype, requires_grad=True)
+        b = torch.zeros(n_classes, dtype=dtype, requires_grad=True)
     else:
-        w = init.weight.detach().double().clone().requires_grad_(True)
-        b = init.bias.detach().double().clone().requires_grad_(True)
+        w = init.weight.detach().to(dtype).clone().requires_grad_(True)
+        b = init.bias.detach().to(dtype).clone().requires_grad_(True)
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
                             tolerance_change=1e-10, line_search_fn="strong_wolfe")
     if multilabel:
-        target = y.double()
-        weight = None if ignore is None else (~ignore.bool()).double()
+        target = y.to(dtype)
+        weight = None if ignore is None else (~ignore.bool()).to(dtype)
 
     def closure():
         opt.zero_grad()

@@ -122,16 +122,15 @@ def _train(ev: Evaluation, objective, idx: Optional[torch.Tensor], epochs: int, 
     if idx is not None:
         images, y, ig = images[idx], y[idx], (ig[idx] if ig is not None else None)
     c = ev.config
-    preprocess = features.at_size(objective.preprocess, ev.input_size)
-    return train_classifier(objective.backbone, preprocess, images, y, ev.n_classes, image_size=ev.image_size, epochs=epochs, head_lr=c.finetune_lr,
+    return train_classifier(objective.backbone, objective.preprocess, images, y, ev.n_classes, image_size=ev.image_size, epochs=epochs, head_lr=c.finetune_lr,
                             backbone_lr=c.finetune_lr * backbone_lr_ratio, weight_decay=c.finetune_weight_decay,
                             batch_size=c.finetune_batch_size, seed=c.seed, device=ev.device,
                             multilabel=ev.multilabel, ignore=ig, precision=c.precision)
 
 
 def _finetune_result(ev: Evaluation, model, preprocess, protocol: str, source: str, **extra) -> Result:
-    logits = predict(model, features.at_size(preprocess, ev.input_size), ev.split("test")["image"], ev.device,
-                     ev.config.batch_size, ev.config.precision)
+    logits = predict(model, preprocess, ev.split("test")["image"], ev.device, ev.config.batch_size,
+                     ev.config.precision)
     d = classifier_metrics(logits, ev.split("test"), ev.n_classes, ev.multilabel)
     r = Result(protocol, source, details=d)
     r.add(protocol, "mAP" if ev.multilabel else "top1", d["mAP"] if ev.multilabel else d["top1"], **extra)
@@ -207,5 +206,5 @@ def run_supervised(ev: Evaluation) -> Result:
     objective = _Wrapped(init)
     objective.backbone = model.backbone
     ev.sources["supervised"] = features.trained("supervised", objective, hashlib.sha256(data).hexdigest(), ev.device,
-                                                ev.input_size)
+                                                ev.frozen_input_size)
     return r

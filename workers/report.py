@@ -208,7 +208,8 @@ def render_markdown(report: dict) -> str:
           "- samples: " + ", ".join(f"{s} {n}" for s, n in r["splits"].items())
           + (f" (at most {cfg['limit']} per split)" if cfg.get("limit") else ""),
           f"- networks run at {cfg.get('precision', 'fp32')}"
-          + (f", on images resized to {cfg['input_size']} px (evaluation input_size)" if cfg.get("input_size") else ""),
+          + (f"; frozen features from images resized to {cfg['frozen_input_size']} px (frozen_input_size; "
+             f"fine-tuning at the pretraining size)" if cfg.get("frozen_input_size") else ""),
           "",
           "## Results", "", results_table(r), "",
           "Every number was computed in this run on the same splits and samples; \"not run\" marks a cell "

@@ -232,11 +232,11 @@ def test_bf16_features_match_fp32_and_are_cached_apart(labelled_run, tmp_path):
     assert cos.min() > 0.99, cos.min()
 
 
-def test_input_size_resizes_for_every_network_and_is_cached_apart(labelled_run, tmp_path):
+def test_frozen_input_size_resizes_for_every_network_and_is_cached_apart(labelled_run, tmp_path):
     run = _copy(labelled_run, tmp_path)
     native = Evaluation(run, eval_config(protocols=("knn",), precision="fp32", **QUICK))
-    big = Evaluation(run, eval_config(protocols=("knn",), precision="fp32", input_size=16, **QUICK))
-    assert native.input_size is None and big.input_size == 16                       # the run is at 8 px
+    big = Evaluation(run, eval_config(protocols=("knn",), precision="fp32", frozen_input_size=16, **QUICK))
+    assert native.frozen_input_size is None and big.frozen_input_size == 16                       # the run is at 8 px
     images = big.split("test")["image"][:4]
     assert big.sources["pretrained"].preprocess(images).shape[-2:] == (16, 16)
     assert big.sources["random_init"].preprocess(images).shape[-2:] == (16, 16)
@@ -245,11 +245,12 @@ def test_input_size_resizes_for_every_network_and_is_cached_apart(labelled_run, 
     a, b = native.features("pretrained", "test"), big.features("pretrained", "test")
     assert ("pretrained", "test") in big.computed and not torch.equal(a, b)
     # asking for the native size is the native evaluation (same cache entry)
-    same = Evaluation(run, eval_config(protocols=("knn",), precision="fp32", input_size=8, **QUICK))
-    assert same.input_size is None and same.sources["pretrained"].key == native.sources["pretrained"].key
-    # fine-tuning sees the same size: the report says so and the protocol runs end to end
-    report = evaluate(run, eval_config(protocols=("finetune",), baselines=(), input_size=16, **QUICK), log=lambda *a: None)
-    assert [r["protocol"] for r in report["results"]] == ["finetune"]
+    same = Evaluation(run, eval_config(protocols=("knn",), precision="fp32", frozen_input_size=8, **QUICK))
+    assert same.frozen_input_size is None and same.sources["pretrained"].key == native.sources["pretrained"].key
+    # the whole stage runs with it, and the report says which size the frozen features came from
+    report = evaluate(run, eval_config(protocols=("knn", "finetune"), baselines=(), frozen_input_size=16, **QUICK),
+                      log=lambda *a: None)
+    assert sorted(r["protocol"] for r in report["results"]) == ["finetune", "knn"]
     assert "resized to 16 px" in open(os.path.join(run, "report.md")).read()
 
 

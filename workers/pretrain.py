@@ -111,6 +111,7 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- the worker loop
 
 def train_loop_per_worker(cfg: dict) -> None:
+    t_enter = time.time()  # start-up phases go into the first_step event of metrics.jsonl
     import ray.train
     import ray.train.torch
     import torch.distributed as dist
@@ -178,6 +179,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     if log is not None and resumed_from:
         log.append({"event": "resumed", "step": start_step, "from": str(resumed_from), "time": time.time()})
 
+    t_ready = time.time()
     knn_sets = None
 
     def knn_monitor() -> Optional[float]:
@@ -210,7 +212,7 @@ def train_loop_per_worker(cfg: dict) -> None:
             ray.train.report(metrics)
 
     # --- the loop
-    step = start_step
+    step, t_batch = start_step, None
     t_log, seen_log, loss_sum, loss_n, wait_log = time.perf_counter(), 0, 0.0, 0, 0.0
     while step < total:
         epoch, in_epoch = divmod(step, spe)
@@ -221,6 +223,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         t_fetch = time.perf_counter()
         for batch in batches:
             wait_log += time.perf_counter() - t_fetch  # time spent waiting on the data stream
+            t_batch = t_batch or time.time()
             images = batch["image"].to(device, non_blocking=True)
             views = core.make_views(images, generator=gen)
             if config.channels_last:
@@ -260,7 +263,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             core.after_step()
             step += 1
             if log is not None and step == start_step + 1:  # time-to-first-step, for the benchmark
-                log.append({"event": "first_step", "step": step, "time": time.time(), "threads": torch.get_num_threads()})
+                log.append({"event": "first_step", "step": step, "time": time.time(), "threads": torch.get_num_threads(),
+                            "loop_entered": t_enter, "model_ready": t_ready, "first_batch": t_batch})
 
             end_of_epoch = step % spe == 0 or step == total
             if step % config.log_every == 0 or end_of_epoch or step % config.checkpoint_every == 0:

@@ -136,7 +136,7 @@ class Evaluation:
         if size is not None and self.checkpoint.config.backbone.startswith("vit"):
             raise ConfigError(f"evaluate: frozen_input_size {size} differs from the ViT's image_size "
                               f"{self.image_size}; its position embeddings are fixed, leave frozen_input_size unset")
-        self.frozen_input_size = size                      # None: the networks see image_size
+        self.frozen_input_size = size               # None: the frozen backbones see image_size
         self.classes = manifest.get("classes") or []
         self.multilabel = bool(manifest.get("multilabel"))
         self.protocols, self.refused = plan(manifest, config)

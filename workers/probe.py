@@ -10,7 +10,7 @@ picked from a small grid by the score on ``val`` (top-1, or mAP for multi-label)
 trained on ``train`` with that λ is the one reported on ``test``. The grid is walked from the
 largest λ down, each fit starting from the previous solution (a warm-started regularisation
 path, as in glmnet / scikit-learn's ``warm_start``): the small-λ fits, which converge slowest from
-zero, start near their optimum, so the same iteration budget gets much closer to it.
+zero, start near their optimum.
 """
 from __future__ import annotations
 

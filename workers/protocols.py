@@ -122,7 +122,8 @@ def _train(ev: Evaluation, objective, idx: Optional[torch.Tensor], epochs: int, 
     if idx is not None:
         images, y, ig = images[idx], y[idx], (ig[idx] if ig is not None else None)
     c = ev.config
-    return train_classifier(objective.backbone, objective.preprocess, images, y, ev.n_classes, image_size=ev.image_size, epochs=epochs, head_lr=c.finetune_lr,
+    return train_classifier(objective.backbone, objective.preprocess, images, y, ev.n_classes,
+                            image_size=ev.image_size, epochs=epochs, head_lr=c.finetune_lr,
                             backbone_lr=c.finetune_lr * backbone_lr_ratio, weight_decay=c.finetune_weight_decay,
                             batch_size=c.finetune_batch_size, seed=c.seed, device=ev.device,
                             multilabel=ev.multilabel, ignore=ig, precision=c.precision)

@@ -105,6 +105,16 @@ def to_float(images: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"to_float expects uint8 (0-255) or float (0-1) images, got {images.dtype}")
 
 
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Bilinear, antialiased resize of a float batch to ``size`` × ``size``; a no-op at that size already.
+
+    Shape: x (B, C, H, W) float → (B, C, size, size).
+    """
+    if tuple(x.shape[-2:]) == (size, size):
+        return x
+    return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
 def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float] = (0.2, 1.0),
                         ratio: tuple[float, float] = (3 / 4, 4 / 3),
                         generator: Optional[torch.Generator] = None) -> torch.Tensor:

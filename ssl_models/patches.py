@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_models.augment import ViewConfig, horizontal_flip, normalize, random_resized_crop, to_float
+from ssl_models.augment import ViewConfig, horizontal_flip, normalize, random_resized_crop, resize, to_float
 
 _VIEW_DEFAULTS = ViewConfig()
 
@@ -301,8 +301,8 @@ def prepare_images(images: torch.Tensor, size: int, crop_scale: tuple[float, flo
         raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
     if crop_scale[0] < 1.0:
         x = random_resized_crop(x, size, scale=crop_scale, generator=generator)
-    elif tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    else:
+        x = resize(x, size)
     if flip_p > 0:
         x = horizontal_flip(x, flip_p, generator=generator)
     return x

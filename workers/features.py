@@ -90,14 +90,9 @@ def at_size(preprocess: Callable[[torch.Tensor], torch.Tensor], size: Optional[i
     if size is None:
         return preprocess
 
-    def resized(images: torch.Tensor) -> torch.Tensor:
-        x = preprocess(images)
-        if x.shape[-2:] != (size, size):
-            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False,
-                                                antialias=True)
-        return x
+    from ssl_models.augment import resize
 
-    return resized
+    return lambda images: resize(preprocess(images), size)
 
 
 def _sized_key(key: str, input_size: Optional[int]) -> str:

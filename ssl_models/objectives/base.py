@@ -74,14 +74,9 @@ class Objective(nn.Module):
 
         Shape: images (B, C, H, W) uint8 → (B, C, image_size, image_size) float32.
         """
-        import torch.nn.functional as F
+        from ssl_models.augment import normalize, resize, to_float
 
-        from ssl_models.augment import normalize, to_float
-
-        x = to_float(images)
-        if x.shape[-2:] != (self.image_size, self.image_size):
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False,
-                              antialias=True)
+        x = resize(to_float(images), self.image_size)
         cfg = getattr(self, "view_config", None)
         mean, std = (cfg.mean, cfg.std) if cfg is not None else ((0.5,), (0.5,))
         return normalize(x, mean, std)

@@ -166,3 +166,14 @@ def test_same_seed_same_views_on_gpu():
     gpu = A.view(images.cuda(), cfg, generator=_gen(5))
     assert gpu.device.type == "cuda"
     assert torch.allclose(cpu, gpu.cpu(), atol=1e-4)
+
+
+def test_resize_is_a_no_op_at_size_and_antialiased_otherwise():
+    x = torch.rand(2, 3, 28, 28)
+    assert A.resize(x, 28) is x
+    up = A.resize(x, 32)
+    assert up.shape == (2, 3, 32, 32)
+    assert torch.allclose(A.resize(torch.full((1, 1, 28, 28), 0.3), 16), torch.full((1, 1, 16, 16), 0.3))
+    # downsizing averages (antialias): a 1-pixel checkerboard becomes flat grey, not aliased stripes
+    checker = (torch.arange(28)[:, None] + torch.arange(28)[None, :]).remainder(2).float()[None, None]
+    assert (A.resize(checker, 7) - 0.5).abs().max() < 0.1

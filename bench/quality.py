@@ -42,7 +42,6 @@ LIGHTLY = {"simclr", "moco", "byol", "swav"}
 
 
 def score(backbone, preprocess, data) -> dict:
-    backbone = backbone.to(memory_format=torch.channels_last)
     f = {s: features(backbone, preprocess, data[s]["image"]) for s in ("train", "val", "test")}
     y = {s: data[s]["label"] for s in f}
     p = linear_probe((f["train"], y["train"], None), (f["val"], y["val"], None), (f["test"], y["test"], None), 10)

@@ -124,8 +124,8 @@ def main() -> None:
     def supervised(n_images: int) -> tuple[dict, float]:
         torch.manual_seed(0)
         obj = build_objective(cfg, 1)
-        epochs = max(1, -(-n_images // n_train))        # whole passes over a random subset
-        idx = torch.randperm(n_train)[:n_images // epochs]
+        epochs = max(1, round(n_images / n_train))       # whole passes over a random subset
+        idx = torch.randperm(n_train)[:min(n_train, n_images // epochs)]
         t0 = time.perf_counter()
         model = train_classifier(obj.backbone, obj.preprocess, data["train"]["image"][idx],
                                  data["train"]["label"][idx], 10, image_size=28, epochs=epochs, head_lr=1e-2,

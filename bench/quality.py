@@ -121,7 +121,7 @@ def main() -> None:
     cfg = load_config(os.path.join(REPO, "configs", "fashion_mnist_simclr.yaml"), [])
     n_train = len(data["train"]["image"])
 
-    def supervised(n_images: int) -> tuple[dict, float]:
+    def supervised(n_images: int) -> tuple[dict, float, int]:
         torch.manual_seed(0)
         obj = build_objective(cfg, 1)
         epochs = max(1, round(n_images / n_train))       # whole passes over a random subset
@@ -132,18 +132,18 @@ def main() -> None:
                                  backbone_lr=1e-2, weight_decay=1e-4, batch_size=cfg.batch_size, seed=0,
                                  device="cpu", precision="bf16")
         wall = time.perf_counter() - t0
-        return score(model.backbone, obj.preprocess, data), wall
+        return score(model.backbone, obj.preprocess, data), wall, len(idx) * epochs
 
     n = a.steps * cfg.batch_size
-    scores, wall = supervised(n)
+    scores, wall, _ = supervised(n)
     rows.append({"method": "supervised", "impl": f"gelato train_classifier, labels, {n} images",
                  "steps": a.steps, "wall_s": round(wall, 1)} | scores)
     print(json.dumps(rows[-1]), flush=True)
     if a.supervised_seconds:
         n2 = int(n * a.supervised_seconds / wall)
-        scores, wall2 = supervised(n2)
-        rows.append({"method": "supervised", "impl": f"gelato train_classifier, labels, {n2} images "
-                     f"(~{a.supervised_seconds:.0f} s asked)", "steps": n2 // cfg.batch_size,
+        scores, wall2, seen = supervised(n2)
+        rows.append({"method": "supervised", "impl": f"gelato train_classifier, labels, {seen} images "
+                     f"(~{a.supervised_seconds:.0f} s asked)", "steps": seen // cfg.batch_size,
                      "wall_s": round(wall2, 1)} | scores)
         print(json.dumps(rows[-1]), flush=True)
     print(f"\nmachine: {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}; {a.steps} steps of batch "

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from workers.knn import extract_features
-from workers.pretrain import _atomic_write, build_objective
+from workers.pretrain import build_objective
 from workers.storage import RunLocation
 
 FEATURE_DIR = "eval/features"
@@ -141,7 +141,7 @@ def write_file(loc: RunLocation, rel: str, data: bytes, fs=None) -> None:
         with fs.open(loc.join(rel), "wb") as f:
             f.write(data)
     else:
-        _atomic_write(loc, rel, data)
+        loc.write_atomic(rel, data)
 
 
 def cached_features(loc: RunLocation, source: FeatureSource, split: str, data: dict, device: str,

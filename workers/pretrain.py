@@ -38,21 +38,6 @@ class NonFiniteLoss(RuntimeError):
 
 # ----------------------------------------------------------------------------- small helpers
 
-def _atomic_write(loc: RunLocation, rel: str, data: bytes) -> None:
-    """Write ``data`` to ``loc/rel`` whole or not at all (local: temp + rename; S3: one PUT)."""
-    fs = loc.fs()
-    path = loc.join(rel)
-    if loc.is_s3:
-        with fs.open(path, "wb") as f:
-            f.write(data)
-        return
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
-
-
 def _read_json(loc: RunLocation, rel: str) -> Optional[dict]:
     try:
         with loc.fs().open(loc.join(rel), "r") as f:
@@ -105,7 +90,7 @@ class MetricsLog:
                 f.write(self.lines[-1] + "\n")
 
     def _flush(self) -> None:
-        _atomic_write(self.loc, self.rel, "".join(ln + "\n" for ln in self.lines).encode())
+        self.loc.write_atomic(self.rel, "".join(ln + "\n" for ln in self.lines).encode())
 
 
 # ----------------------------------------------------------------------------- the worker loop
@@ -328,10 +313,10 @@ def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objec
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    _atomic_write(loc, f"{FINAL_DIR}/backbone.pt", buf.getvalue())
+    loc.write_atomic(f"{FINAL_DIR}/backbone.pt", buf.getvalue())
     summary = {"steps": step, "total_steps": total, "training_hash": config.training_hash(),
                "objective": config.objective, "backbone": config.backbone, "finished": time.time()}
-    _atomic_write(loc, f"{FINAL_DIR}/summary.json", json.dumps(summary, indent=1).encode())
+    loc.write_atomic(f"{FINAL_DIR}/summary.json", json.dumps(summary, indent=1).encode())
 
 
 def load_backbone(path_or_uri: str, storage_options: Optional[dict] = None):
@@ -406,7 +391,7 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     if status == "finished":
         log(f"{run}: pretraining already finished ({FINAL_DIR}/backbone.pt); nothing to do")
         return _read_json(loc, f"{FINAL_DIR}/summary.json")
-    _atomic_write(loc, "config.yaml", config.to_yaml().encode())
+    loc.write_atomic("config.yaml", config.to_yaml().encode())
 
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig

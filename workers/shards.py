@@ -238,8 +238,8 @@ def write_shard(loc: RunLocation, source: Source, spec: ShardSpec, image_format:
         os.replace(tmp, final)
     elif not fs.exists(final):  # s3fs uploads on close; make sure the object really exists
         raise IngestError(f"shard {final} was written but is not visible on S3 after upload")
-    with fs.open(_state_path(loc, spec), "w") as f:
-        json.dump({"digest": spec.digest, "result": asdict(result)}, f)
+    # Atomic: a crash while the state is written must not leave a state file that reads as empty.
+    loc.write_atomic(f"{STATE_DIR}/{spec.name}.json", json.dumps({"digest": spec.digest, "result": asdict(result)}), fs)
     return result
 
 
@@ -279,9 +279,10 @@ def prepare_run(loc: RunLocation, plan: IngestPlan, overwrite: bool = False) -> 
     if not loc.is_s3:
         os.makedirs(loc.join(SHARD_DIR), exist_ok=True)
         os.makedirs(loc.join(STATE_DIR), exist_ok=True)
-        for fn in os.listdir(loc.join(SHARD_DIR)):
-            if fn.startswith(".") and ".tmp-" in fn:
-                os.remove(loc.join(SHARD_DIR, fn))
+        for sub in (SHARD_DIR, STATE_DIR):
+            for fn in os.listdir(loc.join(sub)):
+                if fn.startswith(".") and ".tmp-" in fn:
+                    os.remove(loc.join(sub, fn))
     return None
 
 
@@ -325,15 +326,7 @@ def finalize(loc: RunLocation, plan: IngestPlan, results: list[ShardResult]) -> 
     for path in fs.glob(loc.join(SHARD_DIR, "*.tar")):
         if os.path.basename(path) not in keep:
             fs.rm(path)
-    text = json.dumps(manifest, indent=1, sort_keys=False)
-    if loc.is_s3:
-        with fs.open(loc.join(MANIFEST), "w") as f:
-            f.write(text)
-    else:
-        tmp = loc.join(f".{MANIFEST}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(text)
-        os.replace(tmp, loc.join(MANIFEST))
+    loc.write_atomic(MANIFEST, json.dumps(manifest, indent=1, sort_keys=False), fs)
     return manifest
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,6 +41,29 @@ class RunLocation:
 
     def fs(self) -> fsspec.AbstractFileSystem:
         return filesystem(self.uri, self.storage_options)
+
+    def write_atomic(self, rel: str, data: bytes | str, fs: fsspec.AbstractFileSystem | None = None) -> None:
+        """Write ``data`` to ``<run>/rel`` so that readers see the old file or the whole new one.
+
+        Locally through a hidden temporary name in the same folder and ``os.replace``; on S3 an
+        object only becomes visible when its upload completes, so the key is written in one PUT.
+        """
+        path = self.join(rel)
+        data = data.encode() if isinstance(data, str) else data
+        if self.is_s3:
+            with (fs or self.fs()).open(path, "wb") as f:
+                f.write(data)
+            return
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        tmp = os.path.join(folder, f".{name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
 
 
 def s3_options_from_env(storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -47,6 +47,18 @@ class ResNetBackbone(nn.Module):
         """Shape: x (B, C, H, W) float → (B, feature_dim)."""
         return self.net(x)
 
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of the last two stages, before pooling (for frozen-feature evaluation).
+
+        Shape: x (B, C, H, W) → [layer3 (B, 4·width·e, H/4, W/4), layer4 (B, feature_dim, H/8, W/8)]
+        with the small stem (``e``: the block expansion); the global average of the last one is
+        ``forward(x)``.
+        """
+        n = self.net
+        h = n.layer2(n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x))))))
+        h3 = n.layer3(h)
+        return [h3, n.layer4(h3)]
+
 
 class _WidthResNet(tv_resnet.ResNet):
     """torchvision's ResNet with a configurable base width (64 → 64/128/256/512 channels)."""
@@ -98,6 +110,11 @@ class SmallCNN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Shape: x (B, C, H, W) float → (B, 4·width)."""
         return self.features(x)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The outputs of the last two conv blocks, before pooling: [(B, 4w, H/8, W/8)] × 2."""
+        h3 = self.features[:12](x)           # blocks 1–3 (conv, BN, ReLU, max-pool each)
+        return [h3, self.features[12:15](h3)]  # block 4 (conv, BN, ReLU); then global pool + flatten
 
 
 # Builders take explicit keywords only (no **kwargs), so a typo in a config's backbone_params

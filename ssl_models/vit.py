@@ -177,6 +177,22 @@ class VisionTransformer(nn.Module):
         """Shape: x (B, C, H, W) float → (B, dim), the class-token feature."""
         return self.forward_features(x)[:, 0]
 
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Patch tokens of the last two blocks (final LayerNorm applied), laid out on the patch grid.
+
+        Shape: x (B, C, H, W) → [(B, dim, H/patch, W/patch)] × 2 (for frozen-feature evaluation).
+        """
+        h = self._with_cls(self.embed(x))
+        outs = []
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i >= len(self.blocks) - 2:
+                outs.append(self.norm(h)[:, 1:])
+        if len(outs) == 1:  # a one-block ViT: its embedding stands in for the earlier stage
+            outs.insert(0, self.norm(self.embed(x)))
+        g = self.grid_size
+        return [t.transpose(1, 2).reshape(t.shape[0], self.dim, g, g) for t in outs]
+
     def forward_encoder(self, x: torch.Tensor, mask_ratio: float, generator: torch.Generator | None = None,
                         noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """MAE encoder: drop a random ``mask_ratio`` of the patches, encode the visible ones.

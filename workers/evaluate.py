@@ -72,6 +72,11 @@ class EvalConfig(BaseModel):
         None, ge=8, description="resolution the frozen backbones see (probe, kNN, few-label probe); default: "
                                 "the pretraining image_size. Fine-tuning stays at image_size. Pick it on val "
                                 "(see workers.features.at_size)")
+    frozen_grid: int = Field(
+        1, ge=1, le=4, description="frozen features (probe, kNN, few-label probe): each of the last frozen_stages "
+                                   "feature maps average-pooled to a grid × grid grid and concatenated (Goyal et "
+                                   "al. 2019); 1 with frozen_stages 1 is the backbone's own output (global pool)")
+    frozen_stages: int = Field(1, ge=1, le=2, description="how many of the last stages frozen_grid pools (1 or 2)")
     precision: Literal["fp32", "bf16"] = Field(
         "bf16", description="bf16 autocast + channels_last for feature extraction and fine-tuning (CPU and GPU)")
     limit: Optional[int] = Field(None, ge=2, description="at most this many samples per split (quick runs)")
@@ -137,14 +142,15 @@ class Evaluation:
             raise ConfigError(f"evaluate: frozen_input_size {size} differs from the ViT's image_size "
                               f"{self.image_size}; its position embeddings are fixed, leave frozen_input_size unset")
         self.frozen_input_size = size               # None: the frozen backbones see image_size
+        self.frozen_view = features.FrozenView(size, config.frozen_grid, config.frozen_stages)
         self.classes = manifest.get("classes") or []
         self.multilabel = bool(manifest.get("multilabel"))
         self.protocols, self.refused = plan(manifest, config)
         self.sources: dict[str, features.FeatureSource] = {
-            "pretrained": features.pretrained(self.checkpoint, self.device, self.frozen_input_size)}
+            "pretrained": features.pretrained(self.checkpoint, self.device, self.frozen_view)}
         if "random_init" in config.baselines:
             self.sources["random_init"] = features.random_init(self.checkpoint.config, manifest["channels"],
-                                                               config.seed, self.device, self.frozen_input_size)
+                                                               config.seed, self.device, self.frozen_view)
         if "raw_pixels" in config.baselines:
             self.sources["raw_pixels"] = features.raw_pixels(self.image_size)
         self.computed: list[tuple[str, str]] = []   # features computed (not loaded from the cache) here

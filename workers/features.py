@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from workers.knn import extract_features
@@ -45,6 +46,45 @@ def to_layout(x: torch.Tensor, precision: str) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if precision != "fp32" and x.ndim == 4 else x
 
 
+@dataclass(frozen=True)
+class FrozenView:
+    """How a frozen network's images and features are taken (the evaluation's ``frozen_*`` settings).
+
+    ``input_size``: the side the images are resized to (None: as stored). ``grid`` and ``stages``:
+    the last ``stages`` feature maps are each average-pooled to a ``grid × grid`` grid and
+    concatenated, as in the linear-evaluation benchmark of Goyal et al., "Scaling and Benchmarking
+    Self-Supervised Visual Representation Learning", ICCV 2019 (which pools every ResNet stage to
+    ~9k dimensions). ``grid=1, stages=1`` is the backbone's own output (the usual global average
+    pool, or a ViT's class token).
+    """
+
+    input_size: Optional[int] = None
+    grid: int = 1
+    stages: int = 1
+
+    @property
+    def pooled(self) -> bool:
+        """True when the features are pooled feature maps rather than the backbone's output."""
+        return (self.grid, self.stages) != (1, 1)
+
+    def key(self, key: str) -> str:
+        """The feature-cache folder for ``key`` seen through this view."""
+        key = key if self.input_size is None else f"{key}-{self.input_size}px"
+        return f"{key}-grid{self.grid}x{self.stages}" if self.pooled else key
+
+
+def pooled_feature_maps(module: nn.Module, x: torch.Tensor, grid: int, stages: int) -> torch.Tensor:
+    """The last ``stages`` of ``module.feature_maps(x)``, each average-pooled to ``grid × grid``, concatenated.
+
+    Shape: x (B, C, H, W) → (B, Σ_s C_s · grid²), flattened channel-major per stage.
+    """
+    if not hasattr(module, "feature_maps"):
+        raise ValueError(f"{type(module).__name__} exposes no feature_maps(); evaluate it with frozen_grid=1 "
+                         "and frozen_stages=1")
+    maps = module.feature_maps(x)[-stages:]
+    return torch.cat([F.adaptive_avg_pool2d(m, grid).flatten(1) for m in maps], dim=1)
+
+
 @dataclass
 class FeatureSource:
     """What turns images into features. ``module`` is None for raw pixels."""
@@ -54,6 +94,7 @@ class FeatureSource:
     preprocess: Callable[[torch.Tensor], torch.Tensor]  # uint8 (B, C, H, W) → network input
     module: Optional[nn.Module] = None
     standardize_for_knn: bool = False                   # raw pixels: kNN on standardised dimensions
+    view: FrozenView = FrozenView()                     # grid/stages: pooled feature maps instead of the output
     _channels_last: bool = False                        # module weights already in channels_last
 
     @torch.no_grad()
@@ -75,6 +116,8 @@ class FeatureSource:
                 self._channels_last = True
         x = to_layout(x, precision)
         with autocast(x.device.type, precision):
+            if self.view.pooled:
+                return pooled_feature_maps(self.module, x, self.view.grid, self.view.stages).float()
             return self.module(x).float()
 
 
@@ -95,26 +138,22 @@ def at_size(preprocess: Callable[[torch.Tensor], torch.Tensor], size: Optional[i
     return lambda images: resize(preprocess(images), size)
 
 
-def _sized_key(key: str, input_size: Optional[int]) -> str:
-    return key if input_size is None else f"{key}-{input_size}px"
+def pretrained(checkpoint, device: str, view: FrozenView = FrozenView()) -> FeatureSource:
+    """The checkpoint's backbone; cache key = hash of the checkpoint file (+ the view if not the default)."""
+    return FeatureSource("pretrained", view.key(checkpoint.short_hash), at_size(checkpoint.objective.preprocess,
+                         view.input_size), checkpoint.backbone.to(device).eval(), view=view)
 
 
-def pretrained(checkpoint, device: str, input_size: Optional[int] = None) -> FeatureSource:
-    """The checkpoint's backbone; cache key = hash of the checkpoint file (+ the input size if set)."""
-    return FeatureSource("pretrained", _sized_key(checkpoint.short_hash, input_size),
-                         at_size(checkpoint.objective.preprocess, input_size), checkpoint.backbone.to(device).eval())
-
-
-def random_init(config, in_channels: int, seed: int, device: str, input_size: Optional[int] = None) -> FeatureSource:
+def random_init(config, in_channels: int, seed: int, device: str, view: FrozenView = FrozenView()) -> FeatureSource:
     """The same architecture with seeded random weights (and the same input normalisation)."""
     with SEED_LOCK:
         torch.manual_seed(seed)
         objective = build_objective(config, in_channels)
     spec = json.dumps([config.backbone, config.backbone_params, in_channels, config.image_size, seed,
                        torch.__version__], sort_keys=True, default=str)
-    key = _sized_key("random_init-" + hashlib.sha256(spec.encode()).hexdigest()[:16], input_size)
-    return FeatureSource("random_init", key, at_size(objective.preprocess, input_size),
-                         objective.backbone.to(device).eval())
+    key = view.key("random_init-" + hashlib.sha256(spec.encode()).hexdigest()[:16])
+    return FeatureSource("random_init", key, at_size(objective.preprocess, view.input_size),
+                         objective.backbone.to(device).eval(), view=view)
 
 
 def raw_pixels(image_size: int) -> FeatureSource:
@@ -125,10 +164,10 @@ def raw_pixels(image_size: int) -> FeatureSource:
 
 
 def trained(name: str, objective: nn.Module, weights_sha256: str, device: str,
-            input_size: Optional[int] = None) -> FeatureSource:
+            view: FrozenView = FrozenView()) -> FeatureSource:
     """A backbone trained in this run (the supervised reference), keyed by the hash of its saved file."""
-    return FeatureSource(name, _sized_key(f"{name}-{weights_sha256[:16]}", input_size),
-                         at_size(objective.preprocess, input_size), objective.backbone.to(device).eval())
+    return FeatureSource(name, view.key(f"{name}-{weights_sha256[:16]}"), at_size(objective.preprocess, view.input_size),
+                         objective.backbone.to(device).eval(), view=view)
 
 
 def keys_digest(keys: list[str]) -> str:

@@ -207,5 +207,5 @@ def run_supervised(ev: Evaluation) -> Result:
     objective = _Wrapped(init)
     objective.backbone = model.backbone
     ev.sources["supervised"] = features.trained("supervised", objective, hashlib.sha256(data).hexdigest(), ev.device,
-                                                ev.frozen_input_size)
+                                                ev.frozen_view)
     return r

@@ -209,7 +209,11 @@ def render_markdown(report: dict) -> str:
           + (f" (at most {cfg['limit']} per split)" if cfg.get("limit") else ""),
           f"- networks run at {cfg.get('precision', 'fp32')}"
           + (f"; frozen features from images resized to {cfg['frozen_input_size']} px (frozen_input_size; "
-             f"fine-tuning at the pretraining size)" if cfg.get("frozen_input_size") else ""),
+             f"fine-tuning at the pretraining size)" if cfg.get("frozen_input_size") else "")
+          + (f"; frozen features: the last {cfg.get('frozen_stages', 1)} stage(s) average-pooled to a "
+             f"{cfg['frozen_grid']}×{cfg['frozen_grid']} grid and concatenated (frozen_grid, frozen_stages; "
+             f"Goyal et al. 2019), not only the global pool"
+             if (cfg.get("frozen_grid", 1), cfg.get("frozen_stages", 1)) != (1, 1) else ""),
           "",
           "## Results", "", results_table(r), "",
           "Every number was computed in this run on the same splits and samples; \"not run\" marks a cell "

@@ -254,6 +254,26 @@ def test_frozen_input_size_resizes_for_every_network_and_is_cached_apart(labelle
     assert "resized to 16 px" in open(os.path.join(run, "report.md")).read()
 
 
+def test_frozen_grid_pools_the_last_stages_for_every_network_and_is_cached_apart(labelled_run, tmp_path):
+    run = _copy(labelled_run, tmp_path)
+    q = dict(protocols=("probe",), precision="fp32", frozen_input_size=16, **QUICK)
+    native = Evaluation(run, eval_config(**q))
+    grid = Evaluation(run, eval_config(frozen_grid=2, frozen_stages=2, **q))
+    for src in ("pretrained", "random_init"):
+        net = grid.sources[src].module
+        a, b = native.features(src, "test"), grid.features(src, "test")
+        channels = [m.shape[1] for m in net.feature_maps(torch.zeros(1, 1, 16, 16))]
+        assert b.shape == (len(a), 4 * sum(channels))                   # two stages, 2×2 cells each
+        # the last stage's four cells average to the global pool the default evaluation uses
+        last = b[:, -4 * channels[-1]:].reshape(len(b), channels[-1], 4).mean(-1)
+        torch.testing.assert_close(last, a, rtol=1e-4, atol=1e-5)
+        assert grid.sources[src].key == native.sources[src].key + "-grid2x2"
+    assert grid.sources["raw_pixels"].key == native.sources["raw_pixels"].key   # pixels are pixels
+    report = evaluate(run, eval_config(frozen_grid=2, frozen_stages=2, baselines=(), **q), log=lambda *a: None)
+    assert report["results"][0]["protocol"] == "probe"
+    assert "2×2 grid" in open(os.path.join(run, "report.md")).read()
+
+
 def test_ray_checkpoint_folder_gives_the_same_features(labelled_run, tmp_path):
     run = _copy(labelled_run, tmp_path)
     ev = Evaluation(run, eval_config(**QUICK))

@@ -12,15 +12,23 @@ help:
 	@echo "make demo   # the whole pipeline on Fashion-MNIST into $(RUN) (creates/reuses .venv)"
 	@echo "make test   # run the test suite (creates/reuses .venv with test extras)"
 
+# pip byte-compiles every installed module one file at a time (95 of the 190 s a fresh install took
+# here); installing with --no-compile and then compiling on every core with compileall takes 45 s.
+# (Compile errors in packages' own stray files are ignored, as pip ignores them.)
+PIP      := $(BIN)/python -m pip install -q --no-compile
+COMPILE  := $(BIN)/python -m compileall -qq -j 0 $(VENV)/lib >/dev/null 2>&1 || true
+
 # The stamp files make a second run instant; they are rebuilt when pyproject.toml changes.
 $(VENV)/.installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e .
+	$(PIP) --upgrade pip
+	$(PIP) -e .
+	@$(COMPILE)
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(PIP) -e '.[test]'
+	@$(COMPILE)
 	@touch $@
 
 venv: $(VENV)/.installed

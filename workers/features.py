@@ -176,11 +176,7 @@ def keys_digest(keys: list[str]) -> str:
 
 def write_file(loc: RunLocation, rel: str, data: bytes, fs=None) -> None:
     """``loc/rel`` written whole or not at all; on S3 through ``fs`` when given (one PUT)."""
-    if loc.is_s3 and fs is not None:
-        with fs.open(loc.join(rel), "wb") as f:
-            f.write(data)
-    else:
-        loc.write_atomic(rel, data)
+    loc.write_atomic(rel, data, fs)
 
 
 def cached_features(loc: RunLocation, source: FeatureSource, split: str, data: dict, device: str,

@@ -28,6 +28,7 @@ from workers import features  # noqa: E402
 from workers.evaluate import Evaluation, eval_config  # noqa: E402
 from workers.knn import knn_accuracy  # noqa: E402
 from workers.probe import linear_probe  # noqa: E402
+from workers.protocols import _Wrapped  # noqa: E402
 
 SUPERVISED = "eval/supervised/backbone.pt"
 
@@ -40,11 +41,10 @@ def supervised_source(ev: Evaluation) -> features.FeatureSource:
             data = f.read()
     except FileNotFoundError:
         raise SystemExit(f"{path} not found: run an evaluation with evaluate.baselines including supervised first")
-    # A fresh copy of the architecture (its own module: the random_init source stays untouched).
-    net = features.random_init(ev.checkpoint.config, ev.manifest["channels"], ev.config.seed, ev.device).module
-    net.load_state_dict(torch.load(io.BytesIO(data), weights_only=True)["backbone"])
-    holder = type("Trained", (), {"backbone": net, "preprocess": ev.checkpoint.objective.preprocess})
-    return features.trained("supervised", holder, hashlib.sha256(data).hexdigest(), ev.device, ev.frozen_view)
+    # As run_supervised rebuilt it: a fresh copy of the architecture (the random_init source stays untouched).
+    objective = _Wrapped(features.random_init(ev.checkpoint.config, ev.manifest["channels"], ev.config.seed, ev.device))
+    objective.backbone.load_state_dict(torch.load(io.BytesIO(data), weights_only=True)["backbone"])
+    return features.trained("supervised", objective, hashlib.sha256(data).hexdigest(), ev.device, ev.frozen_view)
 
 
 def main() -> None:

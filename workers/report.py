@@ -200,6 +200,7 @@ def _pct(v) -> str:
 
 def render_markdown(report: dict) -> str:
     r, cfg = report, report["eval_config"]
+    grid, stages = cfg.get("frozen_grid", 1), cfg.get("frozen_stages", 1)
     md = [f"# gelato evaluation: {r['run']}", "",
           f"- checkpoint: `{r['checkpoint']}` ({r['checkpoint_kind']}, sha256 `{r['checkpoint_sha256'][:16]}`, "
           f"{r['steps']} steps); objective `{r['objective']}`, backbone `{r['backbone']}`",
@@ -210,10 +211,8 @@ def render_markdown(report: dict) -> str:
           f"- networks run at {cfg.get('precision', 'fp32')}"
           + (f"; frozen features from images resized to {cfg['frozen_input_size']} px (frozen_input_size; "
              f"fine-tuning at the pretraining size)" if cfg.get("frozen_input_size") else "")
-          + (f"; frozen features: the last {cfg.get('frozen_stages', 1)} stage(s) average-pooled to a "
-             f"{cfg['frozen_grid']}×{cfg['frozen_grid']} grid and concatenated (frozen_grid, frozen_stages; "
-             f"Goyal et al. 2019), not only the global pool"
-             if (cfg.get("frozen_grid", 1), cfg.get("frozen_stages", 1)) != (1, 1) else ""),
+          + (f"; frozen features: the last {stages} stage(s) average-pooled to a {grid}×{grid} grid and "
+             f"concatenated (frozen_grid, frozen_stages; Goyal et al. 2019)" if (grid, stages) != (1, 1) else ""),
           "",
           "## Results", "", results_table(r), "",
           "Every number was computed in this run on the same splits and samples; \"not run\" marks a cell "

@@ -1,6 +1,6 @@
 """gelato's science: backbones, heads, batched augmentations and SSL objectives.
 
-Pure PyTorch (torch and torchvision only), usable without the rest of gelato::
+Pure PyTorch (torch only), usable without the rest of gelato::
 
     import ssl_models
     backbone = ssl_models.backbones.build("small_cnn", in_channels=1)

@@ -15,11 +15,12 @@ from typing import Callable
 
 import torch
 from torch import nn
-from torchvision.models import resnet as tv_resnet
+from ssl_models.resnet import BasicBlock, Bottleneck, ResNet
 
 
 class ResNetBackbone(nn.Module):
-    """torchvision ResNet without its classifier; optional small-image stem and width."""
+    """ResNet (torchvision's layout, ``ssl_models.resnet``) without its classifier; optional
+    small-image stem and width."""
 
     def __init__(self, depth: int = 18, in_channels: int = 3, small_stem: bool = False,
                  width: int = 64, zero_init_residual: bool = True):
@@ -28,10 +29,10 @@ class ResNetBackbone(nn.Module):
             raise ValueError(f"ResNet depth must be 18, 34 or 50, got {depth}")
         if in_channels < 1 or width < 8:
             raise ValueError(f"in_channels must be >= 1 and width >= 8, got {in_channels}, {width}")
-        block, layers = {18: (tv_resnet.BasicBlock, [2, 2, 2, 2]),
-                         34: (tv_resnet.BasicBlock, [3, 4, 6, 3]),
-                         50: (tv_resnet.Bottleneck, [3, 4, 6, 3])}[depth]
-        net = _WidthResNet(block, layers, width=width, zero_init_residual=zero_init_residual)
+        block, layers = {18: (BasicBlock, [2, 2, 2, 2]),
+                         34: (BasicBlock, [3, 4, 6, 3]),
+                         50: (Bottleneck, [3, 4, 6, 3])}[depth]
+        net = ResNet(block, layers, width=width, zero_init_residual=zero_init_residual)
         if small_stem:
             net.conv1 = nn.Conv2d(in_channels, width, kernel_size=3, stride=1, padding=1, bias=False)
             net.maxpool = nn.Identity()
@@ -58,35 +59,6 @@ class ResNetBackbone(nn.Module):
         h = n.layer2(n.layer1(n.maxpool(n.relu(n.bn1(n.conv1(x))))))
         h3 = n.layer3(h)
         return [h3, n.layer4(h3)]
-
-
-class _WidthResNet(tv_resnet.ResNet):
-    """torchvision's ResNet with a configurable base width (64 → 64/128/256/512 channels)."""
-
-    def __init__(self, block, layers, width: int = 64, zero_init_residual: bool = True):
-        super().__init__(block, layers, zero_init_residual=zero_init_residual)
-        if width == 64:
-            return
-        # Rebuild the stages at the requested width; torchvision hard-codes 64.
-        self.inplanes = width
-        self.conv1 = nn.Conv2d(3, width, kernel_size=7, stride=2, padding=3, bias=False)
-        self.bn1 = nn.BatchNorm2d(width)
-        self.layer1 = self._make_layer(block, width, layers[0])
-        self.layer2 = self._make_layer(block, width * 2, layers[1], stride=2)
-        self.layer3 = self._make_layer(block, width * 4, layers[2], stride=2)
-        self.layer4 = self._make_layer(block, width * 8, layers[3], stride=2)
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
-        if zero_init_residual:
-            for m in self.modules():
-                if isinstance(m, tv_resnet.Bottleneck):
-                    nn.init.zeros_(m.bn3.weight)
-                elif isinstance(m, tv_resnet.BasicBlock):
-                    nn.init.zeros_(m.bn2.weight)
 
 
 class SmallCNN(nn.Module):

@@ -115,7 +115,6 @@ def train_loop_per_worker(cfg: dict) -> None:
     config = PretrainConfig(**cfg["config"])
     loc = RunLocation(cfg["run"], config.storage_options)
     manifest: dict = cfg["manifest"]
-    progress_queue = cfg.get("progress")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
@@ -124,6 +123,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         # two workers × all cores each would oversubscribe the machine.
         torch.set_num_threads(config.cpus_per_worker)
 
+    t_imports = time.time()
     # --- model: identical initial weights on every rank (DDP also broadcasts them)
     torch.manual_seed(config.seed)
     objective = build_objective(config, manifest["channels"])
@@ -153,6 +153,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         torch.set_rng_state(state["rng_cpu"])
         start_step, resumed_from = int(state["step"]), ckpt.path
     core = objective
+    t_built = time.time()
     model = ray.train.torch.prepare_model(objective, move_to_device=False) if world > 1 else objective
     if config.compile:
         model = torch.compile(model)
@@ -249,7 +250,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             step += 1
             if log is not None and step == start_step + 1:  # time-to-first-step, for the benchmark
                 log.append({"event": "first_step", "step": step, "time": time.time(), "threads": torch.get_num_threads(),
-                            "loop_entered": t_enter, "model_ready": t_ready, "first_batch": t_batch})
+                            "loop_entered": t_enter, "imports_done": t_imports, "model_built": t_built,
+                            "model_ready": t_ready, "first_batch": t_batch})
 
             end_of_epoch = step % spe == 0 or step == total
             if step % config.log_every == 0 or end_of_epoch or step % config.checkpoint_every == 0:
@@ -273,13 +275,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                     if acc is not None:
                         metrics["knn_top1"] = acc
                 if log is not None:
-                    log.append(metrics)
-                    if progress_queue is not None:
-                        try:
-                            progress_queue.put_nowait({"step": step, "total": total, **{
-                                k: metrics[k] for k in ("loss", "samples_per_s", "knn_top1") if k in metrics}})
-                        except Exception:
-                            pass  # a full or gone progress queue never stops training
+                    log.append(metrics)  # the driver's progress bar reads it from there
                 t_log, seen_log, loss_sum, loss_n, wait_log = time.perf_counter(), 0, 0.0, 0, 0.0
             # ray.train.report is a barrier across workers that costs ~1 s here, so it runs only
             # with checkpoints; metrics reach metrics.jsonl and the progress bar without it.
@@ -409,14 +405,10 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
             need = config.workers * config.cpus_per_worker
             ray.init(num_cpus=max(need, os.cpu_count() or 1))
         started_here = True
-    from ray.util.queue import Queue
-
-    queue = Queue(maxsize=1000, actor_options={"num_cpus": 0})
     storage_path, storage_fs = _storage_for_ray(loc)
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "run": run, "manifest": manifest,
-                           "progress": queue},
+        train_loop_config={"config": config.model_dump(mode="json"), "run": run, "manifest": manifest},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
@@ -427,17 +419,20 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     log(f"pretraining {config.objective} / {config.backbone} on {run}: {config.workers} workers, "
         f"global batch {config.batch_size}, {'resuming' if status == 'resume' else 'starting'}")
     stop = threading.Event()
-    watcher = threading.Thread(target=_watch_progress, args=(queue, stop, progress_bar), daemon=True)
-    watcher.start()
+    watcher = None
+    if progress_bar:
+        from workers.data import steps_per_epoch
+
+        spe = steps_per_epoch(manifest["splits"]["train"]["count"], config.batch_size)
+        total = config.steps or max(1, math.ceil(config.epochs * spe))
+        watcher = threading.Thread(target=_watch_progress, args=(loc, total, stop), daemon=True)
+        watcher.start()
     try:
         result = trainer.fit()
     finally:
         stop.set()
-        watcher.join(5)
-        try:
-            ray.kill(queue.actor)
-        except Exception:
-            pass
+        if watcher is not None:
+            watcher.join(5)
         if started_here:
             ray.shutdown()
     if result.error is not None:
@@ -448,29 +443,68 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     return summary
 
 
-def _watch_progress(queue, stop: threading.Event, bar: bool) -> None:
-    """Driver-side progress bar fed by rank 0 through a Ray queue."""
-    pbar = None
-    last = 0
-    while not stop.is_set():
-        try:
-            item = queue.get(timeout=0.5)
-        except Exception:
-            continue
-        if bar and pbar is None:
-            from tqdm import tqdm
+class MetricsTail:
+    """New complete lines of ``RUN/metrics.jsonl`` since the last call (local or S3). Content that
+    was there when the tail was opened is skipped; if the file shrinks (a resumed run drops the
+    lines past its checkpoint) it is read again from the start."""
 
-            pbar = tqdm(total=item["total"], desc="pretrain", unit="step", dynamic_ncols=True)
-        if pbar is not None:
-            pbar.update(item["step"] - last if item["step"] >= last else 0)
-            post = {"loss": f"{item['loss']:.4f}", "img/s": f"{item['samples_per_s']:.0f}"}
-            if "knn_top1" in item:
-                post["knn"] = f"{item['knn_top1']:.3f}"
-            pbar.set_postfix(post)
-        last = item["step"]
+    def __init__(self, loc: RunLocation):
+        self.loc, self.path, self.fs = loc, loc.join("metrics.jsonl"), loc.fs()
+        self.offset = self._size()
+
+    def _size(self) -> int:
+        try:
+            if self.loc.is_s3:
+                self.fs.invalidate_cache(self.path)
+            return int(self.fs.size(self.path))
+        except (FileNotFoundError, OSError):
+            return 0
+
+    def read(self) -> list[dict]:
+        size = self._size()
+        if size < self.offset:
+            self.offset = 0
+        if size == self.offset:
+            return []
+        try:
+            with self.fs.open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read(size - self.offset)
+        except (FileNotFoundError, OSError):
+            return []
+        data = data[:data.rfind(b"\n") + 1]  # complete lines only
+        self.offset += len(data)
+        rows = []
+        for line in data.decode().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                pass
+        return rows
+
+
+def _watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: float = 1.0) -> None:
+    """Driver-side progress bar, fed by rank 0's ``metrics.jsonl`` (no actor, no extra process)."""
+    from tqdm import tqdm
+
+    tail = MetricsTail(loc)
+    pbar = None
+    while True:
+        done = stop.wait(every)
+        for row in tail.read():
+            if "loss" not in row or "step" not in row:
+                continue
+            if pbar is None:
+                pbar = tqdm(total=total, desc="pretrain", unit="step", dynamic_ncols=True)
+            pbar.n = int(row["step"])
+            post = {"loss": f"{row['loss']:.4f}", "img/s": f"{row['samples_per_s']:.0f}"}
+            if "knn_top1" in row:
+                post["knn"] = f"{row['knn_top1']:.3f}"
+            pbar.set_postfix(post)  # refreshes the bar
+        if done:
+            break
     if pbar is not None:
         pbar.close()
-
 
 
 __all__ = ["launch", "train_loop_per_worker", "load_backbone", "build_objective", "NonFiniteLoss", "prepare_run"]

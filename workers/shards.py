@@ -375,6 +375,12 @@ def ingest(loc: RunLocation, source: Source, params: IngestParams, overwrite: bo
     return finalize(loc, plan, results)
 
 
-# The reading side lives in workers/stream.py; ``open_split`` is re-exported here because this is
-# where a reader of the format looks first.
-from workers.stream import open_split, shard_urls  # noqa: E402,F401
+# The reading side lives in workers/stream.py; ``open_split`` and ``shard_urls`` are importable
+# from here too, because this is where a reader of the format looks first. Resolved on first use:
+# workers.stream imports this module, so either can be imported first.
+def __getattr__(name: str):
+    if name in ("open_split", "shard_urls"):
+        from workers import stream
+
+        return getattr(stream, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

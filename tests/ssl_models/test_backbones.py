@@ -35,3 +35,37 @@ def test_vit_feature_maps_are_patch_grids_of_the_last_two_blocks():
     # the last map is the final block's patch tokens, row-major on the patch grid
     torch.testing.assert_close(maps[-1].flatten(2).transpose(1, 2), tokens[:, 1:])
     assert not torch.allclose(maps[0], maps[1])
+
+
+@pytest.mark.parametrize("depth", [18, 50])
+def test_own_resnet_is_torchvisions_layout_and_init(depth):
+    """ssl_models.resnet replaces torchvision's (whose import costs 2.5 s per process): the same
+    state_dict keys and shapes, the same output from the same weights, the same init statistics."""
+    import torchvision
+
+    from ssl_models.resnet import BasicBlock, Bottleneck, ResNet
+
+    ours = ResNet(BasicBlock if depth == 18 else Bottleneck, [2, 2, 2, 2] if depth == 18 else [3, 4, 6, 3]).eval()
+    theirs = getattr(torchvision.models, f"resnet{depth}")(weights=None, zero_init_residual=True).eval()
+    a, b = ours.state_dict(), theirs.state_dict()
+    assert list(a) == list(b) and all(a[k].shape == b[k].shape for k in a)
+    for k in a:  # init: zeroed residual BNs in the same places, conv weights at the same scale
+        if a[k].dtype.is_floating_point and a[k].numel() > 1000:
+            assert abs(a[k].std().item() - b[k].std().item()) < 0.1 * b[k].std().item() + 1e-6, k
+        elif k.endswith(("bn2.weight", "bn3.weight")):
+            assert torch.equal(a[k] == 0, b[k] == 0), k
+    ours.load_state_dict(b)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), theirs(x))
+
+
+def test_building_a_backbone_does_not_import_torchvision():
+    import subprocess
+    import sys
+
+    code = ("import sys; from ssl_models import backbones, objectives; "
+            "backbones.build('resnet18', in_channels=1, small_stem=True, width=8); "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

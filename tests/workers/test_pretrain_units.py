@@ -119,3 +119,30 @@ def test_colorization_backbone_takes_the_l_channel():
     assert obj.backbone.in_channels == 1
     out = obj(obj.make_views(torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8)))
     assert torch.isfinite(out["loss"])
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_metrics_tail_feeds_the_progress_bar_new_lines_only(where, tmp_path, request):
+    """The driver's progress bar tails metrics.jsonl (local or S3): lines already there are skipped,
+    half-written lines wait, and a file that shrinks (a resume drops lines) is read from the start."""
+    from workers.pretrain import MetricsLog, MetricsTail
+
+    uri = str(tmp_path / "run") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/run"
+    loc = RunLocation(uri)
+    log = MetricsLog(loc, 0)
+    log.append({"step": 1, "loss": 3.0})
+    tail = MetricsTail(loc)
+    assert tail.read() == []                       # the old line is not shown again
+    log.append({"step": 2, "loss": 2.5})
+    log.append({"step": 3, "loss": 2.0})
+    assert [r["step"] for r in tail.read()] == [2, 3]
+    assert tail.read() == []
+    if where == "local":                           # a line still being written is not parsed yet
+        with open(loc.join("metrics.jsonl"), "a") as f:
+            f.write('{"step": 4, "lo')
+        assert tail.read() == []
+        with open(loc.join("metrics.jsonl"), "a") as f:
+            f.write('ss": 1.5}\n')
+        assert [r["step"] for r in tail.read()] == [4]
+    MetricsLog(loc, 1)                             # a resume from step 1 drops the later lines
+    assert [r["step"] for r in tail.read()] == [1]

@@ -89,6 +89,8 @@ def _add_pretrain(sub) -> None:
     p.add_argument("--address", default=None, help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     p.add_argument("--overwrite", action="store_true", help="discard this run's checkpoints and start afresh")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--ray-dashboard", action="store_true",
+                   help="with a local Ray (no --address), start its dashboard too (off by default: faster start)")
 
 
 def _run_pretrain(a) -> int:
@@ -104,7 +106,7 @@ def _run_pretrain(a) -> int:
     from flows.pretrain import pretrain_flow
 
     summary = pretrain_flow(run, config.model_dump(mode="json"), address=a.address, overwrite=a.overwrite,
-                            progress_bar=not a.no_progress)
+                            progress_bar=not a.no_progress, ray_dashboard=a.ray_dashboard)
     print(f"\n{run}/checkpoints/final/backbone.pt: {summary['objective']} / {summary['backbone']}, "
           f"{summary['steps']} steps")
     return 0

@@ -16,14 +16,15 @@ from workers.pretrain import launch
 
 @task(cache_policy=NONE, task_run_name="pretrain-{config.objective}")
 def pretrain_task(run: str, config: PretrainConfig, address: Optional[str], overwrite: bool,
-                  progress_bar: bool) -> dict:
+                  progress_bar: bool, ray_dashboard: bool = False) -> dict:
     log = get_run_logger()
-    return launch(run, config, address=address, overwrite=overwrite, progress_bar=progress_bar, log=log.info)
+    return launch(run, config, address=address, overwrite=overwrite, progress_bar=progress_bar, log=log.info,
+                  dashboard=ray_dashboard)
 
 
 @flow(name="pretrain")
 def pretrain_flow(run: str, config: dict[str, Any], address: Optional[str] = None, overwrite: bool = False,
-                  progress_bar: bool = True) -> dict:
+                  progress_bar: bool = True, ray_dashboard: bool = False) -> dict:
     """Pretrain on ``run``'s shards with ``config`` (a dict of PretrainConfig fields)."""
     cfg = PretrainConfig(**config)
-    return pretrain_task(run, cfg, address, overwrite, progress_bar)
+    return pretrain_task(run, cfg, address, overwrite, progress_bar, ray_dashboard)

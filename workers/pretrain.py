@@ -378,8 +378,11 @@ def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = Fals
 
 
 def launch(run: str, config: PretrainConfig, address: Optional[str] = None, overwrite: bool = False,
-           progress_bar: bool = True, log=print) -> dict:
-    """Run (or resume) pretraining for ``run`` with ``config`` on Ray; returns the final summary."""
+           progress_bar: bool = True, log=print, dashboard: bool = False) -> dict:
+    """Run (or resume) pretraining for ``run`` with ``config`` on Ray; returns the final summary.
+
+    With no ``address`` (nor ``RAY_ADDRESS``) and no Ray running, a private local Ray instance is
+    started for the run and shut down after it; ``dashboard`` turns on its dashboard."""
     if "://" not in run:
         run = os.path.abspath(run)  # Ray workers run in their own working directory
     loc = RunLocation(run, config.storage_options)
@@ -402,10 +405,21 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
             # job was submitted with `ray job submit --working-dir .`, which puts this tree on them.
             ray.init(address=address)
         else:
+            # A private Ray instance that lives and dies with this process: no node can be
+            # preempted, so no preemption watcher actor (inherited by every Ray process started
+            # below); the dashboard only on request (--ray-dashboard): it is ten more processes.
+            ours = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
+            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
             need = config.workers * config.cpus_per_worker
-            ray.init(num_cpus=max(need, os.cpu_count() or 1))
+            try:
+                ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=dashboard)
+            finally:
+                if ours:  # Ray's processes have it; leave this process's environment as it was
+                    os.environ.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)
         started_here = True
     storage_path, storage_fs = _storage_for_ray(loc)
+    if started_here and not address:  # our own instance: without the helpers a shared cluster needs
+        from workers.ray_local import PrivateRayTorchTrainer as TorchTrainer  # noqa: F811
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run": run, "manifest": manifest},

@@ -56,6 +56,9 @@ def test_pretrain_end_to_end_then_rerun_is_a_no_op(tmp_path, tiny_source):
     assert backbone(torch.zeros(2, 1, 16, 16)).shape == (2, backbone.feature_dim)
     with open(os.path.join(run, "config.yaml")) as f:
         assert "objective: simclr" in f.read()
+    # a private Ray instance starts only the controller, the workers and their sync actor: no
+    # autoscaling coordinator, DatasetManager, placement-group cleaner or preemption watcher
+    assert _actors_of_last_ray_session() == {"TrainController", "SynchronizationActor", "RayTrainWorker"}
     # rerunning the same command does nothing and says so
     said = []
     t0 = time.time()
@@ -94,6 +97,17 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, tiny_source):
     assert 10 <= resumed[0]["step"] <= killed["at"], (resumed, killed)  # resumed from a checkpoint, not step 0
     steps = [r["step"] for r in m if "loss" in r]
     assert steps == sorted(steps) and steps[-1] == 120 and len(steps) == len(set(steps))
+
+
+def _actors_of_last_ray_session() -> set[str]:
+    """Actor class names started in the latest local Ray session, read from its worker logs."""
+    import glob
+
+    names = set()
+    for path in glob.glob("/tmp/ray/session_latest/logs/worker-*.out"):
+        with open(path, errors="replace") as f:
+            names |= {line.split(":actor_name:", 1)[1].strip() for line in f if ":actor_name:" in line}
+    return names
 
 
 def _ray_train_worker_pids() -> list[int]:

@@ -14,7 +14,10 @@ Same backbone (ResNet-18, small-image stem, base width 64 and 32), batch 256, 28
 Also the time from ``launch()`` to the first training step. Throughput is image pairs/s over the
 steps after a warm-up.
 
-    .venv/bin/python bench/pretrain.py [--widths 32,64] [--steps 8] [--repeats 1]
+    .venv/bin/python bench/pretrain.py [--widths 32,64] [--steps 8] [--repeats 1] [--skip-lightly]
+
+The machine's speed drifts, so each gelato and lightly run is bracketed by plain-loop runs and
+compared with their mean; the summary gives medians of those ratios.
 """
 from __future__ import annotations
 
@@ -74,18 +77,20 @@ def plain_loop(width: int, images: torch.Tensor, warmup: int, steps: int) -> flo
 
 def gelato(width: int, run: str, workers: int, warmup: int, steps: int) -> tuple[float, float]:
     """(pairs/s after warm-up, seconds from launch() to the first step)."""
+    # rows at the end of the warm-up and at the last step, and every `warmup` steps between (a log
+    # step all-reduces its statistics: logging every step would add a synchronisation per step)
     cfg = load_config(None, common(width) + [f"workers={workers}", f"cpus_per_worker={2 // workers}",
-                                             f"steps={warmup + steps}", "log_every=1", "loader_workers=1",
+                                             f"steps={warmup + steps}", f"log_every={warmup}", "loader_workers=1",
                                              f"checkpoint_every={warmup + steps}"])
     t0 = time.time()
     launch(run, cfg, overwrite=True, progress_bar=False, log=lambda *a: None)
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     first = next(r["time"] for r in rows if r.get("event") == "first_step")
-    timed = [r for r in rows if "loss" in r and r["step"] > warmup]
-    span = timed[-1]["time"] - next(r["time"] for r in rows if "loss" in r and r["step"] == warmup)
+    end = next(r for r in reversed(rows) if "loss" in r)
+    span = end["time"] - next(r["time"] for r in rows if "loss" in r and r["step"] == warmup)
     # the last step also writes a checkpoint; its time is not in the step interval measured here
-    return (len(timed) * 256) / span, first - t0
+    return ((end["step"] - warmup) * 256) / span, first - t0
 
 
 def lightly(width: int, root: str, warmup: int, steps: int, bf16_cl: bool) -> float:
@@ -104,6 +109,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--skip-lightly", action="store_true")
     a = ap.parse_args()
+    if a.steps % a.warmup:
+        ap.error("--steps must be a multiple of --warmup (gelato logs every `warmup` steps)")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if not a.skip_lightly:
         subprocess.run(["bash", os.path.join(REPO, "bench", "setup_lightly.sh")], check=True)
@@ -121,29 +128,48 @@ def main() -> None:
         results.setdefault(key, []).append(value)
         print(f"  {key:<32s} {value:8.1f}", flush=True)
 
+    # This machine's speed drifts by 20-30 % within minutes, so every other measurement is bracketed
+    # by plain-loop runs just before and after it, and its ratio to their mean is what is compared.
+    ratios: dict[str, list[float]] = {}
     for width in [int(w) for w in a.widths.split(",")]:
+        root = os.path.dirname(os.path.dirname(raw))
+        others = [("gelato 2 workers", lambda: gelato(width, run, 2, a.warmup, a.steps)),
+                  ("gelato 1 worker", lambda: gelato(width, run, 1, a.warmup, a.steps))]
+        if not a.skip_lightly:
+            others += [("lightly fp32", lambda: lightly(width, root, a.warmup, a.steps, False)),
+                       ("lightly bf16+cl", lambda: lightly(width, root, a.warmup, a.steps, True))]
         for _ in range(a.repeats):
-            record(f"w{width} plain loop", plain_loop(width, images, a.warmup, a.steps))
-            rate, first = gelato(width, run, 2, a.warmup, a.steps)
-            record(f"w{width} gelato 2 workers", rate)
-            record(f"w{width} gelato first step s", first)
-            rate1, _ = gelato(width, run, 1, a.warmup, a.steps)
-            record(f"w{width} gelato 1 worker", rate1)
-            if not a.skip_lightly:
-                record(f"w{width} lightly fp32", lightly(width, os.path.dirname(os.path.dirname(raw)), a.warmup, a.steps, False))
-                record(f"w{width} lightly bf16+cl", lightly(width, os.path.dirname(os.path.dirname(raw)), a.warmup, a.steps, True))
+            before = plain_loop(width, images, a.warmup, a.steps)
+            record(f"w{width} plain loop", before)
+            for name, measure in others:
+                out = measure()
+                rate, first = out if isinstance(out, tuple) else (out, None)
+                record(f"w{width} {name}", rate)
+                if name == "gelato 2 workers":
+                    record(f"w{width} gelato first step s", first)
+                after = plain_loop(width, images, a.warmup, a.steps)
+                record(f"w{width} plain loop", after)
+                ratios.setdefault(f"w{width} {name}", []).append(rate / ((before + after) / 2))
+                before = after
     shutil.rmtree(tmp, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
+    rmed = {k: statistics.median(v) for k, v in ratios.items()}
     print(f"\nmachine: {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}; batch 256 pairs, 28x28, "
-          f"{a.steps} timed steps after {a.warmup} warm-up, medians of {a.repeats}")
+          f"{a.steps} timed steps after {a.warmup} warm-up, medians of {a.repeats}; each ratio is the median of "
+          f"(run / mean of the plain-loop runs just before and after it)")
     for width in [int(w) for w in a.widths.split(",")]:
-        p, g2, g1 = med[f"w{width} plain loop"], med[f"w{width} gelato 2 workers"], med[f"w{width} gelato 1 worker"]
-        line = (f"width {width}: gelato {g2:.1f} pairs/s | plain loop {p:.1f} ({g2 / p:.2f}x) | "
-                f"1 worker {g1:.1f} (2 workers = {g2 / g1:.2f}x) | first step {med[f'w{width} gelato first step s']:.1f} s")
+        w = f"w{width}"
+        line = (f"width {width}: gelato {med[w + ' gelato 2 workers']:.1f} pairs/s = {rmed[w + ' gelato 2 workers']:.2f}x the "
+                f"plain loop ({med[w + ' plain loop']:.1f}) | 1 worker {med[w + ' gelato 1 worker']:.1f} = "
+                f"{rmed[w + ' gelato 1 worker']:.2f}x (2 workers / 1 worker = "
+                f"{rmed[w + ' gelato 2 workers'] / rmed[w + ' gelato 1 worker']:.2f}x) | "
+                f"first step {med[w + ' gelato first step s']:.1f} s")
         if not a.skip_lightly:
-            lf, lb = med[f"w{width} lightly fp32"], med[f"w{width} lightly bf16+cl"]
-            line += f" | lightly fp32 {lf:.1f} ({g2 / lf:.2f}x), bf16+cl {lb:.1f} ({g2 / lb:.2f}x)"
+            g = rmed[w + " gelato 2 workers"]
+            lf, lb = rmed[w + " lightly fp32"], rmed[w + " lightly bf16+cl"]
+            line += (f" | lightly fp32 {med[w + ' lightly fp32']:.1f} (gelato {g / lf:.2f}x), "
+                     f"bf16+cl {med[w + ' lightly bf16+cl']:.1f} (gelato {g / lb:.2f}x)")
         print(line)
 
 

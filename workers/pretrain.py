@@ -223,15 +223,19 @@ def train_loop_per_worker(cfg: dict) -> None:
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     out = model(views)
                 loss = out["loss"]
-                # on the device: NCCL reduces CUDA tensors only
+                # Every rank must learn of a non-finite loss at the same step. The flag is reduced
+                # while the backward runs (async), so the step keeps one synchronisation point, the
+                # gradient all-reduce; it is checked before the optimizer step. On the device: NCCL
+                # reduces CUDA tensors only.
                 bad = (~torch.isfinite(loss.detach())).float().reshape(1)
-                if world > 1:
-                    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                flag = dist.all_reduce(bad, op=dist.ReduceOp.MAX, async_op=True) if world > 1 else None
+                scaler.scale(loss / config.grad_accum).backward()
+                if flag is not None:
+                    flag.wait()
                 if bad.item() > 0:
                     raise NonFiniteLoss(f"non-finite loss ({loss.item()}) at step {step} (epoch {epoch}) on "
                                         f"{'this' if not torch.isfinite(loss.detach()) else 'another'} rank; "
                                         f"the last good checkpoint is kept. Lower lr or use precision=fp32.")
-                scaler.scale(loss / config.grad_accum).backward()
             loss_sum, loss_n, seen_log = loss_sum + loss.item(), loss_n + 1, seen_log + images.shape[0]
             micro += 1
             if not last_micro:

@@ -512,8 +512,8 @@ def _watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: 
         for row in tail.read():
             if "loss" not in row or "step" not in row:
                 continue
-            if pbar is None:
-                pbar = tqdm(total=total, desc="pretrain", unit="step", dynamic_ncols=True)
+            if pbar is None:  # from the first step seen: a resumed run's rate counts its own steps only
+                pbar = tqdm(total=total, initial=int(row["step"]), desc="pretrain", unit="step", dynamic_ncols=True)
             pbar.n = int(row["step"])
             post = {"loss": f"{row['loss']:.4f}", "img/s": f"{row['samples_per_s']:.0f}"}
             if "knn_top1" in row:

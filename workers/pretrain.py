@@ -66,6 +66,14 @@ def build_objective(config: PretrainConfig, in_channels: int):
                             **config.objective_kwargs())
 
 
+def schedule_length(config: PretrainConfig, manifest: dict) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) of a run: ``steps`` if set, else ``epochs`` worth."""
+    from workers.data import steps_per_epoch
+
+    spe = steps_per_epoch(manifest["splits"]["train"]["count"], config.batch_size)
+    return spe, config.steps or max(1, math.ceil(config.epochs * spe))
+
+
 class MetricsLog:
     """``RUN/metrics.jsonl``, written by rank 0. On resume, lines past the restored step are dropped,
     so the file always describes one training history (and shows where it resumed)."""
@@ -101,7 +109,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
-    from workers.data import epoch_batches, in_memory_split, steps_per_epoch
+    from workers.data import epoch_batches, in_memory_split
     from workers.knn import extract_features, knn_accuracy
     from workers.optim import build_optimizer, lr_schedule
 
@@ -137,8 +145,7 @@ def train_loop_per_worker(cfg: dict) -> None:
     scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
 
     # --- schedules, computed up front
-    spe = steps_per_epoch(manifest["splits"]["train"]["count"], config.batch_size)
-    total = config.steps or max(1, math.ceil(config.epochs * spe))
+    spe, total = schedule_length(config, manifest)
     lrs = lr_schedule(config.scaled_lr, total, int(config.warmup_epochs * spe), config.min_lr_ratio)
 
     # --- resume: from this run's latest checkpoint (a rerun, or a worker group restarted after a failure)
@@ -439,11 +446,8 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     stop = threading.Event()
     watcher = None
     if progress_bar:
-        from workers.data import steps_per_epoch
-
-        spe = steps_per_epoch(manifest["splits"]["train"]["count"], config.batch_size)
-        total = config.steps or max(1, math.ceil(config.epochs * spe))
-        watcher = threading.Thread(target=_watch_progress, args=(loc, total, stop), daemon=True)
+        watcher = threading.Thread(target=_watch_progress, args=(loc, schedule_length(config, manifest)[1], stop),
+                                   daemon=True)
         watcher.start()
     try:
         result = trainer.fit()

@@ -13,6 +13,14 @@ batch, the same as one process on the whole batch. (Scaling the sum by W instead
 
 All ranks must pass tensors of the same shape (equal per-rank batch sizes), as ``all_gather``
 requires; :func:`gather_with_grad` checks this and says so.
+
+A loss that every rank can compute whole from the gathered tensors (SimCLR's: every anchor
+against every candidate) needs no collective in the backward: :func:`gather_for_global_loss`
+returns the same (W·N, ...) tensor, and its backward hands this rank W × the local slice of
+∂L/∂(all). With L the mean over the global batch, L = (1/W)·Σ_r L_r, so that is exactly
+Σ_r ∂L_r/∂x_local, what :func:`gather_with_grad` computes with its ``all_reduce``. One
+synchronisation point fewer per step: with two CPU workers, whose speeds drift apart between
+collectives, each one is a wait.
 """
 from __future__ import annotations
 
@@ -70,6 +78,36 @@ class _GatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad, op=dist.ReduceOp.SUM)     # Σ_r dL_r/d(all)
         start = dist.get_rank() * ctx.n
         return grad[start:start + ctx.n]                # (N, ...) d(Σ_r L_r)/dx_local
+
+
+class _GatherForGlobalLoss(torch.autograd.Function):
+    """all_gather forward; backward = W × the local slice of the gradient (no communication)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.n, ctx.w = x.shape[0], dist.get_world_size()
+        out = [torch.empty_like(x) for _ in range(ctx.w)]
+        dist.all_gather(out, x.contiguous())
+        return torch.cat(out, dim=0)                    # (W·N, ...)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        start = dist.get_rank() * ctx.n                 # grad = dL/d(all), L the global-batch loss
+        return grad[start:start + ctx.n] * ctx.w        # (N, ...) = Σ_r dL_r/dx_local
+
+
+def gather_for_global_loss(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all ranks, for a loss computed over the whole global batch on every rank.
+
+    The caller must compute the *same* loss on every rank, the mean over all W·N gathered rows
+    (not only the local ones); the backward then needs no communication and gives DDP the same
+    gradients as :func:`gather_with_grad` with per-rank losses. Single process: returns ``x``.
+
+    Shape: x (N, ...) → (W·N, ...), rank r's rows at [r·N, (r+1)·N).
+    """
+    if not is_distributed() or world_size() == 1:
+        return x
+    return _GatherForGlobalLoss.apply(x)
 
 
 def gather_with_grad(x: torch.Tensor, check_shapes: bool = False) -> torch.Tensor:
@@ -135,6 +173,6 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 
 __all__ = [
-    "is_distributed", "world_size", "rank", "rank_offset", "gather_with_grad", "concat_all_gather_no_grad",
+    "is_distributed", "world_size", "rank", "rank_offset", "gather_with_grad", "gather_for_global_loss", "concat_all_gather_no_grad",
     "all_reduce_sum", "all_reduce_max", "all_reduce_mean", "broadcast",
 ]

@@ -36,10 +36,11 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather
         ℓ(i, j) = −log [ exp(sim(u_i, u_j)/τ) / Σ_{k ≠ i} exp(sim(u_i, u_k)/τ) ]
 
     where k runs over both views of every image in the (global) batch; the loss is the mean of
-    ℓ over all 2N anchors (both views of every local image). When distributed and ``gather``
-    is true, candidates come from every rank through :func:`ssl_models.distributed.gather_with_grad`
-    (gradient flows to the local rows) and the positive of local anchor i sits at the rank's
-    offset; the per-rank losses then average (as DDP does) to the loss on the global batch.
+    ℓ over all 2M anchors (both views of every image in the global batch of M). When distributed
+    and ``gather`` is true, both views are gathered from every rank in one ``all_gather``
+    (:func:`ssl_models.distributed.gather_for_global_loss`) and every rank computes the same
+    global loss; the backward needs no collective, and DDP's averaging of parameter gradients
+    gives the gradient of the global-batch loss, as one process on the whole batch would.
 
     Shape:
         z1: (N, D) embeddings of the first view.
@@ -49,24 +50,16 @@ def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, gather
     _check_pair(z1, z2, "nt_xent")
     if temperature <= 0:
         raise ValueError(f"nt_xent: temperature must be > 0, got {temperature}")
-    n = z1.shape[0]
     u1, u2 = F.normalize(z1, dim=1), F.normalize(z2, dim=1)
     if gather and D.world_size() > 1:
-        a1, a2 = D.gather_with_grad(u1), D.gather_with_grad(u2)   # (M, D) each, M = W·N
-        offset = D.rank_offset(n)
-    else:
-        a1, a2, offset = u1, u2, 0
-    m = a1.shape[0]
-    anchors = torch.cat([u1, u2], dim=0)                  # (2N, D)
-    candidates = torch.cat([a1, a2], dim=0)               # (2M, D)
-    logits = anchors @ candidates.T / temperature         # (2N, 2M)
-    i = torch.arange(n, device=z1.device)
-    self_idx = torch.cat([offset + i, m + offset + i])    # (2N,) where each anchor itself sits
-    pos_idx = torch.cat([m + offset + i, offset + i])     # (2N,) where its other view sits
-    self_mask = torch.zeros_like(logits, dtype=torch.bool)
-    self_mask[torch.arange(2 * n, device=z1.device), self_idx] = True
-    logits = logits.masked_fill(self_mask, float("-inf"))
-    return F.cross_entropy(logits, pos_idx)
+        both = D.gather_for_global_loss(torch.cat([u1, u2], dim=1))      # (M, 2D), M = W·N
+        u1, u2 = both[:, :u1.shape[1]], both[:, u1.shape[1]:]
+    m = u1.shape[0]
+    z = torch.cat([u1, u2], dim=0)                        # (2M, D): anchors and candidates
+    logits = z @ z.T / temperature                        # (2M, 2M)
+    i = torch.arange(m, device=z1.device)
+    logits = logits.masked_fill(torch.eye(2 * m, dtype=torch.bool, device=z1.device), float("-inf"))
+    return F.cross_entropy(logits, torch.cat([m + i, i]))  # the positive of view-1 row i is view-2 row i
 
 
 def info_nce(query: torch.Tensor, key_pos: torch.Tensor, key_neg: torch.Tensor, temperature: float = 0.2,

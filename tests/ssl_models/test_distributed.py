@@ -91,6 +91,12 @@ def run_cases(rank: int, world: int, n: int) -> dict:
     (y * data["weights"][: y.shape[0]] * (rank + 1)).sum().backward()
     res["gather"] = (y.detach(), x.grad.clone())
 
+    # gather_for_global_loss: the same global loss on every rank; backward without communication.
+    x = torch.arange(n * 3, dtype=torch.float32).view(n, 3).add(100 * rank).requires_grad_(True)
+    y = D.gather_for_global_loss(x)
+    (y * data["weights"][: y.shape[0]]).sum().div(world).backward()
+    res["gather_global"] = (y.detach(), x.grad.clone())
+
     # Sinkhorn over the global batch.
     res["sinkhorn"] = sinkhorn(data["scores"][sl], epsilon=0.05, iterations=3)
 
@@ -161,6 +167,7 @@ def test_single_process_helpers_are_no_ops():
     x = torch.randn(3, 2, requires_grad=True)
     assert D.world_size() == 1 and D.rank() == 0 and D.rank_offset(5) == 0
     assert D.gather_with_grad(x) is x
+    assert D.gather_for_global_loss(x) is x
     assert torch.equal(D.concat_all_gather_no_grad(x), x.detach())
     assert torch.equal(D.all_reduce_mean(x), x.detach())
 
@@ -176,7 +183,21 @@ def test_gather_with_grad_gives_the_gradient_of_the_summed_losses(ranks):
         _close(grad, expected, f"gather grad rank {r}")
 
 
+def test_gather_for_global_loss_scales_the_local_slice_by_the_world_size(ranks):
+    # Every rank computes L = (1/W)·Σ w ⊙ y over the whole gathered y; its backward must give
+    # W·dL/dx_r = w[rows of r] (what gather_with_grad's all_reduce would give for Σ_r L_r).
+    w = _data(WORLD * B)["weights"]
+    for r, res in enumerate(ranks):
+        y, grad = res["gather_global"]
+        assert torch.equal(y, torch.cat([torch.arange(B * 3, dtype=torch.float32).view(B, 3) + 100 * s
+                                         for s in range(WORLD)]))
+        _close(grad, w[r * B:(r + 1) * B], f"gather_for_global_loss grad rank {r}")
+
+
 def test_nt_xent_two_ranks_equal_one_process(ranks, single):
+    # Every rank computes the loss of the whole global batch (its backward then needs no collective).
+    for r, res in enumerate(ranks):
+        _close(res["nt_xent"][0], single["nt_xent"][0], f"nt_xent loss on rank {r}")
     loss = torch.stack([res["nt_xent"][0] for res in ranks]).mean()
     _close(loss, single["nt_xent"][0], "nt_xent loss")
     # Each rank's backward holds d(Σ_r L_r)/dz_local; the single loss is the mean over ranks.

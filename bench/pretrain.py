@@ -4,6 +4,9 @@ Same backbone (ResNet-18, small-image stem, base width 64 and 32), batch 256, 28
 
 - gelato as users launch it: ``workers.pretrain.launch`` (Ray Train, shard stream, DDP over gloo),
   2 workers × 1 CPU, and 1 worker × 2 CPUs (scaling);
+- bare DDP (``bench/ddp_simclr.py``): the same step in 2 processes × 1 thread with in-memory data,
+  no Ray and no shard stream, which splits gelato's distance to the plain loop into what data
+  parallelism itself costs and what the orchestration adds;
 - the practical ceiling: a plain single-process PyTorch loop over in-memory uint8 tensors with the
   same model, the same batched augmentation (``objective.make_views``), bf16 autocast and
   channels_last;
@@ -93,6 +96,14 @@ def gelato(width: int, run: str, workers: int, warmup: int, steps: int) -> tuple
     return ((end["step"] - warmup) * 256) / span, first - t0
 
 
+def bare_ddp(width: int, workers: int, warmup: int, steps: int) -> float:
+    """The same step in bare DDP (bench/ddp_simclr.py): no Ray, no shard stream."""
+    cmd = [sys.executable, os.path.join(REPO, "bench", "ddp_simclr.py"), "--width", str(width), "--world", str(workers),
+           "--threads", str(2 // workers), "--warmup", str(warmup), "--steps", str(steps)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["pairs_per_s"]
+
+
 def lightly(width: int, root: str, warmup: int, steps: int, bf16_cl: bool) -> float:
     py = os.path.join(REPO, "bench", ".venv-lightly", "bin", "python")
     cmd = [py, os.path.join(REPO, "bench", "lightly_simclr.py"), "--root", root, "--width", str(width),
@@ -134,6 +145,7 @@ def main() -> None:
     for width in [int(w) for w in a.widths.split(",")]:
         root = os.path.dirname(os.path.dirname(raw))
         others = [("gelato 2 workers", lambda: gelato(width, run, 2, a.warmup, a.steps)),
+                  ("bare DDP 2 procs", lambda: bare_ddp(width, 2, a.warmup, a.steps)),
                   ("gelato 1 worker", lambda: gelato(width, run, 1, a.warmup, a.steps))]
         if not a.skip_lightly:
             others += [("lightly fp32", lambda: lightly(width, root, a.warmup, a.steps, False)),
@@ -164,7 +176,9 @@ def main() -> None:
                 f"plain loop ({med[w + ' plain loop']:.1f}) | 1 worker {med[w + ' gelato 1 worker']:.1f} = "
                 f"{rmed[w + ' gelato 1 worker']:.2f}x (2 workers / 1 worker = "
                 f"{rmed[w + ' gelato 2 workers'] / rmed[w + ' gelato 1 worker']:.2f}x) | "
-                f"first step {med[w + ' gelato first step s']:.1f} s")
+                f"first step {med[w + ' gelato first step s']:.1f} s | bare DDP (no Ray, no stream) "
+                f"{med[w + ' bare DDP 2 procs']:.1f} = {rmed[w + ' bare DDP 2 procs']:.2f}x the plain loop, so gelato "
+                f"= {rmed[w + ' gelato 2 workers'] / rmed[w + ' bare DDP 2 procs']:.2f}x bare DDP")
         if not a.skip_lightly:
             g = rmed[w + " gelato 2 workers"]
             lf, lb = rmed[w + " lightly fp32"], rmed[w + " lightly bf16+cl"]

@@ -173,6 +173,6 @@ def broadcast(x: torch.Tensor, src: int = 0) -> torch.Tensor:
 
 
 __all__ = [
-    "is_distributed", "world_size", "rank", "rank_offset", "gather_with_grad", "gather_for_global_loss", "concat_all_gather_no_grad",
-    "all_reduce_sum", "all_reduce_max", "all_reduce_mean", "broadcast",
+    "is_distributed", "world_size", "rank", "rank_offset", "gather_with_grad", "gather_for_global_loss",
+    "concat_all_gather_no_grad", "all_reduce_sum", "all_reduce_max", "all_reduce_mean", "broadcast",
 ]

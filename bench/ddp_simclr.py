@@ -34,7 +34,7 @@ def _rank(rank: int, a: argparse.Namespace, port: int, out) -> None:
     torch.set_num_threads(a.threads)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=a.world)
-    from pretrain import common
+    from pretrain import common, train_step
     from workers.config import load_config
     from workers.optim import build_optimizer
     from workers.pretrain import build_objective
@@ -53,13 +53,8 @@ def _rank(rank: int, a: argparse.Namespace, port: int, out) -> None:
         if s == a.warmup:
             dist.barrier()
             t0 = time.perf_counter()
-        x = images[perm[s * a.batch_size + rank * local:s * a.batch_size + (rank + 1) * local]]
-        views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in obj.make_views(x, generator=g).items()}
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(views)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        first = s * a.batch_size + rank * local
+        train_step(obj, model, opt, images[perm[first:first + local]], g)
     dist.barrier()
     if rank == 0:
         out.put(a.steps * a.batch_size / (time.perf_counter() - t0))

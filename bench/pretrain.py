@@ -68,14 +68,19 @@ def plain_loop(width: int, images: torch.Tensor, warmup: int, steps: int) -> flo
     for s in range(warmup + steps):
         if s == warmup:
             t0 = time.perf_counter()
-        x = images[perm[s * 256:(s + 1) * 256]]
-        views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in obj.make_views(x, generator=g).items()}
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = obj(views)["loss"]
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        train_step(obj, obj, opt, images[perm[s * 256:(s + 1) * 256]], g)
     return steps * 256 / (time.perf_counter() - t0)
+
+
+def train_step(obj, model, opt, x: torch.Tensor, g: torch.Generator) -> None:
+    """One step of the in-memory loops: batched views, channels_last, bf16 autocast, backward, step.
+    ``model`` is ``obj`` itself or ``obj`` wrapped in DDP (bench/ddp_simclr.py)."""
+    views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in obj.make_views(x, generator=g).items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(views)["loss"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
 
 
 def gelato(width: int, run: str, workers: int, warmup: int, steps: int) -> tuple[float, float]:

@@ -421,22 +421,33 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
             # below); the dashboard only on request (--ray-dashboard): it is ten more processes.
             ours = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
             os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+            # No idle workers prestarted for the first driver: each is a process importing Ray
+            # while ray.init and the controller start, and Ray Train starts its own actors.
             need = config.workers * config.cpus_per_worker
             try:
-                ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=dashboard)
+                ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=dashboard,
+                         _system_config={"prestart_worker_first_driver": False})
             finally:
                 if ours:  # Ray's processes have it; leave this process's environment as it was
                     os.environ.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)
         started_here = True
     storage_path, storage_fs = _storage_for_ray(loc)
+    backend = "nccl" if config.use_gpu else "gloo"
+    torch_config = TorchConfig(backend=backend)
     if started_here and not address:  # our own instance: without the helpers a shared cluster needs
         from workers.ray_local import PrivateRayTorchTrainer as TorchTrainer  # noqa: F811
+        from workers.ray_local import torch_free_controller_supported
+
+        if torch_free_controller_supported():
+            from workers.ray_controller import LocalTorchConfig
+
+            torch_config = LocalTorchConfig(backend=backend)
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run": run, "manifest": manifest},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
-        torch_config=TorchConfig(backend="nccl" if config.use_gpu else "gloo"),
+        torch_config=torch_config,
         run_config=RunConfig(name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
                              failure_config=FailureConfig(max_failures=config.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),

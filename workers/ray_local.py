@@ -1,51 +1,34 @@
-"""Ray Train on a private local Ray instance: the stock ``TorchTrainer`` minus three helper actors.
+"""Ray Train on a private local Ray instance: the stock ``TorchTrainer`` minus what only a shared
+cluster needs, so that the first training step comes sooner on a laptop.
 
-When ``gelato pretrain`` runs with no cluster address it starts a Ray instance of its own, which
-lives and dies with the command. Ray Train V2 still starts the helpers a shared, autoscaling
-cluster needs, each a new Python process that imports Ray, and on a two-core laptop they sit on the
-way to the first step:
+Driver side; what the controller actor unpickles lives in ``workers.ray_controller``, which imports
+no torch. Left out, on a private instance only:
 
-- the autoscaling coordinator: the controller waits (``ray.get``) for this actor to start before it
-  requests the workers, and pings it every 20 s. A private instance has no autoscaler to tell.
+- the autoscaling coordinator (``FixedScalingWithoutAutoscaler``): the controller waits for this
+  actor to start before it requests the workers, and pings it every 20 s.
 - the ``DatasetManager``, started even when the trainer has no Ray Datasets (gelato streams its
   own shards), before the workers' train context.
 - the placement-group cleaner, which removes the workers' placement group if the controller dies;
   on a private instance the whole instance goes with it.
+- torch in the controller (``LocalTorchConfig``): 2.5 s of its start, before it asks for workers.
 
-What is left out is chosen by class and method names of Ray Train V2 (Ray 2.5x–2.6x); if a later
-Ray renames them, nothing is left out and the stock behaviour runs. On a shared cluster
-(``--address`` / ``RAY_ADDRESS``) the stock ``TorchTrainer`` is used. This module imports only Ray:
-the controller process unpickles the policy class from here.
+On a shared cluster (``--address`` / ``RAY_ADDRESS``) the stock ``TorchTrainer`` is used. If a later
+Ray renames what is replaced, the stock behaviour runs (``torch_free_controller_supported``).
 """
 from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 
+from workers.ray_controller import COORDINATOR_METHODS, TORCH_CONFIG_FUNCTIONS, FixedScalingPolicy
+
 _DROPPED_CALLBACKS = ("DatasetsCallback", "PlacementGroupCleanerCallback")
-_COORDINATOR_METHODS = ("_send_resource_request", "_maybe_send_resource_request", "_cancel_resource_request")
 
 
-try:  # Ray Train V2's policy for a fixed number of workers (private module path)
-    from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
-except ImportError:  # another Ray: keep the stock policy
-    FixedScalingPolicy = None
+def torch_free_controller_supported() -> bool:
+    """Whether this Ray has the functions ``LocalTorchConfig``'s backend calls on the workers."""
+    from ray.train.torch import config as torch_config
 
-
-if FixedScalingPolicy is not None:
-    class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
-        """The fixed-size policy, minus its calls to the autoscaling coordinator (no actor started)."""
-
-        def after_controller_start(self, train_run_context) -> None:
-            pass
-
-        def _send_resource_request(self) -> None:
-            pass
-
-        def _maybe_send_resource_request(self) -> None:
-            pass
-
-        def _cancel_resource_request(self) -> None:
-            pass
+    return all(callable(getattr(torch_config, name, None)) for name in TORCH_CONFIG_FUNCTIONS)
 
 
 class PrivateRayTorchTrainer(TorchTrainer):
@@ -58,9 +41,11 @@ class PrivateRayTorchTrainer(TorchTrainer):
     def _initialize_and_run_controller(self, **kwargs):
         policy = kwargs.get("scaling_policy")
         if FixedScalingPolicy is not None and type(policy) is FixedScalingPolicy \
-                and all(hasattr(policy, m) for m in _COORDINATOR_METHODS):
+                and all(hasattr(policy, m) for m in COORDINATOR_METHODS):
+            from workers.ray_controller import FixedScalingWithoutAutoscaler
+
             policy.__class__ = FixedScalingWithoutAutoscaler
         return super()._initialize_and_run_controller(**kwargs)
 
 
-__all__ = ["PrivateRayTorchTrainer"]
+__all__ = ["PrivateRayTorchTrainer", "torch_free_controller_supported"]

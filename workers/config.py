@@ -59,7 +59,7 @@ class PretrainConfig(BaseModel):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     channels_last: bool = False
     compile: bool = False
-    sync_bn: bool = False
+    sync_bn: bool = Field(False, description="batch norm over the global batch (all workers)")
     seed: int = 0
 
     # bookkeeping

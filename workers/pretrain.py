@@ -135,8 +135,10 @@ def train_loop_per_worker(cfg: dict) -> None:
     # --- model: identical initial weights on every rank (DDP also broadcasts them)
     torch.manual_seed(config.seed)
     objective = build_objective(config, manifest["channels"])
-    if config.sync_bn and world > 1:
-        objective = torch.nn.SyncBatchNorm.convert_sync_batchnorm(objective)
+    if config.sync_bn and world > 1:  # torch's SyncBatchNorm on CUDA; GlobalBatchNorm on CPU (torch's raises there)
+        from ssl_models.sync_bn import convert_sync_batchnorm
+
+        objective = convert_sync_batchnorm(objective, device.type)
     objective = objective.to(device)
     if config.channels_last:
         objective = objective.to(memory_format=torch.channels_last)

@@ -23,6 +23,7 @@ from ssl_models.losses import nt_xent, sinkhorn
 from ssl_models.objectives.moco import MoCo
 from ssl_models.objectives.simclr import SimCLR
 from ssl_models.objectives.swav import SwAV
+from ssl_models.sync_bn import GlobalBatchNorm, convert_sync_batchnorm
 
 WORLD = 2
 B = 4                     # per rank; the single-process reference sees WORLD·B
@@ -103,6 +104,21 @@ def run_cases(rank: int, world: int, n: int) -> dict:
     def wrap(model):
         return nn.parallel.DistributedDataParallel(model) if world > 1 else model
 
+    # sync_bn on CPU: global-batch statistics. Two ranks of GlobalBatchNorm in DDP against plain
+    # BatchNorm in one process: outputs, input and parameter gradients, running statistics.
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                        nn.Linear(3 * SIDE * SIDE, 5), nn.BatchNorm1d(5, momentum=None))
+    if world > 1:
+        net = convert_sync_batchnorm(net, "cpu")
+        assert isinstance(net[1], GlobalBatchNorm) and isinstance(net[5], GlobalBatchNorm)
+    x = (data["view1"][sl] * 3 + 1).clone().requires_grad_(True)
+    model = wrap(net)  # kept: DDP's reducer must outlive the backward
+    y = model(x)
+    (y * data["weights"][sl, :1]).pow(2).mean().backward()  # weights differ per sample
+    res["global_bn"] = {"y": y.detach(), "x_grad": x.grad.clone(), "grads": _grads(net),
+                        "running": [b.clone() for b in net.buffers()]}
+
     for kind in ("simclr", "moco_none", "moco_shuffle", "swav", "swav_queue"):
         module = _build(kind)
         model = wrap(module)
@@ -161,6 +177,31 @@ def single():
 
 def _close(a, b, what):
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-6), f"{what}: max |diff| {(a - b).abs().max().item():.3g}"
+
+
+def test_global_batch_norm_two_ranks_equal_batch_norm_in_one_process(ranks, single):
+    ref = single["global_bn"]
+    for r, res in enumerate(ranks):
+        sl = slice(r * B, (r + 1) * B)
+        got = res["global_bn"]
+        _close(got["y"], ref["y"][sl], f"rank {r} output")
+        # the reference loss is a mean over WORLD·B; each rank's over B: DDP averages, inputs don't
+        _close(got["x_grad"], ref["x_grad"][sl] * WORLD, f"rank {r} input gradient")
+        for k in ref["grads"]:
+            _close(got["grads"][k], ref["grads"][k], f"rank {r} grad {k}")
+        for a, b in zip(got["running"], ref["running"]):
+            _close(a.float(), b.float(), f"rank {r} running statistics")
+
+
+def test_global_batch_norm_is_batch_norm_outside_a_process_group():
+    torch.manual_seed(0)
+    bn, x = nn.BatchNorm2d(4), torch.randn(6, 4, 5, 5)
+    g = convert_sync_batchnorm(nn.Sequential(bn), "cpu")[0]
+    assert isinstance(g, GlobalBatchNorm)
+    assert torch.equal(g.weight, bn.weight) and g.weight is not bn.weight
+    _close(g(x), bn(x), "train-mode output")
+    g.eval()
+    _close(g(x), bn.eval()(x), "eval-mode output (running statistics)")
 
 
 def test_single_process_helpers_are_no_ops():

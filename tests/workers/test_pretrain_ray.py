@@ -152,7 +152,9 @@ def test_pretrain_on_s3_run(tmp_path, tiny_source, s3_bucket):
     run = f"s3://{s3_bucket}/runs/tiny"
     loc = RunLocation(run)
     ingest(loc, open_source(tiny_source), IngestParams(shard_size=20, val_fraction=0.2), progress_bar=False)
-    cfg = load_config(None, TINY + ["steps=4", "checkpoint_every=2", "knn_monitor=false"])
+    # sync_bn on CPU workers: global-batch statistics through GlobalBatchNorm (torch's SyncBatchNorm
+    # raises on CPU tensors); the exported backbone loads into plain BatchNorm
+    cfg = load_config(None, TINY + ["steps=4", "checkpoint_every=2", "knn_monitor=false", "sync_bn=true"])
     summary = launch(run, cfg, progress_bar=False)
     assert summary["steps"] == 4
     fs = loc.fs()

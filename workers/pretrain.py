@@ -264,7 +264,8 @@ def train_loop_per_worker(cfg: dict) -> None:
             if log is not None and step == start_step + 1:  # time-to-first-step, for the benchmark
                 log.append({"event": "first_step", "step": step, "time": time.time(), "threads": torch.get_num_threads(),
                             "loop_entered": t_enter, "imports_done": t_imports, "model_built": t_built,
-                            "model_ready": t_ready, "first_batch": t_batch})
+                            "model_ready": t_ready, "first_batch": t_batch, "wrapped_as": type(model).__name__,
+                            "norm_layers": sorted({type(m).__name__ for m in core.modules() if "Norm" in type(m).__name__})})
 
             end_of_epoch = step % spe == 0 or step == total
             if step % config.log_every == 0 or end_of_epoch or step % config.checkpoint_every == 0:

@@ -147,6 +147,24 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_checkpoint(tmp_path, 
     assert not os.path.exists(os.path.join(ckpt_root, "final", "backbone.pt"))
 
 
+def test_compile_global_batch_norm_channels_last_and_bf16_on_cpu_workers(tmp_path, tiny_source):
+    """The execution options together on 2 CPU workers: torch.compile around DDP, sync_bn (gelato's
+    GlobalBatchNorm on CPU), channels_last, bf16 autocast. Compiling takes most of this test's time."""
+    run = _fresh_run(tmp_path, tiny_source)
+    cfg = load_config(None, TINY + ["steps=3", "checkpoint_every=3", "knn_monitor=false", "log_every=1", "compile=true",
+                                    "sync_bn=true", "channels_last=true", "precision=bf16"])
+    summary = launch(run, cfg, progress_bar=False)
+    assert summary["steps"] == 3
+    m = _metrics(run)
+    first = next(r for r in m if r.get("event") == "first_step")
+    assert first["wrapped_as"] == "OptimizedModule" and "GlobalBatchNorm" in first["norm_layers"]
+    assert "BatchNorm2d" not in first["norm_layers"] and "BatchNorm1d" not in first["norm_layers"]
+    assert [r["step"] for r in m if "loss" in r] == [1, 2, 3]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m if "loss" in r)
+    backbone, _ = load_backbone(os.path.join(run, "checkpoints/final/backbone.pt"))
+    assert backbone(torch.zeros(2, 1, 16, 16)).shape == (2, backbone.feature_dim)
+
+
 def test_pretrain_on_s3_run(tmp_path, tiny_source, s3_bucket):
     """Shards read from, checkpoints and the final backbone written to S3 (moto_server over HTTP)."""
     run = f"s3://{s3_bucket}/runs/tiny"

@@ -100,8 +100,15 @@ def _run_pretrain(a) -> int:
 
     config = load_config(a.config, a.overrides)  # validated before Prefect or Ray start
     run = a.run if "://" in a.run else os.path.abspath(a.run)
+    status = "start"
     if not a.overwrite:  # a missing manifest or a conflicting earlier run fails here, in a second
-        prepare_run(RunLocation(run, config.storage_options), config)
+        _, status = prepare_run(RunLocation(run, config.storage_options), config)
+    if status != "finished" and not (a.address or os.environ.get("RAY_ADDRESS")):
+        # the private Ray instance comes up on a thread while Prefect starts its temporary server
+        from workers import ray_start
+        from workers.pretrain import local_ray_cpus
+
+        ray_start.start_early(local_ray_cpus(config), dashboard=a.ray_dashboard)
 
     from flows.pretrain import pretrain_flow
 

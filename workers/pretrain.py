@@ -391,6 +391,40 @@ def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = Fals
     return manifest, status
 
 
+def _trainer(loc: RunLocation, run: str, config: PretrainConfig, manifest: dict, private: bool):
+    """Ray Train's ``TorchTrainer`` for this run; on a private instance, without what only a shared
+    cluster needs (``workers.ray_local``)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    storage_path, storage_fs = _storage_for_ray(loc)
+    backend = "nccl" if config.use_gpu else "gloo"
+    torch_config = TorchConfig(backend=backend)
+    if private:  # our own instance: without the helpers a shared cluster needs
+        from workers.ray_local import PrivateRayTorchTrainer as TorchTrainer  # noqa: F811
+        from workers.ray_local import torch_free_controller_supported
+
+        if torch_free_controller_supported():
+            from workers.ray_controller import LocalTorchConfig
+
+            torch_config = LocalTorchConfig(backend=backend)
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": config.model_dump(mode="json"), "run": run, "manifest": manifest},
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
+                                     resources_per_worker={"CPU": config.cpus_per_worker}),
+        torch_config=torch_config,
+        run_config=RunConfig(name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
+                             failure_config=FailureConfig(max_failures=config.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
+    )
+
+
+def local_ray_cpus(config: PretrainConfig) -> int:
+    """CPUs a private local Ray instance declares: the machine's, or more if the workers ask for more."""
+    return max(config.workers * config.cpus_per_worker, os.cpu_count() or 1)
+
+
 def launch(run: str, config: PretrainConfig, address: Optional[str] = None, overwrite: bool = False,
            progress_bar: bool = True, log=print, dashboard: bool = False) -> dict:
     """Run (or resume) pretraining for ``run`` with ``config`` on Ray; returns the final summary.
@@ -407,70 +441,41 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     loc.write_atomic("config.yaml", config.to_yaml().encode())
 
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from workers import ray_start
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     address = address or os.environ.get("RAY_ADDRESS")
     started_here = False
-    if not ray.is_initialized():
+    if not address and ray_start.pending():  # started by the CLI beside Prefect's start-up
+        ray_start.claim()
+        started_here = True
+    elif not ray.is_initialized():
         if address:
             # An existing cluster: its nodes have gelato installed (infra/docker/Dockerfile), or the
             # job was submitted with `ray job submit --working-dir .`, which puts this tree on them.
             ray.init(address=address)
         else:
-            # A private Ray instance that lives and dies with this process: no node can be
-            # preempted, so no preemption watcher actor (inherited by every Ray process started
-            # below); the dashboard only on request (--ray-dashboard): it is ten more processes.
-            ours = "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in os.environ
-            os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-            # No idle workers prestarted for the first driver: each is a process importing Ray
-            # while ray.init and the controller start, and Ray Train starts its own actors.
-            need = config.workers * config.cpus_per_worker
-            try:
-                ray.init(num_cpus=max(need, os.cpu_count() or 1), include_dashboard=dashboard,
-                         _system_config={"prestart_worker_first_driver": False})
-            finally:
-                if ours:  # Ray's processes have it; leave this process's environment as it was
-                    os.environ.pop("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", None)
+            # A private Ray instance that lives and dies with this process.
+            ray_start.private_init(local_ray_cpus(config), dashboard)
         started_here = True
-    storage_path, storage_fs = _storage_for_ray(loc)
-    backend = "nccl" if config.use_gpu else "gloo"
-    torch_config = TorchConfig(backend=backend)
-    if started_here and not address:  # our own instance: without the helpers a shared cluster needs
-        from workers.ray_local import PrivateRayTorchTrainer as TorchTrainer  # noqa: F811
-        from workers.ray_local import torch_free_controller_supported
-
-        if torch_free_controller_supported():
-            from workers.ray_controller import LocalTorchConfig
-
-            torch_config = LocalTorchConfig(backend=backend)
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "run": run, "manifest": manifest},
-        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
-                                     resources_per_worker={"CPU": config.cpus_per_worker}),
-        torch_config=torch_config,
-        run_config=RunConfig(name="checkpoints", storage_path=storage_path, storage_filesystem=storage_fs,
-                             failure_config=FailureConfig(max_failures=config.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=config.keep_checkpoints)),
-    )
-    log(f"pretraining {config.objective} / {config.backbone} on {run}: {config.workers} workers, "
-        f"global batch {config.batch_size}, {'resuming' if status == 'resume' else 'starting'}")
     stop = threading.Event()
     watcher = None
-    if progress_bar:
-        watcher = threading.Thread(target=_watch_progress, args=(loc, schedule_length(config, manifest)[1], stop),
-                                   daemon=True)
-        watcher.start()
     try:
+        trainer = _trainer(loc, run, config, manifest, private=started_here and not address)
+        log(f"pretraining {config.objective} / {config.backbone} on {run}: {config.workers} workers, "
+            f"global batch {config.batch_size}, {'resuming' if status == 'resume' else 'starting'}")
+        if progress_bar:
+            watcher = threading.Thread(target=_watch_progress, args=(loc, schedule_length(config, manifest)[1], stop),
+                                       daemon=True)
+            watcher.start()
         result = trainer.fit()
     finally:
         stop.set()
         if watcher is not None:
             watcher.join(5)
         if started_here:
-            ray.shutdown()
+            ray_start.shutdown()
     if result.error is not None:
         raise result.error
     summary = _read_json(loc, f"{FINAL_DIR}/summary.json")

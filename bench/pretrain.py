@@ -14,10 +14,11 @@ Same backbone (ResNet-18, small-image stem, base width 64 and 32), batch 256, 28
   ``SimCLRProjectionHead``), in its own environment (``bench/setup_lightly.sh``), fp32 and
   bf16 + channels_last.
 
-Also the time from ``launch()`` to the first training step. Throughput is image pairs/s over the
-steps after a warm-up.
+Also the time to the first training step: from the ``launch()`` call, and from starting the
+``gelato pretrain`` command (which adds the command's imports and Prefect's temporary API server).
+Throughput is image pairs/s over the steps after a warm-up.
 
-    .venv/bin/python bench/pretrain.py [--widths 32,64] [--steps 8] [--repeats 1] [--skip-lightly]
+    .venv/bin/python bench/pretrain.py [--widths 32,64] [--steps 8] [--repeats 1] [--skip-lightly] [--skip-cli]
 
 The machine's speed drifts, so each gelato and lightly run is bracketed by plain-loop runs and
 compared with their mean; the summary gives medians of those ratios.
@@ -101,6 +102,18 @@ def gelato(width: int, run: str, workers: int, warmup: int, steps: int) -> tuple
     return ((end["step"] - warmup) * 256) / span, first - t0
 
 
+def cli_first_step(width: int, run: str) -> float:
+    """Seconds from starting the ``gelato pretrain`` command (a new process: imports, config
+    validation, Prefect's temporary server, the private Ray instance) to the first training step."""
+    cmd = [sys.executable, "-m", "flows.cli", "pretrain", "--run", run, "--overwrite", "--no-progress"] + common(width) + \
+        ["workers=2", "cpus_per_worker=1", "steps=3", "log_every=1", "loader_workers=1", "checkpoint_every=3"]
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return next(r["time"] for r in rows if r.get("event") == "first_step") - t0
+
+
 def bare_ddp(width: int, workers: int, warmup: int, steps: int) -> float:
     """The same step in bare DDP (bench/ddp_simclr.py): no Ray, no shard stream."""
     cmd = [sys.executable, os.path.join(REPO, "bench", "ddp_simclr.py"), "--width", str(width), "--world", str(workers),
@@ -124,6 +137,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--skip-lightly", action="store_true")
+    ap.add_argument("--skip-cli", action="store_true", help="no `gelato pretrain` command-to-first-step runs")
     a = ap.parse_args()
     if a.steps % a.warmup:
         ap.error("--steps must be a multiple of --warmup (gelato logs every `warmup` steps)")
@@ -168,6 +182,8 @@ def main() -> None:
                 record(f"w{width} plain loop", after)
                 ratios.setdefault(f"w{width} {name}", []).append(rate / ((before + after) / 2))
                 before = after
+            if not a.skip_cli:
+                record(f"w{width} CLI first step s", cli_first_step(width, run))
     shutil.rmtree(tmp, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
@@ -181,7 +197,9 @@ def main() -> None:
                 f"plain loop ({med[w + ' plain loop']:.1f}) | 1 worker {med[w + ' gelato 1 worker']:.1f} = "
                 f"{rmed[w + ' gelato 1 worker']:.2f}x (2 workers / 1 worker = "
                 f"{rmed[w + ' gelato 2 workers'] / rmed[w + ' gelato 1 worker']:.2f}x) | "
-                f"first step {med[w + ' gelato first step s']:.1f} s | bare DDP (no Ray, no stream) "
+                f"first step {med[w + ' gelato first step s']:.1f} s from launch()"
+                f"{'' if a.skip_cli else ', %.1f s from the gelato pretrain command' % med[w + ' CLI first step s']}"
+                f" | bare DDP (no Ray, no stream) "
                 f"{med[w + ' bare DDP 2 procs']:.1f} = {rmed[w + ' bare DDP 2 procs']:.2f}x the plain loop, so gelato "
                 f"= {rmed[w + ' gelato 2 workers'] / rmed[w + ' bare DDP 2 procs']:.2f}x bare DDP")
         if not a.skip_lightly:

@@ -4,10 +4,10 @@ With no cluster address, pretraining starts a Ray instance of its own that lives
 command. ``ray.init`` takes ~5 s, mostly waiting on the processes it starts; the ``gelato
 pretrain`` command spends a similar time starting Prefect's temporary API server before the flow
 reaches ``launch()``. :func:`start_early` runs ``ray.init`` on a thread of its own meanwhile, and
-``launch()`` then :func:`claim`\\ s that instance instead of starting one.
+``launch()`` then takes that instance over (:func:`claim`) instead of starting one.
 
 The thread stays alive until :func:`shutdown`: Ray starts its processes with
-``PR_SET_PDEATHSIG``, which fires when the *thread* that started them ends, so an ``ray.init``
+``PR_SET_PDEATHSIG``, which fires when the *thread* that started them ends, so a ``ray.init``
 thread that returned would take the instance down with it.
 """
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Pretraining on Ray Train: ``launch`` (driver side) and ``train_loop_per_worker`` (each worker).
 
+The loop itself, ``run_loop``, talks to its launcher through a session (``workers.train_session``):
+Ray Train here, or plain ``torch.distributed`` under ``torchrun`` (``workers/torchrun.py``).
+
 The loop is one linear function, read top to bottom: build the objective, restore the latest
 checkpoint if there is one, then for each step take a uint8 batch from this rank's shard stream,
 augment it on the device, forward/backward under DDP, step, let the objective update its momentum
@@ -104,28 +107,27 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- the worker loop
 
 def train_loop_per_worker(cfg: dict) -> None:
-    t_enter = time.time()  # start-up phases go into the first_step event of metrics.jsonl
-    import ray.train
-    import ray.train.torch
+    """Ray Train's entry on each worker: the loop in a :class:`~workers.train_session.RayTrainSession`."""
+    t_enter = time.time()
+    from workers.train_session import RayTrainSession
+
+    run_loop(cfg, RayTrainSession(), t_enter=t_enter)
+
+
+def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
+    """The training loop on one rank. ``cfg``: {"config": PretrainConfig as JSON, "run": URI,
+    "manifest": the run's manifest}; ``session``: the launcher's side (``workers.train_session``)."""
+    t_enter = t_enter or time.time()  # start-up phases go into the first_step event of metrics.jsonl
     import torch.distributed as dist
 
     from workers.data import epoch_batches, in_memory_split
     from workers.knn import extract_features, knn_accuracy
     from workers.optim import build_optimizer, lr_schedule
 
-    import logging
-
-    # Ray Train logs every report and checkpoint at INFO (some loggers are named by file path);
-    # our metrics.jsonl and progress bar say the same once.
-    for name in list(logging.root.manager.loggerDict):
-        if name.startswith("ray.train") or "/ray/train/" in name:
-            logging.getLogger(name).setLevel(logging.WARNING)
     config = PretrainConfig(**cfg["config"])
     loc = RunLocation(cfg["run"], config.storage_options)
     manifest: dict = cfg["manifest"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
+    rank, world, device = session.rank, session.world, session.device
     if device.type == "cpu":
         # Ray exports OMP_NUM_THREADS for the worker, but torch may have sized its pool before:
         # two workers × all cores each would oversubscribe the machine.
@@ -152,7 +154,7 @@ def train_loop_per_worker(cfg: dict) -> None:
 
     # --- resume: from this run's latest checkpoint (a rerun, or a worker group restarted after a failure)
     start_step, resumed_from = 0, None
-    ckpt = ray.train.get_checkpoint()
+    ckpt = session.latest_checkpoint()
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = torch.load(os.path.join(d, "state.pt"), map_location="cpu", weights_only=True)
@@ -163,7 +165,7 @@ def train_loop_per_worker(cfg: dict) -> None:
         start_step, resumed_from = int(state["step"]), ckpt.path
     core = objective
     t_built = time.time()
-    model = ray.train.torch.prepare_model(objective, move_to_device=False) if world > 1 else objective
+    model = session.wrap(objective) if world > 1 else objective
     if config.compile:
         model = torch.compile(model)
     # Views are drawn from a generator seeded by (seed, rank, start step): a resumed run draws
@@ -202,9 +204,9 @@ def train_loop_per_worker(cfg: dict) -> None:
                            os.path.join(d, "state.pt"))
                 with open(os.path.join(d, "config.yaml"), "w") as f:
                     f.write(config.to_yaml())
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+                session.report(metrics, checkpoint_dir=d)
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
 
     # --- the loop
     step, t_batch = start_step, None
@@ -278,6 +280,8 @@ def train_loop_per_worker(cfg: dict) -> None:
                            "samples_per_s": float(stats[1]), "samples_per_s_per_worker": float(stats[1]) / world,
                            "data_wait": wait_log / max(dt, 1e-9),  # share of rank 0's time waiting on data
                            "time": time.time()}
+                if device.type == "cuda":  # this rank's peak so far
+                    metrics["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 mom = _momentum_of(core)
                 if mom is not None:
                     metrics["momentum"] = mom
@@ -291,7 +295,7 @@ def train_loop_per_worker(cfg: dict) -> None:
                 if log is not None:
                     log.append(metrics)  # the driver's progress bar reads it from there
                 t_log, seen_log, loss_sum, loss_n, wait_log = time.perf_counter(), 0, 0.0, 0, 0.0
-            # ray.train.report is a barrier across workers that costs ~1 s here, so it runs only
+            # session.report is a barrier across workers (~1 s under Ray Train here), so it runs only
             # with checkpoints; metrics reach metrics.jsonl and the progress bar without it.
             if step % config.checkpoint_every == 0 or step == total:
                 save_checkpoint(step, metrics)
@@ -548,4 +552,4 @@ def _watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: 
         pbar.close()
 
 
-__all__ = ["launch", "train_loop_per_worker", "load_backbone", "build_objective", "NonFiniteLoss", "prepare_run"]
+__all__ = ["launch", "train_loop_per_worker", "run_loop", "load_backbone", "build_objective", "NonFiniteLoss", "prepare_run"]

@@ -1,0 +1,93 @@
+"""The loop without Ray: ``torchrun`` with 2 CPU ranks (gloo DDP), checkpoints, rerun, resume.
+
+Every process runs with ``ray`` and ``prefect`` made unimportable (a ``sitecustomize`` on
+PYTHONPATH), as on a machine that has PyTorch only: the path must not touch either.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from imagegen import write_images
+from workers.shards import IngestParams, ingest
+from workers.sources import open_source
+from workers.storage import RunLocation
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TINY = ["--no-progress", "backbone=small_cnn", "backbone_params={width: 8}", "image_size=16", "view.size=16",
+        "batch_size=32", "loader_workers=0", "log_every=2", "knn_bank=100", "knn_queries=40", "optimizer=sgd",
+        "lr=0.05", "warmup_epochs=0", "steps=8", "checkpoint_every=3"]
+BLOCK = '''import importlib.abc, sys
+class _NoRay(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("ray", "prefect"):
+            raise ModuleNotFoundError(f"blocked by the test: {name}")
+sys.meta_path.insert(0, _NoRay())
+'''
+
+
+def _env(tmp_path) -> dict:
+    site = tmp_path / "site"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(BLOCK)
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), ROOT]), OMP_NUM_THREADS="1")
+
+
+def _torchrun(tmp_path, run, *args, nproc=2) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
+           "-m", "workers.torchrun", run, *TINY, f"workers={nproc}", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+
+
+def _metrics(run):
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def test_torchrun_trains_reruns_as_a_no_op_and_resumes_from_its_checkpoint(tmp_path):
+    write_images(tmp_path / "src", n_classes=3, per_class=60, size=16)
+    run = str(tmp_path / "run")
+    ingest(RunLocation(run), open_source(str(tmp_path / "src")), IngestParams(shard_size=20, val_fraction=0.2),
+           progress_bar=False)
+
+    done = _torchrun(tmp_path, run)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "done: 8 steps" in done.stdout
+    ckpts = os.path.join(run, "checkpoints", "torchrun")
+    assert sorted(os.listdir(ckpts)) == ["step_000000006", "step_000000008"]  # keep_checkpoints=2 pruned step 3
+    assert all(os.path.exists(os.path.join(ckpts, d, "COMPLETE")) for d in os.listdir(ckpts))
+    m = _metrics(run)
+    first = next(r for r in m if r.get("event") == "first_step")
+    assert first["wrapped_as"] == "DistributedDataParallel"  # 2 ranks: DDP over gloo
+    assert [r["step"] for r in m if "loss" in r] == [2, 3, 4, 6, 8] and "knn_top1" in m[-1]
+    with open(os.path.join(run, "checkpoints", "final", "summary.json")) as f:
+        assert json.load(f)["steps"] == 8
+
+    again = _torchrun(tmp_path, run)
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stderr[-2000:]
+
+    # lose the end of the run: the export and the last checkpoint; a half-written checkpoint
+    # (no COMPLETE marker) beside them must be ignored
+    shutil.rmtree(os.path.join(run, "checkpoints", "final"))
+    shutil.rmtree(os.path.join(ckpts, "step_000000008"))
+    os.makedirs(os.path.join(ckpts, "step_000000007"))
+    with open(os.path.join(ckpts, "step_000000007", "state.pt"), "wb") as f:
+        f.write(b"torn")
+    resumed = _torchrun(tmp_path, run)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in resumed.stdout
+    m = _metrics(run)
+    event = next(r for r in m if r.get("event") == "resumed")
+    assert event["step"] == 6 and event["from"].endswith("step_000000006")
+    assert [r["step"] for r in m if "loss" in r] == [2, 3, 4, 6, 8]  # one history, no lines past step 6 kept twice
+    assert os.path.exists(os.path.join(run, "checkpoints", "final", "backbone.pt"))
+
+
+def test_torchrun_refuses_a_worker_count_other_than_its_world_size(tmp_path):
+    cmd = [sys.executable, "-m", "workers.torchrun", str(tmp_path / "run"), "workers=2"]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "workers: the config asks for 2 but torchrun started 1 process(es); pass workers=1" in done.stderr

@@ -7,6 +7,8 @@ Same backbone (ResNet-18, small-image stem, base width 64 and 32), batch 256, 28
 - bare DDP (``bench/ddp_simclr.py``): the same step in 2 processes × 1 thread with in-memory data,
   no Ray and no shard stream, which splits gelato's distance to the plain loop into what data
   parallelism itself costs and what the orchestration adds;
+- the same loop under ``torchrun`` (``workers/torchrun.py``), 2 ranks, no Ray: what Ray Train's
+  orchestration costs against a launcher that does nothing else;
 - the practical ceiling: a plain single-process PyTorch loop over in-memory uint8 tensors with the
   same model, the same batched augmentation (``objective.make_views``), bf16 autocast and
   channels_last;
@@ -84,15 +86,8 @@ def train_step(obj, model, opt, x: torch.Tensor, g: torch.Generator) -> None:
     opt.step()
 
 
-def gelato(width: int, run: str, workers: int, warmup: int, steps: int) -> tuple[float, float]:
-    """(pairs/s after warm-up, seconds from launch() to the first step)."""
-    # rows at the end of the warm-up and at the last step, and every `warmup` steps between (a log
-    # step all-reduces its statistics: logging every step would add a synchronisation per step)
-    cfg = load_config(None, common(width) + [f"workers={workers}", f"cpus_per_worker={2 // workers}",
-                                             f"steps={warmup + steps}", f"log_every={warmup}", "loader_workers=1",
-                                             f"checkpoint_every={warmup + steps}"])
-    t0 = time.time()
-    launch(run, cfg, overwrite=True, progress_bar=False, log=lambda *a: None)
+def _rate_and_first_step(run: str, warmup: int, t0: float) -> tuple[float, float]:
+    """(pairs/s from the end of the warm-up to the last logged step, first step − t0) of a run."""
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
     first = next(r["time"] for r in rows if r.get("event") == "first_step")
@@ -100,6 +95,31 @@ def gelato(width: int, run: str, workers: int, warmup: int, steps: int) -> tuple
     span = end["time"] - next(r["time"] for r in rows if "loss" in r and r["step"] == warmup)
     # the last step also writes a checkpoint; its time is not in the step interval measured here
     return ((end["step"] - warmup) * 256) / span, first - t0
+
+
+def gelato_overrides(width: int, workers: int, warmup: int, steps: int) -> list[str]:
+    # rows at the end of the warm-up and at the last step, and every `warmup` steps between (a log
+    # step all-reduces its statistics: logging every step would add a synchronisation per step)
+    return common(width) + [f"workers={workers}", f"cpus_per_worker={2 // workers}", f"steps={warmup + steps}",
+                            f"log_every={warmup}", "loader_workers=1", f"checkpoint_every={warmup + steps}"]
+
+
+def gelato(width: int, run: str, workers: int, warmup: int, steps: int) -> tuple[float, float]:
+    """(pairs/s after warm-up, seconds from launch() to the first step)."""
+    cfg = load_config(None, gelato_overrides(width, workers, warmup, steps))
+    t0 = time.time()
+    launch(run, cfg, overwrite=True, progress_bar=False, log=lambda *a: None)
+    return _rate_and_first_step(run, warmup, t0)
+
+
+def gelato_torchrun(width: int, run: str, warmup: int, steps: int) -> tuple[float, float]:
+    """The same loop under ``torchrun`` with 2 ranks (workers/torchrun.py, no Ray): (pairs/s after
+    warm-up, seconds from starting the command to the first step)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
+           "workers.torchrun", run, "--overwrite", "--no-progress"] + gelato_overrides(width, 2, warmup, steps)
+    t0 = time.time()
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    return _rate_and_first_step(run, warmup, t0)
 
 
 def cli_first_step(width: int, run: str) -> float:
@@ -165,7 +185,8 @@ def main() -> None:
         root = os.path.dirname(os.path.dirname(raw))
         others = [("gelato 2 workers", lambda: gelato(width, run, 2, a.warmup, a.steps)),
                   ("bare DDP 2 procs", lambda: bare_ddp(width, 2, a.warmup, a.steps)),
-                  ("gelato 1 worker", lambda: gelato(width, run, 1, a.warmup, a.steps))]
+                  ("gelato 1 worker", lambda: gelato(width, run, 1, a.warmup, a.steps)),
+                  ("gelato torchrun 2 procs", lambda: gelato_torchrun(width, run, a.warmup, a.steps))]
         if not a.skip_lightly:
             others += [("lightly fp32", lambda: lightly(width, root, a.warmup, a.steps, False)),
                        ("lightly bf16+cl", lambda: lightly(width, root, a.warmup, a.steps, True))]
@@ -178,6 +199,8 @@ def main() -> None:
                 record(f"w{width} {name}", rate)
                 if name == "gelato 2 workers":
                     record(f"w{width} gelato first step s", first)
+                if name == "gelato torchrun 2 procs":
+                    record(f"w{width} torchrun first step s", first)
                 after = plain_loop(width, images, a.warmup, a.steps)
                 record(f"w{width} plain loop", after)
                 ratios.setdefault(f"w{width} {name}", []).append(rate / ((before + after) / 2))
@@ -199,6 +222,9 @@ def main() -> None:
                 f"{rmed[w + ' gelato 2 workers'] / rmed[w + ' gelato 1 worker']:.2f}x) | "
                 f"first step {med[w + ' gelato first step s']:.1f} s from launch()"
                 f"{'' if a.skip_cli else ', %.1f s from the gelato pretrain command' % med[w + ' CLI first step s']}"
+                f" | under torchrun (no Ray) {med[w + ' gelato torchrun 2 procs']:.1f} = "
+                f"{rmed[w + ' gelato torchrun 2 procs']:.2f}x the plain loop, first step "
+                f"{med[w + ' torchrun first step s']:.1f} s from the command"
                 f" | bare DDP (no Ray, no stream) "
                 f"{med[w + ' bare DDP 2 procs']:.1f} = {rmed[w + ' bare DDP 2 procs']:.2f}x the plain loop, so gelato "
                 f"= {rmed[w + ' gelato 2 workers'] / rmed[w + ' bare DDP 2 procs']:.2f}x bare DDP")

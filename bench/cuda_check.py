@@ -75,6 +75,10 @@ def environment(cpu: bool) -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "host_cpus": os.cpu_count(),
            "cuda": torch.version.cuda, "device": "cpu"}
+    try:  # DataLoader workers pass batches through shared memory
+        env["shm_gib"] = round(shutil.disk_usage("/dev/shm").total / 2**30, 1)
+    except OSError:
+        env["shm_gib"] = None
     if not cpu and torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
         env.update(device=torch.cuda.get_device_name(0), capability=f"{p.major}.{p.minor}",

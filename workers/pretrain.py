@@ -442,6 +442,10 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     if status == "finished":
         log(f"{run}: pretraining already finished ({FINAL_DIR}/backbone.pt); nothing to do")
         return _read_json(loc, f"{FINAL_DIR}/summary.json")
+    if status == "resume":
+        from workers.train_session import check_resumable_by
+
+        check_resumable_by(loc, "ray")
     loc.write_atomic("config.yaml", config.to_yaml().encode())
 
     import ray
@@ -543,6 +547,8 @@ def _watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: 
                 pbar = tqdm(total=total, initial=int(row["step"]), desc="pretrain", unit="step", dynamic_ncols=True)
             pbar.n = int(row["step"])
             post = {"loss": f"{row['loss']:.4f}", "img/s": f"{row['samples_per_s']:.0f}"}
+            if "gpu_mem_gib" in row:
+                post["mem"] = f"{row['gpu_mem_gib']:.1f}G"
             if "knn_top1" in row:
                 post["knn"] = f"{row['knn_top1']:.3f}"
             pbar.set_postfix(post)  # refreshes the bar

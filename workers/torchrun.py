@@ -23,7 +23,7 @@ from typing import Optional
 from workers.config import ConfigError, PretrainConfig, load_config
 from workers.pretrain import FINAL_DIR, _read_json, _watch_progress, prepare_run, run_loop, schedule_length
 from workers.storage import RunLocation
-from workers.train_session import TorchrunSession
+from workers.train_session import TorchrunSession, check_resumable_by
 
 
 def pretrain(run: str, config: PretrainConfig, overwrite: bool = False, progress_bar: bool = True,
@@ -46,6 +46,8 @@ def pretrain(run: str, config: PretrainConfig, overwrite: bool = False, progress
         if session.rank == 0:
             try:
                 manifest, status = prepare_run(loc, config, overwrite)
+                if status == "resume":
+                    check_resumable_by(loc, "torchrun")
                 if status != "finished":
                     loc.write_atomic("config.yaml", config.to_yaml().encode())
                 state = [(manifest, status, None)]

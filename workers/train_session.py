@@ -24,10 +24,34 @@ from typing import Iterator, Optional
 
 import torch
 
+from workers.config import ConfigError
 from workers.storage import RunLocation
 
 TORCHRUN_DIR = "checkpoints/torchrun"
 COMPLETE = "COMPLETE"
+
+
+def _listing(loc: RunLocation, rel: str) -> list[str]:
+    fs, path = loc.fs(), loc.join(rel)
+    if loc.is_s3:
+        fs.invalidate_cache(path)
+    try:
+        return [os.path.basename(p.rstrip("/")) for p in fs.ls(path, detail=False)]
+    except FileNotFoundError:
+        return []
+
+
+def check_resumable_by(loc: RunLocation, launcher: str) -> None:
+    """Each launcher resumes only the checkpoints it wrote. When a run's checkpoints all come from
+    the other one, say so instead of silently starting again from step 0."""
+    ray_ckpts = [n for n in _listing(loc, "checkpoints") if n.startswith("checkpoint_")]
+    torchrun_ckpts = TorchrunSession.complete_checkpoints(loc)
+    if launcher == "torchrun" and ray_ckpts and not torchrun_ckpts:
+        raise ConfigError(f"{loc.uri}: its checkpoints were written by Ray Train (`gelato pretrain`), which "
+                          f"resumes them; run that again, or pass --overwrite to start afresh under torchrun")
+    if launcher == "ray" and torchrun_ckpts and not ray_ckpts:
+        raise ConfigError(f"{loc.uri}: its checkpoints were written under torchrun (`python -m workers.torchrun`), "
+                          f"which resumes them; run that again, or pass --overwrite to start afresh on Ray")
 
 
 class RayTrainSession:
@@ -118,21 +142,15 @@ class TorchrunSession:
             self.owns_group = True
 
     def latest_checkpoint(self) -> Optional[StoredCheckpoint]:
-        done = self._complete()
+        done = self.complete_checkpoints(self.loc)
         return StoredCheckpoint(self.loc, *done[-1]) if done else None
 
-    def _complete(self) -> list[tuple[str, int]]:
-        """(relative dir, step) of every complete checkpoint, oldest first."""
-        fs, base = self.loc.fs(), self.loc.join(TORCHRUN_DIR)
-        if self.loc.is_s3:
-            fs.invalidate_cache(base)
-        try:
-            names = [os.path.basename(p.rstrip("/")) for p in fs.ls(base, detail=False)]
-        except FileNotFoundError:
-            return []
-        out = []
-        for n in names:
-            if n.startswith("step_") and n[5:].isdigit() and fs.exists(self.loc.join(f"{TORCHRUN_DIR}/{n}/{COMPLETE}")):
+    @staticmethod
+    def complete_checkpoints(loc: RunLocation) -> list[tuple[str, int]]:
+        """(relative dir, step) of every complete torchrun checkpoint of ``loc``, oldest first."""
+        fs, out = loc.fs(), []
+        for n in _listing(loc, TORCHRUN_DIR):
+            if n.startswith("step_") and n[5:].isdigit() and fs.exists(loc.join(f"{TORCHRUN_DIR}/{n}/{COMPLETE}")):
                 out.append((f"{TORCHRUN_DIR}/{n}", int(n[5:])))
         return sorted(out, key=lambda x: x[1])
 
@@ -152,7 +170,7 @@ class TorchrunSession:
                     self.loc.write_atomic(f"{rel}/{name}", f.read())
             self.loc.write_atomic(f"{rel}/{COMPLETE}", b"")
             fs = self.loc.fs()
-            for old, _ in self._complete()[:-self.keep]:
+            for old, _ in self.complete_checkpoints(self.loc)[:-self.keep]:
                 fs.rm(self.loc.join(f"{old}/{COMPLETE}"))  # unmark first: a half-deleted one is never read
                 fs.rm(self.loc.join(old), recursive=True)
         if self.world > 1:

@@ -91,3 +91,47 @@ def test_torchrun_refuses_a_worker_count_other_than_its_world_size(tmp_path):
     done = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert done.returncode == 2
     assert "workers: the config asks for 2 but torchrun started 1 process(es); pass workers=1" in done.stderr
+
+
+def test_torchrun_on_an_s3_run_resumes_from_its_marked_checkpoint(tmp_path, s3_bucket):
+    """One process, no torchrun wrapper: shards, checkpoints and the export on S3 (moto_server)."""
+    write_images(tmp_path / "src", n_classes=3, per_class=40, size=16)
+    run = f"s3://{s3_bucket}/runs/tr"
+    loc = RunLocation(run)
+    ingest(loc, open_source(str(tmp_path / "src")), IngestParams(shard_size=20, val_fraction=0.2), progress_bar=False)
+    cmd = [sys.executable, "-m", "workers.torchrun", run, *TINY, "workers=1", "steps=4", "checkpoint_every=2",
+           "knn_monitor=false"]
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fs, base = loc.fs(), f"{s3_bucket}/runs/tr/checkpoints"
+    assert sorted(os.path.basename(p) for p in fs.ls(f"{base}/torchrun")) == ["step_000000002", "step_000000004"]
+    fs.rm(f"{base}/final", recursive=True)
+    fs.rm(f"{base}/torchrun/step_000000004/COMPLETE")  # an unmarked checkpoint is never read
+    again = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=180)
+    assert again.returncode == 0 and "resuming" in again.stdout, again.stderr[-3000:]
+    with fs.open(f"{s3_bucket}/runs/tr/metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f.read().decode().splitlines()]
+    assert next(r for r in rows if r.get("event") == "resumed")["step"] == 2
+    assert [r["step"] for r in rows if "loss" in r] == [2, 4]
+    assert fs.exists(f"{base}/final/backbone.pt")
+
+
+def test_each_launcher_refuses_to_silently_restart_the_others_checkpoints(tmp_path):
+    import pytest
+
+    from workers.config import ConfigError
+    from workers.train_session import check_resumable_by
+
+    loc = RunLocation(str(tmp_path))
+    check_resumable_by(loc, "ray")  # no checkpoints at all: a fresh start is right for both
+    check_resumable_by(loc, "torchrun")
+    os.makedirs(tmp_path / "checkpoints" / "checkpoint_2026-11-29_01-00-00.000000")
+    with pytest.raises(ConfigError, match="written by Ray Train .* --overwrite to start afresh under torchrun"):
+        check_resumable_by(loc, "torchrun")
+    check_resumable_by(loc, "ray")
+    shutil.rmtree(tmp_path / "checkpoints")
+    os.makedirs(tmp_path / "checkpoints" / "torchrun" / "step_000000004")
+    check_resumable_by(loc, "ray")  # not marked COMPLETE: not a checkpoint
+    (tmp_path / "checkpoints" / "torchrun" / "step_000000004" / "COMPLETE").write_bytes(b"")
+    with pytest.raises(ConfigError, match="written under torchrun .* --overwrite to start afresh on Ray"):
+        check_resumable_by(loc, "ray")

@@ -2,17 +2,17 @@
 
 What CPUs cannot show: NCCL (a world-1 process group on a one-GPU machine), bf16 and fp16 autocast
 (fp16 with the grad scaler), channels_last, ``torch.compile``, and the ImageNet-scale configs
-(ResNet-50 / ViT-B at 224 px). Each variant runs the real loop (``workers.pretrain.run_loop``)
+(ResNet-50 / ViT-S at 224 px). Each variant runs the real loop (``workers.pretrain.run_loop``)
 through ``python -m workers.torchrun`` in its own process: the GPU machine has PyTorch but no Ray
 (Ray's wheel alone is over the 64 MiB that travels there), and torchrun's session is the loop's
 other launcher. For every variant it records images/s (median of the logged intervals after the
 first), the time from process start to the first step, the loss at the start and at the end
 (for the Fashion-MNIST runs: does it fall?), peak GPU memory and the card's name.
 
-On the device machine (see bench/RESULTS.md, "Prepared GPU check", for the wheels and data that
-travel with it):
+On the device machine (bench/device_kit.sh gathers the wheels and data that travel with it;
+bench/RESULTS.md, "GPU (bench/cuda_check.py)", has the whole call):
 
-    python3 bench/cuda_check.py --data .devdata/fashion-mnist --out $OUT --budget-s 420
+    python3 bench/cuda_check.py --data .devdata/fashion-mnist --out $OUT --work /tmp/cc --budget-s 400
 
 Here, on CPU, the same script checks itself (gloo, bf16, no fp16, tiny steps):
 
@@ -116,7 +116,8 @@ def make_data(kind: str, work: str, data: str | None, cpu: bool) -> str:
 
         src = FashionMNIST(data)
         arrays, labels = src._images["train"], src._labels["train"]
-    n = {"fm": 320, "rgb": 160}[kind] if cpu else 2560
+    # on the GPU: 10,240 images, so 40 steps of 256 stay within about one epoch (each epoch restarts the loaders)
+    n = {"fm": 320, "rgb": 160}[kind] if cpu else 10240
     folder = os.path.join(work, f"images_{kind}")
     for i in range(n):
         label = int(labels[i]) if labels is not None else i % 4

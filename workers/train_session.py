@@ -57,8 +57,6 @@ def check_resumable_by(loc: RunLocation, launcher: str) -> None:
 class RayTrainSession:
     """The loop inside a Ray Train worker."""
 
-    name = "ray"
-
     def __init__(self):
         import ray.train
         import ray.train.torch
@@ -117,8 +115,6 @@ class TorchrunSession:
     """The loop under ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR/PORT``)
     or in one plain process. Joins the process group (NCCL on GPU, gloo on CPU) if the environment
     names a rendezvous and none exists yet."""
-
-    name = "torchrun"
 
     def __init__(self, loc: RunLocation, use_gpu: bool, keep: int = 2):
         import torch.distributed as dist

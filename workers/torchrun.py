@@ -7,7 +7,8 @@ For machines and schedulers that have PyTorch but no Ray (a Slurm allocation, a 
 ``gelato pretrain`` (Ray Train, Prefect) stays the main entry; this one takes the same config and
 overrides, checks the run the same way, writes the same ``config.yaml``, ``metrics.jsonl`` and
 ``checkpoints/final/``, and resumes from its own checkpoints (``checkpoints/torchrun/``) when the
-same command runs again, or when ``torchrun --max-restarts N`` restarts the ranks after a failure.
+same command runs again (and so when ``torchrun --max-restarts N`` restarts the ranks after a
+failure; that path has no test).
 ``workers`` in the config must equal torchrun's world size. The run is a positional argument
 here (torchrun would take ``--run`` for its own ``--run-path``).
 """

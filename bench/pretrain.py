@@ -86,11 +86,16 @@ def train_step(obj, model, opt, x: torch.Tensor, g: torch.Generator) -> None:
     opt.step()
 
 
-def _rate_and_first_step(run: str, warmup: int, t0: float) -> tuple[float, float]:
-    """(pairs/s from the end of the warm-up to the last logged step, first step − t0) of a run."""
+def _metrics(run: str) -> tuple[list[dict], float]:
+    """(the rows of a run's metrics.jsonl, the time of its first step)."""
     with open(os.path.join(run, "metrics.jsonl")) as f:
         rows = [json.loads(line) for line in f if line.strip()]
-    first = next(r["time"] for r in rows if r.get("event") == "first_step")
+    return rows, next(r["time"] for r in rows if r.get("event") == "first_step")
+
+
+def _rate_and_first_step(run: str, warmup: int, t0: float) -> tuple[float, float]:
+    """(pairs/s from the end of the warm-up to the last logged step, first step − t0) of a run."""
+    rows, first = _metrics(run)
     end = next(r for r in reversed(rows) if "loss" in r)
     span = end["time"] - next(r["time"] for r in rows if "loss" in r and r["step"] == warmup)
     # the last step also writes a checkpoint; its time is not in the step interval measured here
@@ -129,9 +134,7 @@ def cli_first_step(width: int, run: str) -> float:
         ["workers=2", "cpus_per_worker=1", "steps=3", "log_every=1", "loader_workers=1", "checkpoint_every=3"]
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)
-    with open(os.path.join(run, "metrics.jsonl")) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return next(r["time"] for r in rows if r.get("event") == "first_step") - t0
+    return _metrics(run)[1] - t0
 
 
 def bare_ddp(width: int, workers: int, warmup: int, steps: int) -> float:

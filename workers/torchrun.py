@@ -18,7 +18,6 @@ import argparse
 import os
 import sys
 import threading
-import time
 from typing import Optional
 
 from workers.config import ConfigError, PretrainConfig, load_config
@@ -73,8 +72,7 @@ def pretrain(run: str, config: PretrainConfig, overwrite: bool = False, progress
                 watcher = threading.Thread(target=_watch_progress, args=(loc, total, stop), daemon=True)
                 watcher.start()
         try:
-            run_loop({"config": config.model_dump(mode="json"), "run": run, "manifest": manifest}, session,
-                     t_enter=time.time())
+            run_loop({"config": config.model_dump(mode="json"), "run": run, "manifest": manifest}, session)
         finally:
             stop.set()
             if watcher is not None:

@@ -150,6 +150,13 @@ class TorchrunSession:
                 out.append((f"{TORCHRUN_DIR}/{n}", int(n[5:])))
         return sorted(out, key=lambda x: x[1])
 
+    def _marked(self, rel: str) -> bool:
+        """The marker of ``rel``, asked of the store itself (no cached listing)."""
+        path = self.loc.join(f"{rel}/{COMPLETE}")
+        if self.loc.is_s3:
+            self.loc.fs().invalidate_cache(path)
+        return self.loc.fs().exists(path)
+
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -165,10 +172,17 @@ class TorchrunSession:
                 with open(os.path.join(checkpoint_dir, name), "rb") as f:
                     self.loc.write_atomic(f"{rel}/{name}", f.read())
             self.loc.write_atomic(f"{rel}/{COMPLETE}", b"")
-            fs = self.loc.fs()
-            for old, _ in self.complete_checkpoints(self.loc)[:-self.keep]:
+            fs, done = self.loc.fs(), self.complete_checkpoints(self.loc)
+            for old, _ in done[:-self.keep]:
                 fs.rm(self.loc.join(f"{old}/{COMPLETE}"))  # unmark first: a half-deleted one is never read
                 fs.rm(self.loc.join(old), recursive=True)
+            # Unmarked ones are torn writes of an earlier, crashed attempt (rank 0 is the only writer
+            # and has just marked its own): never read, so deleted rather than left to pile up.
+            marked = {d for d, _ in done} | {rel}
+            for n in _listing(self.loc, TORCHRUN_DIR):
+                torn = f"{TORCHRUN_DIR}/{n}"
+                if n.startswith("step_") and torn not in marked and not self._marked(torn):
+                    fs.rm(self.loc.join(torn), recursive=True)
         if self.world > 1:
             import torch.distributed as dist
 

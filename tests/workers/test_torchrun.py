@@ -84,6 +84,7 @@ def test_torchrun_trains_reruns_as_a_no_op_and_resumes_from_its_checkpoint(tmp_p
     assert event["step"] == 6 and event["from"].endswith("step_000000006")
     assert [r["step"] for r in m if "loss" in r] == [2, 3, 4, 6, 8]  # one history, no lines past step 6 kept twice
     assert os.path.exists(os.path.join(run, "checkpoints", "final", "backbone.pt"))
+    assert sorted(os.listdir(ckpts)) == ["step_000000006", "step_000000008"]  # the torn step 7 is gone
 
 
 def test_torchrun_refuses_a_worker_count_other_than_its_world_size(tmp_path):
@@ -107,6 +108,7 @@ def test_torchrun_on_an_s3_run_resumes_from_its_marked_checkpoint(tmp_path, s3_b
     assert sorted(os.path.basename(p) for p in fs.ls(f"{base}/torchrun")) == ["step_000000002", "step_000000004"]
     fs.rm(f"{base}/final", recursive=True)
     fs.rm(f"{base}/torchrun/step_000000004/COMPLETE")  # an unmarked checkpoint is never read
+    fs.pipe(f"{base}/torchrun/step_000000003/state.pt", b"torn")  # nor a torn one, which the rerun deletes
     again = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=180)
     assert again.returncode == 0 and "resuming" in again.stdout, again.stderr[-3000:]
     with fs.open(f"{s3_bucket}/runs/tr/metrics.jsonl") as f:
@@ -114,6 +116,9 @@ def test_torchrun_on_an_s3_run_resumes_from_its_marked_checkpoint(tmp_path, s3_b
     assert next(r for r in rows if r.get("event") == "resumed")["step"] == 2
     assert [r["step"] for r in rows if "loss" in r] == [2, 3, 4]  # 3: the end of an epoch (96 train samples)
     assert fs.exists(f"{base}/final/backbone.pt")
+    fs.invalidate_cache(f"{base}/torchrun")
+    assert sorted(os.path.basename(p) for p in fs.ls(f"{base}/torchrun")) == ["step_000000002", "step_000000004"]
+    assert fs.exists(f"{base}/torchrun/step_000000004/COMPLETE")
 
 
 def test_each_launcher_refuses_to_silently_restart_the_others_checkpoints(tmp_path):

@@ -22,6 +22,7 @@ import io
 import json
 import math
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -33,6 +34,7 @@ from workers.config import ConfigError, PretrainConfig
 from workers.storage import RunLocation
 
 FINAL_DIR = "checkpoints/final"
+PRETRAIN_PLOT = "plots/pretrain.png"
 
 
 class NonFiniteLoss(RuntimeError):
@@ -305,11 +307,13 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
             t_fetch = time.perf_counter()
 
     if rank == 0:
-        export_final(loc, config, manifest, core, step, total)
+        export_final(loc, config, manifest, core, step, total, metrics_rows=[json.loads(ln) for ln in log.lines])
 
 
-def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objective, step: int, total: int) -> None:
-    """``checkpoints/final/backbone.pt``: backbone weights + what rebuilds it; then ``summary.json``."""
+def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objective, step: int, total: int,
+                 metrics_rows: Optional[list[dict]] = None) -> None:
+    """``checkpoints/final/backbone.pt``: backbone weights + what rebuilds it; ``plots/pretrain.png``
+    from ``metrics_rows``; then ``summary.json``, which marks the run finished."""
     backbone = objective.backbone
     payload = {
         "backbone": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
@@ -328,9 +332,28 @@ def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objec
     buf = io.BytesIO()
     torch.save(payload, buf)
     loc.write_atomic(f"{FINAL_DIR}/backbone.pt", buf.getvalue())
+    plot = write_pretrain_plot(loc, config, metrics_rows or [])
     summary = {"steps": step, "total_steps": total, "training_hash": config.training_hash(),
-               "objective": config.objective, "backbone": config.backbone, "finished": time.time()}
+               "objective": config.objective, "backbone": config.backbone, "finished": time.time(),
+               "plot": plot}
     loc.write_atomic(f"{FINAL_DIR}/summary.json", json.dumps(summary, indent=1).encode())
+
+
+def write_pretrain_plot(loc: RunLocation, config: PretrainConfig, rows: list[dict]) -> Optional[str]:
+    """Draw ``plots/pretrain.png``; returns its path in the run, or None. A figure that cannot be
+    drawn is reported on stderr and costs the run nothing else."""
+    try:
+        from workers.report import pretrain_figure
+
+        png = pretrain_figure(rows, f"{config.objective} / {config.backbone}: {config.workers} workers, "
+                                    f"global batch {config.batch_size}, {config.precision}")
+        if png is None:
+            return None
+        loc.write_atomic(PRETRAIN_PLOT, png)
+        return PRETRAIN_PLOT
+    except Exception as e:  # noqa: BLE001 - the weights are written; a plot is not worth losing them over
+        print(f"{loc.uri}: could not draw {PRETRAIN_PLOT}: {type(e).__name__}: {e}", file=sys.stderr)
+        return None
 
 
 def load_backbone(path_or_uri: str, storage_options: Optional[dict] = None):
@@ -381,8 +404,9 @@ def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = Fals
     if overwrite:
         if fs.exists(loc.join("checkpoints")):
             fs.rm(loc.join("checkpoints"), recursive=True)
-        if fs.exists(loc.join("metrics.jsonl")):
-            fs.rm(loc.join("metrics.jsonl"))
+        for stale in ("metrics.jsonl", PRETRAIN_PLOT):  # nothing left that describes the old training
+            if fs.exists(loc.join(stale)):
+                fs.rm(loc.join(stale))
         old = None
     status = "fresh"
     if old is not None:

@@ -7,6 +7,7 @@ table (protocol × {pretrained, random init, raw pixels, supervised}; a cell tha
 computed in this run says "not run"), the pretraining curves, a 2-D PCA of the test features and
 the probe's confusion matrix. Plots are drawn with matplotlib's Agg canvas (no pyplot, no
 display, safe in threads) and written through fsspec like everything else in the run.
+:func:`pretrain_figure` draws ``RUN/plots/pretrain.png`` when pretraining ends, before any evaluation.
 """
 from __future__ import annotations
 
@@ -89,6 +90,53 @@ def curve_plot(rows: list[dict], key: str, title: str, ylabel: str) -> Optional[
     ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o" if len(pts) < 30 else None, markersize=3)
     ax.set(xlabel="epoch", ylabel=ylabel, title=title)
     ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def pretrain_figure(rows: list[dict], title: str) -> Optional[bytes]:
+    """``RUN/plots/pretrain.png``, drawn when pretraining ends: loss, the online kNN curve, the
+    learning rate (and the EMA momentum, where the objective has one) and the throughput, per step,
+    from the rows of ``metrics.jsonl``. Dashed lines mark where the run resumed from a checkpoint."""
+    pts = [r for r in rows if "loss" in r and "step" in r]
+    if not pts:
+        return None
+    steps = [r["step"] for r in pts]
+    resumed = [r["step"] for r in rows if r.get("event") == "resumed"]
+    fig = _figure(11, 7)
+    axes = fig.subplots(2, 2)
+
+    def panel(ax, x, y, ylabel, label=None, **kw):
+        ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label, **kw)
+        for s in resumed:
+            ax.axvline(s, color="grey", linestyle="--", linewidth=1)
+        ax.set(xlabel="step", ylabel=ylabel)
+        ax.grid(alpha=0.3)
+
+    panel(axes[0, 0], steps, [r["loss"] for r in pts], "loss")
+    axes[0, 0].set_title("loss" + (" (dashed: resumed)" if resumed else ""))
+    knn = [r for r in pts if "knn_top1" in r]
+    if knn:
+        panel(axes[0, 1], [r["step"] for r in knn], [100 * r["knn_top1"] for r in knn], "top-1 (%)")
+        axes[0, 1].set_title(f"online kNN on val: {100 * knn[-1]['knn_top1']:.1f} % at the end")
+    else:
+        axes[0, 1].set_axis_off()
+        axes[0, 1].text(0.5, 0.5, "no online kNN (knn_monitor off, or no labelled val split)",
+                        ha="center", va="center", fontsize=9)
+    panel(axes[1, 0], steps, [r["lr"] for r in pts], "learning rate", color="C0")
+    axes[1, 0].set_title("learning rate" + (" and momentum" if any("momentum" in r for r in pts) else ""))
+    mom = [r for r in pts if "momentum" in r]
+    if mom:
+        twin = axes[1, 0].twinx()
+        twin.plot([r["step"] for r in mom], [r["momentum"] for r in mom], color="C1")
+        twin.set_ylabel("EMA momentum", color="C1")
+    rate = [r for r in pts if "samples_per_s" in r]
+    panel(axes[1, 1], [r["step"] for r in rate], [r["samples_per_s"] for r in rate], "samples/s, all workers")
+    if rate:
+        med = sorted(r["samples_per_s"] for r in rate)[len(rate) // 2]
+        axes[1, 1].set_title(f"throughput: median {med:,.0f} samples/s")
+        axes[1, 1].set_ylim(bottom=0)
+    fig.suptitle(title)
+    fig.tight_layout()
     return _png(fig)
 
 

@@ -56,6 +56,9 @@ def test_pretrain_end_to_end_then_rerun_is_a_no_op(tmp_path, tiny_source):
     assert backbone(torch.zeros(2, 1, 16, 16)).shape == (2, backbone.feature_dim)
     with open(os.path.join(run, "config.yaml")) as f:
         assert "objective: simclr" in f.read()
+    assert summary["plot"] == "plots/pretrain.png"  # the run's curves, drawn when it ends
+    with open(os.path.join(run, summary["plot"]), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     # a private Ray instance starts only the controller, the workers and their sync actor: no
     # autoscaling coordinator, DatasetManager, placement-group cleaner or preemption watcher
     assert _actors_of_last_ray_session() == {"TrainController", "SynchronizationActor", "RayTrainWorker"}
@@ -97,6 +100,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(tmp_path, tiny_source):
     assert 10 <= resumed[0]["step"] <= killed["at"], (resumed, killed)  # resumed from a checkpoint, not step 0
     steps = [r["step"] for r in m if "loss" in r]
     assert steps == sorted(steps) and steps[-1] == 120 and len(steps) == len(set(steps))
+    assert summary["plot"] == "plots/pretrain.png" and os.path.getsize(os.path.join(run, summary["plot"])) > 10_000
 
 
 def _actors_of_last_ray_session() -> set[str]:
@@ -182,3 +186,5 @@ def test_pretrain_on_s3_run(tmp_path, tiny_source, s3_bucket):
     assert payload["steps"] == 4 and backbone(torch.zeros(2, 1, 16, 16)).shape[1] == backbone.feature_dim
     with fs.open(f"{s3_bucket}/runs/tiny/metrics.jsonl") as f:
         assert [json.loads(line)["step"] for line in f.read().decode().splitlines() if b"loss" in line.encode()] == [2, 4]
+    with fs.open(f"{s3_bucket}/runs/tiny/plots/pretrain.png") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -146,3 +146,38 @@ def test_metrics_tail_feeds_the_progress_bar_new_lines_only(where, tmp_path, req
         assert [r["step"] for r in tail.read()] == [4]
     MetricsLog(loc, 1)                             # a resume from step 1 drops the later lines
     assert [r["step"] for r in tail.read()] == [1]
+
+
+def test_pretrain_figure_draws_what_the_metrics_hold_and_a_broken_one_costs_nothing(tmp_path, capsys):
+    from workers.pretrain import PRETRAIN_PLOT, write_pretrain_plot
+    from workers.report import PNG_SIGNATURE, pretrain_figure
+
+    rows = [{"event": "first_step", "step": 1, "time": 0.0}]
+    rows += [{"step": s, "epoch": s / 4, "loss": 5.0 - 0.1 * s, "lr": 0.01 * s, "momentum": 0.99 + 0.001 * s,
+              "samples_per_s": 200.0 + s, "time": float(s)} for s in (2, 4, 6)]
+    rows += [{"event": "resumed", "step": 4, "from": "x"}, {"step": 8, "epoch": 2.0, "loss": 4.1, "lr": 0.08,
+                                                             "samples_per_s": 190.0, "knn_top1": 0.7, "time": 8.0}]
+    png = pretrain_figure(rows, "simclr / resnet18")
+    assert png is not None and png.startswith(PNG_SIGNATURE) and len(png) > 10_000
+    assert pretrain_figure([{"event": "first_step", "step": 1}], "no steps logged") is None
+
+    cfg = load_config(None, [])
+    loc = RunLocation(str(tmp_path / "run"))
+    assert write_pretrain_plot(loc, cfg, rows) == PRETRAIN_PLOT
+    assert (tmp_path / "run" / PRETRAIN_PLOT).read_bytes().startswith(PNG_SIGNATURE)
+    # a row it cannot draw (no learning rate): reported, and the run goes on to write its summary
+    assert write_pretrain_plot(loc, cfg, [{"step": 1, "loss": 1.0}]) is None
+    assert f"could not draw {PRETRAIN_PLOT}: KeyError" in capsys.readouterr().err
+
+
+def test_overwrite_leaves_nothing_of_the_old_training(tmp_path):
+    from workers.pretrain import PRETRAIN_PLOT, prepare_run
+
+    write_images(tmp_path / "src", n_classes=2, per_class=6, size=8)
+    loc = RunLocation(str(tmp_path / "run"))
+    ingest(loc, open_source(str(tmp_path / "src")), IngestParams(shard_size=6, val_fraction=0), progress_bar=False)
+    for rel in ("metrics.jsonl", PRETRAIN_PLOT, "checkpoints/checkpoint_x/state.pt"):
+        loc.write_atomic(rel, b"old")
+    prepare_run(loc, load_config(None, []), overwrite=True)
+    assert not any((tmp_path / "run" / rel).exists() for rel in ("metrics.jsonl", PRETRAIN_PLOT, "checkpoints"))
+    assert (tmp_path / "run" / "manifest.json").exists()  # the shards stay

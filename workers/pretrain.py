@@ -345,7 +345,7 @@ def write_pretrain_plot(loc: RunLocation, config: PretrainConfig, rows: list[dic
     try:
         from workers.report import pretrain_figure
 
-        png = pretrain_figure(rows, f"{config.objective} / {config.backbone}: {config.workers} workers, "
+        png = pretrain_figure(rows, f"{config.objective} / {config.backbone}: {config.workers} worker{'s' * (config.workers > 1)}, "
                                     f"global batch {config.batch_size}, {config.precision}")
         if png is None:
             return None

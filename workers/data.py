@@ -61,18 +61,21 @@ def steps_per_epoch(train_count: int, batch_size: int) -> int:
 
 def epoch_batches(run: RunLocation, manifest: dict, epoch: int, n_batches: int, *, rank: int, world_size: int,
                   local_batch: int, loader_workers: int, seed: int, split: str = "train",
-                  skip: int = 0, image_size: Optional[int] = None) -> Iterator[dict[str, torch.Tensor]]:
+                  skip: int = 0, image_size: Optional[int] = None,
+                  pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
     """Exactly ``n_batches`` batches of ``local_batch`` images for this rank in ``epoch``.
 
     Passes over the rank's shards (each pass reshuffled) until enough full batches were made;
-    the first ``skip`` batches are dropped (resume).
+    the first ``skip`` batches are dropped (resume). ``pin_memory`` (for a CUDA device) puts the
+    batches in page-locked memory, so that ``.to(device, non_blocking=True)`` copies them while the
+    GPU still computes.
     """
     produced = 0
     for rep in range(1_000_000):
         ds = open_split(run, split, rank=rank, world_size=world_size, num_workers=loader_workers, shuffle=True,
                         seed=seed + 1_000_003 * rep, epoch=epoch, manifest=manifest, shuffle_buffer=4 * local_batch)
         loader = DataLoader(ds, batch_size=local_batch, num_workers=loader_workers, drop_last=True,
-                            collate_fn=Collate(image_size), persistent_workers=False)
+                            collate_fn=Collate(image_size), persistent_workers=False, pin_memory=pin_memory)
         got_any = False
         for batch in loader:
             got_any = True

@@ -217,7 +217,8 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
         epoch, in_epoch = divmod(step, spe)
         batches = epoch_batches(loc, manifest, epoch, spe * config.grad_accum, rank=rank, world_size=world,
                                 local_batch=config.local_batch, loader_workers=config.loader_workers,
-                                seed=config.seed, skip=in_epoch * config.grad_accum, image_size=config.image_size)
+                                seed=config.seed, skip=in_epoch * config.grad_accum, image_size=config.image_size,
+                                pin_memory=device.type == "cuda")
         micro = 0
         t_fetch = time.perf_counter()
         for batch in batches:

@@ -87,6 +87,17 @@ def test_equal_steps_on_every_rank_even_with_uneven_shards(tmp_path):
         steps_per_epoch(27, 64)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_batches_for_a_gpu_come_in_pinned_memory(tmp_path):
+    write_images(tmp_path / "src", n_classes=2, per_class=8, size=8)
+    loc = RunLocation(str(tmp_path / "run"))
+    m = ingest(loc, open_source(str(tmp_path / "src")), IngestParams(shard_size=4, val_fraction=0), progress_bar=False)
+    kw = dict(n_batches=2, rank=0, world_size=1, local_batch=4, loader_workers=1, seed=0)
+    assert all(b["image"].is_pinned() for b in epoch_batches(loc, m, 0, pin_memory=True, **kw))
+    assert not any(b["image"].is_pinned() for b in epoch_batches(loc, m, 0, **kw))
+
+
 def test_knn_on_separable_features():
     torch.manual_seed(0)
     centers = torch.randn(3, 16) * 5

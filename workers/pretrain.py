@@ -134,6 +134,10 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
         # Ray exports OMP_NUM_THREADS for the worker, but torch may have sized its pool before:
         # two workers × all cores each would oversubscribe the machine.
         torch.set_num_threads(config.cpus_per_worker)
+    else:
+        # the views keep fixed sizes, so cuDNN's autotuner picks each convolution's fastest
+        # algorithm once, on the first steps (not run here: no GPU in this project's sessions yet)
+        torch.backends.cudnn.benchmark = True
 
     t_imports = time.time()
     # --- model: identical initial weights on every rank (DDP also broadcasts them)

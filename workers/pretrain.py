@@ -350,8 +350,9 @@ def write_pretrain_plot(loc: RunLocation, config: PretrainConfig, rows: list[dic
     try:
         from workers.report import pretrain_figure
 
-        png = pretrain_figure(rows, f"{config.objective} / {config.backbone}: {config.workers} worker{'s' * (config.workers > 1)}, "
-                                    f"global batch {config.batch_size}, {config.precision}")
+        workers = f"{config.workers} worker{'s' * (config.workers > 1)}"
+        png = pretrain_figure(rows, f"{config.objective} / {config.backbone}: {workers}, global batch "
+                                    f"{config.batch_size}, {config.precision}")
         if png is None:
             return None
         loc.write_atomic(PRETRAIN_PLOT, png)

@@ -105,8 +105,8 @@ def pretrain_figure(rows: list[dict], title: str) -> Optional[bytes]:
     fig = _figure(11, 7)
     axes = fig.subplots(2, 2)
 
-    def panel(ax, x, y, ylabel, label=None, **kw):
-        ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, label=label, **kw)
+    def panel(ax, x, y, ylabel, **kw):
+        ax.plot(x, y, marker="o" if len(x) < 30 else None, markersize=3, **kw)
         for s in resumed:
             ax.axvline(s, color="grey", linestyle="--", linewidth=1)
         ax.set(xlabel="step", ylabel=ylabel)

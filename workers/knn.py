@@ -23,6 +23,26 @@ def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.T
 
 
 @torch.no_grad()
+def extract_features_sharded(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 512,
+                             device: str | torch.device = "cpu") -> torch.Tensor:
+    """:func:`extract_features` with the work split over the ranks of the process group: each rank
+    embeds one contiguous share of ``images`` and every rank gets all N features, in order. A
+    collective: every rank calls it with the same images. Without a process group it is
+    :func:`extract_features`. Shape: images (N, C, H, W) → (N, D) float32 on the CPU."""
+    from ssl_models import distributed as D
+
+    world, rank = D.world_size(), D.rank()
+    if not D.is_distributed() or world == 1:
+        return extract_features(fn, images, batch_size, device)
+    n = len(images)
+    share = -(-n // world)
+    # the last shares repeat the final image, so that every rank sends the same shape
+    idx = torch.arange(rank * share, (rank + 1) * share).clamp(max=n - 1)
+    mine = extract_features(fn, images[idx], batch_size, device)
+    return D.concat_all_gather_no_grad(mine.to(device)).cpu()[:n]
+
+
+@torch.no_grad()
 def knn_predict(bank: torch.Tensor, bank_labels: torch.Tensor, queries: torch.Tensor, n_classes: int,
                 k: int = 200, temperature: float = 0.1, chunk: int = 1024) -> torch.Tensor:
     """Class scores of each query: Σ over its k nearest bank rows of exp(cos/T) for that row's class.

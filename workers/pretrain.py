@@ -123,7 +123,7 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
     import torch.distributed as dist
 
     from workers.data import epoch_batches, in_memory_split
-    from workers.knn import extract_features, knn_accuracy
+    from workers.knn import extract_features_sharded, knn_accuracy
     from workers.optim import build_optimizer, lr_schedule
 
     config = PretrainConfig(**cfg["config"])
@@ -186,6 +186,8 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
     knn_sets = None
 
     def knn_monitor() -> Optional[float]:
+        """Online kNN top-1 on val: rank 0's answer, None on the others. A collective: every rank
+        calls it at the same step and embeds one share of the bank and of the queries."""
         nonlocal knn_sets
         if not (config.knn_monitor and manifest.get("classes") and not manifest.get("multilabel")
                 and "val" in manifest["splits"]):
@@ -194,11 +196,17 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
             knn_sets = (in_memory_split(loc, manifest, "train", config.knn_bank, config.image_size),
                         in_memory_split(loc, manifest, "val", config.knn_queries, config.image_size))
         (bank_x, bank_y), (q_x, q_y) = knn_sets
+        if world > 1:  # rank 0's batch-norm statistics on every rank: all shares see one network
+            for b in core.backbone.buffers():
+                dist.broadcast(b, 0)
         core.eval()
         fn = lambda x: core.backbone(core.preprocess(x))  # noqa: E731
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            fb, fq = extract_features(fn, bank_x, device=device), extract_features(fn, q_x, device=device)
+            fb = extract_features_sharded(fn, bank_x, device=device)
+            fq = extract_features_sharded(fn, q_x, device=device)
         core.train()
+        if rank != 0:
+            return None
         return knn_accuracy(fb, bank_y, fq, q_y, len(manifest["classes"]), k=config.knn_k, temperature=0.07)
 
     def save_checkpoint(step: int, metrics: dict) -> None:
@@ -295,7 +303,7 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
                 for k, v in out.items():
                     if k != "loss" and (isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)):
                         metrics[k] = float(v)
-                if end_of_epoch and rank == 0:
+                if end_of_epoch:  # on every rank: each embeds a share
                     acc = knn_monitor()
                     if acc is not None:
                         metrics["knn_top1"] = acc

@@ -136,8 +136,12 @@ def _check_kwargs(field: str, fn, params: dict, reserved: set[str]) -> None:
         if key in reserved:
             raise ValueError(f"{field}.{key}: set by gelato itself (use the top-level key instead)")
         if key not in allowed and not has_var_kw:
+            hint = ""
+            if ":" in str(key):  # `{small_stem:true}` is one key in YAML's flow style
+                name, _, value = str(key).partition(":")
+                hint = f" (YAML needs a space after the colon: {{{name}: {value}}})"
             raise ValueError(f"{field}.{key}: unknown parameter of {getattr(fn, '__qualname__', fn)}; "
-                             f"valid: {sorted(allowed)}")
+                             f"valid: {sorted(allowed)}{hint}")
 
 
 def _parse_value(text: str) -> Any:

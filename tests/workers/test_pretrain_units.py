@@ -28,6 +28,9 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(None, ["objective_params.tau=0.1"])
     with pytest.raises(ConfigError, match="view: unknown key"):
         load_config(None, ["view.zoom=2"])
+    no_space = r"small_stem:true: unknown parameter .* space after the colon: \{small_stem: true\}"
+    with pytest.raises(ConfigError, match=no_space):
+        load_config(None, ["backbone=resnet18", "backbone_params={small_stem:true}"])
     with pytest.raises(ConfigError, match="fp16 needs use_gpu"):
         load_config(None, ["precision=fp16"])
     with pytest.raises(ConfigError, match="does not exist"):

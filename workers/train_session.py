@@ -146,16 +146,14 @@ class TorchrunSession:
         """(relative dir, step) of every complete torchrun checkpoint of ``loc``, oldest first."""
         fs, out = loc.fs(), []
         for n in _listing(loc, TORCHRUN_DIR):
-            if n.startswith("step_") and n[5:].isdigit() and fs.exists(loc.join(f"{TORCHRUN_DIR}/{n}/{COMPLETE}")):
+            if not (n.startswith("step_") and n[5:].isdigit()):
+                continue
+            marker = loc.join(f"{TORCHRUN_DIR}/{n}/{COMPLETE}")
+            if loc.is_s3:
+                fs.invalidate_cache(marker)  # asked of the store, not of a listing cached earlier
+            if fs.exists(marker):
                 out.append((f"{TORCHRUN_DIR}/{n}", int(n[5:])))
         return sorted(out, key=lambda x: x[1])
-
-    def _marked(self, rel: str) -> bool:
-        """The marker of ``rel``, asked of the store itself (no cached listing)."""
-        path = self.loc.join(f"{rel}/{COMPLETE}")
-        if self.loc.is_s3:
-            self.loc.fs().invalidate_cache(path)
-        return self.loc.fs().exists(path)
 
     def wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from torch.nn.parallel import DistributedDataParallel
@@ -180,9 +178,8 @@ class TorchrunSession:
             # and has just marked its own): never read, so deleted rather than left to pile up.
             marked = {d for d, _ in done} | {rel}
             for n in _listing(self.loc, TORCHRUN_DIR):
-                torn = f"{TORCHRUN_DIR}/{n}"
-                if n.startswith("step_") and torn not in marked and not self._marked(torn):
-                    fs.rm(self.loc.join(torn), recursive=True)
+                if n.startswith("step_") and f"{TORCHRUN_DIR}/{n}" not in marked:
+                    fs.rm(self.loc.join(f"{TORCHRUN_DIR}/{n}"), recursive=True)
         if self.world > 1:
             import torch.distributed as dist
 

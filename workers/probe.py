@@ -65,31 +65,44 @@ def fit_linear(x: torch.Tensor, y: torch.Tensor, n_classes: int, weight_decay: f
     """
     x = x.to(dtype)
     if init is None:
-        w = torch.zeros(x.shape[1], n_classes, dtype=dtype, requires_grad=True)
-        b = torch.zeros(n_classes, dtype=dtype, requires_grad=True)
+        w = torch.zeros(x.shape[1], n_classes, dtype=dtype)
+        b = torch.zeros(n_classes, dtype=dtype)
     else:
-        w = init.weight.detach().to(dtype).clone().requires_grad_(True)
-        b = init.bias.detach().to(dtype).clone().requires_grad_(True)
+        w = init.weight.detach().to(dtype).clone()
+        b = init.bias.detach().to(dtype).clone()
     opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=max_iter, history_size=20, tolerance_grad=1e-7,
                             tolerance_change=1e-10, line_search_fn="strong_wolfe")
+    n = len(x)
     if multilabel:
         target = y.to(dtype)
         weight = None if ignore is None else (~ignore.bool()).to(dtype)
+    else:
+        onehot = F.one_hot(y, n_classes).to(dtype)
 
+    @torch.no_grad()
     def closure():
-        opt.zero_grad()
-        logits = x @ w + b                                                         # (N, C)
+        # Loss and gradient written out rather than taken from autograd: autograd's weight
+        # gradient is x.T @ g, which BLAS runs ~7x slower for this tall, narrow shape than the
+        # same product computed as (g.T @ x).T (54,000 x 1,536 features, 10 classes, 2 threads:
+        # 352 vs 51 ms; one evaluation 412 -> ~120 ms).
+        logits = torch.addmm(b, x, w)                                              # (N, C)
         if multilabel:
             # Sum over classes, mean over samples: C independent binary problems, one λ.
-            loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / len(x)
+            loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight, reduction="sum") / n
+            g = torch.sigmoid(logits) - target
+            if weight is not None:
+                g = g * weight
         else:
-            loss = F.cross_entropy(logits, y)
+            logp = torch.log_softmax(logits, dim=1)
+            loss = -(logp * onehot).sum() / n
+            g = logp.exp_() - onehot
+        g /= n                                                                     # dloss/dlogits
         loss = loss + 0.5 * weight_decay * w.pow(2).sum()
-        loss.backward()
+        w.grad = (g.T @ x).T.contiguous() + weight_decay * w                       # (D, C)
+        b.grad = g.sum(dim=0)
         return loss
 
-    with torch.enable_grad():
-        opt.step(closure)
+    opt.step(closure)
     return LinearClassifier(w.detach().float(), b.detach().float())
 
 

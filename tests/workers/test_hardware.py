@@ -1,0 +1,62 @@
+"""``precision: auto``: the resolver on stated capabilities (machines we do not have), and on this one."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from workers.hardware import Capabilities, capabilities, resolve
+
+AVX512_BF16 = Capabilities("cpu", "AMD EPYC", "AVX512", ("avx512_bf16",), True)
+AMX = Capabilities("cpu", "Intel Xeon", "AVX512", ("amx_bf16", "avx512_bf16"), True)
+AVX2 = Capabilities("cpu", "AMD EPYC", "AVX2", (), False)
+AVX512_NO_BF16 = Capabilities("cpu", "Intel Xeon Skylake", "AVX512", (), True)  # AVX-512 but no bf16 unit
+CAPPED = Capabilities("cpu", "AMD EPYC", "AVX2", ("avx512_bf16",), False)        # ONEDNN_MAX_CPU_ISA=AVX2
+A100 = Capabilities("cuda", "x", "AVX512", (), True, "NVIDIA A100", True)
+T4 = Capabilities("cuda", "x", "AVX2", (), True, "Tesla T4", False)
+
+
+@pytest.mark.parametrize("caps, precision, layout", [
+    (AVX512_BF16, "bf16", True), (AMX, "bf16", True),
+    (AVX2, "fp32", True), (AVX512_NO_BF16, "fp32", True), (CAPPED, "fp32", True),
+    (A100, "bf16", True), (T4, "fp16", True),
+])
+def test_auto_resolves_per_device(caps, precision, layout):
+    ex = resolve("auto", caps)
+    assert (ex.precision, ex.channels_last, ex.requested, ex.warning) == (precision, layout, "auto", None)
+    assert ex.grad_scaler == (precision == "fp16")
+    assert ex.describe().startswith(precision)
+
+
+def test_reasons_say_why():
+    assert "avx512_bf16" in resolve("auto", AVX512_BF16).reason
+    assert "AVX2" in resolve("auto", AVX2).reason and "no native bf16" in resolve("auto", AVX2).reason
+    assert "fp16 with the grad scaler" in resolve("auto", T4).reason
+
+
+def test_explicit_choices_are_honoured_and_slow_ones_warned():
+    forced = resolve("bf16", AVX2)
+    assert forced.precision == "bf16" and forced.requested == "bf16"
+    assert "10x slower" in forced.warning and "precision=auto" in forced.warning
+    assert resolve("bf16", AVX512_BF16).warning is None
+    assert resolve("fp32", AVX512_BF16).precision == "fp32"
+    assert resolve("fp32", A100).channels_last is False  # NCHW is fine for fp32 on CUDA
+    assert resolve("fp32", AVX2, channels_last=False).channels_last is False
+    with pytest.raises(ValueError, match="fp16 needs a GPU"):
+        resolve("fp16", AVX2)
+    with pytest.raises(ValueError, match="precision"):
+        resolve("half", AVX2)
+
+
+def test_capabilities_of_this_machine_and_the_avx2_emulation():
+    caps = capabilities("cpu")
+    flags = open("/proc/cpuinfo").read()
+    assert caps.native_bf16 == (("avx512_bf16" in flags or "amx_bf16" in flags) and caps.cpu_capability == "AVX512")
+    # With torch's and oneDNN's ISA capped at AVX2, an AVX-512 machine must resolve like an AVX2-only one.
+    code = ("from workers.hardware import capabilities, resolve_here; c = capabilities(); "
+            "print(c.cpu_capability, c.native_bf16, resolve_here('auto').precision)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "PATH": "/usr/bin"},
+                         cwd=__file__.rsplit("/tests/", 1)[0]).stdout.split()
+    assert out == ["AVX2", "False", "fp32"]

@@ -17,6 +17,7 @@ STAGES = {
     "run": "the whole pipeline: ingest -> pretrain -> evaluate -> report, as one Prefect flow",
     "deploy": "register prefect.yaml's deployments with the Prefect API (process work pool)",
     "serve": "serve prefect.yaml's deployments from this process, with their schedules",
+    "doctor": "what gelato will do on this machine: CPU/GPU, precision auto, a measured step, versions, data",
 }
 
 
@@ -167,14 +168,15 @@ def _run_evaluate(a) -> int:
                          device=a.device, seed=a.seed)
     run = a.run if "://" in a.run else os.path.abspath(a.run)
     opts = _storage_options(a.config)
-    # The manifest, the checkpoint and its match with the run are checked here, before Prefect starts.
-    ev = Evaluation(run, config, opts)
+    # The manifest, the checkpoint and its match with the run are checked here, before Prefect starts
+    # (the time budget, if any, is planned once, by the flow).
+    ev = Evaluation(run, config.model_copy(update={"budget_minutes": None}), opts)
     for p, why in ev.refused.items():
         print(f"gelato evaluate: not running {p}: {why}", file=sys.stderr)
 
     from flows.evaluate import evaluate_flow
 
-    report = evaluate_flow(run, config.model_dump(mode="json"), storage_options=opts)
+    report = evaluate_flow(run, config.model_dump(mode="json"), storage_options=opts, progress_bar=True)
     print(f"\n{run}/report.md (checkpoint {report['checkpoint']}):\n")
     print(results_table(report))
     return 0
@@ -232,6 +234,17 @@ def _run_serve(a) -> int:
     return 0
 
 
+def _add_doctor(sub) -> None:
+    p = sub.add_parser("doctor", help=STAGES["doctor"], description=STAGES["doctor"])
+    p.add_argument("--no-measure", action="store_true", help="skip the measured training steps")
+
+
+def _run_doctor(a) -> int:
+    from workers.doctor import main as doctor
+
+    return doctor(measure=not a.no_measure)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gelato",
@@ -244,10 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(sub)
     _add_run(sub)
     _add_deployments(sub)
+    _add_doctor(sub)
     return parser
 
 
-RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "run": _run_run, "deploy": _run_deploy, "serve": _run_serve, "evaluate": _run_evaluate}
+RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "run": _run_run, "deploy": _run_deploy, "serve": _run_serve, "evaluate": _run_evaluate,
+           "doctor": _run_doctor}
 
 
 def main(argv: Optional[list[str]] = None) -> int:

@@ -22,39 +22,46 @@ from workers.evaluate import (NEEDS, Evaluation, Result, eval_config, frozen_sou
                               run_knn, run_probe, run_supervised)
 from workers.report import render_markdown, write_report
 
-# Two threads: on a CPU torch already spreads one protocol over the cores, and on a GPU two
-# protocols at a time keep it busy without fighting for memory.
+# Two task threads; each task computes inside one of ``Evaluation.compute_slots``: one at a time on
+# a CPU (torch already spreads one protocol over every core, and two at once oversubscribe them),
+# two on a GPU (two protocols keep it busy without fighting for memory).
 THREADS = 2
 
 
 @task(cache_policy=NONE, task_run_name="features-{source}-{split}")
 def features_task(ev: Evaluation, source: str, split: str) -> int:
-    return len(ev.features(source, split))
+    with ev.compute_slots:
+        return len(ev.features(source, split))
 
 
 @task(cache_policy=NONE, task_run_name="probe-{source}")
 def probe_task(ev: Evaluation, source: str) -> Result:
-    return run_probe(ev, source)
+    with ev.compute_slots:
+        return run_probe(ev, source)
 
 
 @task(cache_policy=NONE, task_run_name="knn-{source}")
 def knn_task(ev: Evaluation, source: str) -> Result:
-    return run_knn(ev, source)
+    with ev.compute_slots:
+        return run_knn(ev, source)
 
 
 @task(cache_policy=NONE, task_run_name="finetune-pretrained")
 def finetune_task(ev: Evaluation) -> Result:
-    return run_finetune(ev)
+    with ev.compute_slots:
+        return run_finetune(ev)
 
 
 @task(cache_policy=NONE, task_run_name="fewshot-{via}-{source}")
 def fewshot_task(ev: Evaluation, source: str, via: str) -> Result:
-    return run_fewshot(ev, source, via)
+    with ev.compute_slots:
+        return run_fewshot(ev, source, via)
 
 
 @task(cache_policy=NONE, task_run_name="supervised-reference")
 def supervised_task(ev: Evaluation) -> Result:
-    return run_supervised(ev)
+    with ev.compute_slots:
+        return run_supervised(ev)
 
 
 @task(cache_policy=NONE, task_run_name="report")
@@ -67,11 +74,11 @@ def report_task(ev: Evaluation, results: list[Result], started: float) -> dict:
 
 @flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=THREADS), log_prints=False)
 def evaluate_flow(run: str, config: Optional[dict[str, Any]] = None,
-                  storage_options: Optional[dict[str, Any]] = None) -> dict:
+                  storage_options: Optional[dict[str, Any]] = None, progress_bar: bool = False) -> dict:
     """Evaluate ``run``'s checkpoint (``config``: fields of ``workers.evaluate.EvalConfig``); returns report.json."""
     log = get_run_logger()
     started = time.perf_counter()
-    ev = Evaluation(run, eval_config(**(config or {})), storage_options)
+    ev = Evaluation(run, eval_config(**(config or {})), storage_options, log=log.info, show_progress=progress_bar)
     for p, why in ev.refused.items():
         log.warning("not running %s: %s", p, why)
     log.info("evaluating %s on %s: protocols %s, features %s", ev.checkpoint.uri, run, ", ".join(ev.protocols) or "none",

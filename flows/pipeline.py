@@ -107,6 +107,24 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def expectations(run: str, pretrain: PretrainConfig, evaluation: EvalConfig, opts: dict) -> list[str]:
+    """What the stages will do and how long they should take, from steps measured here."""
+    from workers.evaluate import expected_evaluation
+    from workers.pretrain import expected_pretraining
+
+    loc = RunLocation(run, opts)
+    lines = [expected_pretraining(loc, pretrain)]
+    if reusable_report(loc, evaluation) is not None:
+        return lines + ["evaluation: already done for this checkpoint and these settings (reused)"]
+    try:
+        plan = expected_evaluation(run, pretrain, evaluation, opts)
+    except Exception as e:  # noqa: BLE001 - an estimate is not worth failing the run over
+        return lines + [f"evaluation: no estimate ({type(e).__name__}: {e})"]
+    if plan is None:
+        return lines + ["evaluation: no budget_minutes set; each protocol shows its progress"]
+    return lines + [plan.describe() + " (measured on this architecture; planned again when evaluation starts)"]
+
+
 @task(cache_policy=NONE)
 def publish(cfg: PipelineConfig, run: str, report: dict) -> list[dict]:
     """Prefect artifacts: the results table (stable key per run name), the report, links to the plots."""
@@ -141,13 +159,14 @@ def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
     ingest_flow(ing.source, run, shard_size=ing.shard_size, image_format=ing.image_format,
                 val_fraction=ing.val_fraction, seed=ing.seed, data_root=ing.data_root, kind=ing.kind,
                 storage_options=opts, progress_bar=progress_bar)
-    pretrain_task(run, pre, cfg.address, False, progress_bar)
     loc = RunLocation(run, opts)
+    log.info("what to expect on this machine:\n  %s", "\n  ".join(expectations(run, pre, cfg.evaluate, opts)))
+    pretrain_task(run, pre, cfg.address, False, progress_bar)
     report = reusable_report(loc, cfg.evaluate)
     if report is not None:
         log.info("evaluation of this checkpoint with these settings is already in %s/report.json", run)
     else:
-        report = evaluate_flow(run, cfg.evaluate.model_dump(mode="json"), opts)
+        report = evaluate_flow(run, cfg.evaluate.model_dump(mode="json"), opts, progress_bar)
     rows = publish(cfg, run, report)
     log.info("results (%%, test split):\n%s", format_table(rows))
     return report

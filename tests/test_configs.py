@@ -17,6 +17,7 @@ import yaml
 
 from ssl_models.objectives import OBJECTIVES
 from workers.config import ConfigError, load_config
+from workers.hardware import resolve_here
 from workers.pretrain import build_objective
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -93,16 +94,16 @@ def test_config_loads_and_matches_its_name(path):
     assert config.batch_size % (config.workers * config.grad_accum) == 0
     if config.backbone.startswith("vit"):
         assert config.image_size % config.backbone_params["patch_size"] == 0
-        assert not config.channels_last
+        assert config.channels_last is False
     else:
-        assert config.channels_last
+        assert config.channels_last == "auto"  # resolved per device (workers/hardware.py)
 
 
 @pytest.mark.parametrize("path", CPU_CONFIGS, ids=_ids)
 def test_cpu_config_is_set_for_cpu(path):
     config = load_config(str(path))
     assert not config.use_gpu
-    assert config.precision == "bf16" and config.workers == 2 and config.loader_workers == 1
+    assert config.precision == "auto" and config.workers == 2 and config.loader_workers == 1
     if path.name.startswith("fashion_mnist_"):
         assert config.image_size == 28
     if config.backbone == "resnet18":
@@ -113,7 +114,7 @@ def test_cpu_config_is_set_for_cpu(path):
 def test_imagenet_config_is_set_for_gpus(path):
     config = load_config(str(path))
     assert config.use_gpu and config.workers >= 8
-    assert config.image_size == 224 and config.precision == "bf16"
+    assert config.image_size == 224 and config.precision == "auto"
     assert 1024 <= config.batch_size <= 4096
     assert 100 <= config.epochs <= 800
     if config.backbone == "resnet50":
@@ -148,16 +149,17 @@ def test_header_names_a_command_that_runs_this_file(path):
 def _one_step(config, in_channels: int, side: int = 28) -> torch.Tensor:
     """Build the objective as the training loop does, then one forward/backward on 4 random images."""
     torch.manual_seed(0)
+    ex = resolve_here(config.precision, "cpu", config.layout_request())  # what the loop runs on this CPU
     objective = build_objective(config, in_channels=in_channels).train()
-    if config.channels_last:
+    if ex.channels_last:
         objective = objective.to(memory_format=torch.channels_last)
     images = torch.randint(0, 256, (4, in_channels, side, side), dtype=torch.uint8)
     views = objective.make_views(images, generator=torch.Generator().manual_seed(0))
-    if config.channels_last:
+    if ex.channels_last:
         views = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
                  for k, v in views.items()}
     objective.set_progress(0, 10)
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=ex.precision == "bf16"):
         out = objective(views)
     loss = out["loss"]
     assert loss.ndim == 0 and torch.isfinite(loss), f"{config.objective}: loss {loss}"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -38,6 +38,9 @@ class PretrainConfig(BaseModel):
     batch_size: int = Field(256, ge=2, description="global batch size, all workers together")
     epochs: float = Field(10, gt=0)
     steps: Optional[int] = Field(None, ge=1, description="total optimizer steps; overrides epochs")
+    budget_minutes: Optional[float] = Field(
+        None, gt=0, description="train for as many steps as fit in this many minutes of the training loop, measured on "
+                                "the first steps (instead of epochs/steps); the schedule is laid over those steps")
     grad_accum: int = Field(1, ge=1)
 
     # optimisation
@@ -56,8 +59,10 @@ class PretrainConfig(BaseModel):
     use_gpu: bool = False
     cpus_per_worker: int = Field(1, ge=1)
     loader_workers: int = Field(1, ge=0)
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    channels_last: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on a GPU that has it (else fp16 + grad scaler), bf16 on a CPU with native "
+                            "bf16, else fp32 (workers.hardware)")
+    channels_last: Union[bool, Literal["auto"]] = Field("auto", description="auto: on CPU, and on GPU at bf16/fp16")
     compile: bool = False
     sync_bn: bool = Field(False, description="batch norm over the global batch (all workers)")
     seed: int = 0
@@ -94,7 +99,9 @@ class PretrainConfig(BaseModel):
             if unknown:
                 raise ValueError(f"view: unknown key(s) {sorted(unknown)}; valid: {sorted(ViewConfig.__dataclass_fields__)}")
         if self.precision == "fp16" and not self.use_gpu:
-            raise ValueError("precision: fp16 needs use_gpu=true (on CPU use bf16 or fp32)")
+            raise ValueError("precision: fp16 needs use_gpu=true (on CPU use auto, bf16 or fp32)")
+        if self.budget_minutes is not None and self.steps is not None:
+            raise ValueError("budget_minutes: give steps or budget_minutes, not both (the budget chooses the steps)")
         if self.batch_size % (self.workers * self.grad_accum):
             raise ValueError(f"batch_size: {self.batch_size} is not divisible by workers × grad_accum = "
                              f"{self.workers} × {self.grad_accum}")
@@ -110,6 +117,10 @@ class PretrainConfig(BaseModel):
     def scaled_lr(self) -> float:
         factor = {"linear": self.batch_size / 256, "sqrt": (self.batch_size / 256) ** 0.5, "none": 1.0}[self.lr_scaling]
         return self.lr * factor
+
+    def layout_request(self) -> Optional[bool]:
+        """channels_last as asked: True/False, or None for auto (``workers.hardware.resolve``)."""
+        return None if self.channels_last == "auto" else bool(self.channels_last)
 
     def objective_kwargs(self) -> dict[str, Any]:
         kw = dict(self.objective_params)

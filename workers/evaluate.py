@@ -24,7 +24,7 @@ import json
 import math
 import threading
 import time
-from typing import Literal, Optional
+from typing import Literal, Optional, Union
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -33,6 +33,7 @@ from workers import checkpoint as ckpt
 from workers import features
 from workers.config import ConfigError
 from workers.data import load_split
+from workers.hardware import cap_torch_threads, resolve_here
 from workers.probe import DEFAULT_WEIGHT_DECAYS
 from workers.protocols import (FEWSHOT, Result, fewshot_subset, run_fewshot, run_finetune, run_knn,
                                run_probe, run_supervised)
@@ -58,7 +59,7 @@ class EvalConfig(BaseModel):
     knn_t: float = Field(0.1, gt=0)
     probe_weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS
     probe_max_iter: int = Field(100, ge=1)
-    finetune_epochs: int = Field(5, ge=1)
+    finetune_epochs: float = Field(5, gt=0, description="fine-tuning epochs (a fraction of one is allowed)")
     # AdamW; 1e-2 for the head (behind a parameter-free batch norm) and 1e-3 for the backbone fine-tuned
     # small CNNs/ResNets best in short schedules on Fashion-MNIST; lower it for ViTs.
     finetune_lr: float = Field(1e-2, gt=0, description="head learning rate (AdamW); also the supervised reference's")
@@ -77,9 +78,18 @@ class EvalConfig(BaseModel):
                                    "feature maps average-pooled to a grid × grid grid and concatenated (Goyal et "
                                    "al. 2019); 1 with frozen_stages 1 is the backbone's own output (global pool)")
     frozen_stages: int = Field(1, ge=1, le=2, description="how many of the last stages frozen_grid pools (1 or 2)")
-    precision: Literal["fp32", "bf16"] = Field(
-        "bf16", description="bf16 autocast + channels_last for feature extraction and fine-tuning (CPU and GPU)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="feature extraction and fine-tuning: auto resolves per device (workers.hardware): bf16 "
+                            "where the GPU or CPU has it natively, fp16 on older GPUs, else fp32")
+    channels_last: Union[bool, Literal["auto"]] = Field("auto", description="auto: on CPU, and on GPU at bf16/fp16")
     limit: Optional[int] = Field(None, ge=2, description="at most this many samples per split (quick runs)")
+    frozen_train_samples: Optional[int] = Field(
+        None, ge=10, description="probe and kNN on a class-balanced, seeded subset of this many train samples "
+                                 "(it contains the few-label subsets); default: all of train")
+    budget_minutes: Optional[float] = Field(
+        None, gt=0, description="size the evaluation to fit this many minutes on this machine, from measured costs "
+                                "(workers.eval_budget): fine-tuning length, frozen input size, probe iterations, train "
+                                "subset, pooling, in that order; the plan is in report.json")
     device: str = "auto"
 
     def config_hash(self) -> str:
@@ -126,8 +136,10 @@ def resolve_device(device: str) -> str:
 class Evaluation:
     """One run under evaluation. Thread-safe: protocols may run concurrently (Prefect threads)."""
 
-    def __init__(self, run: str, config: EvalConfig, storage_options: Optional[dict] = None):
+    def __init__(self, run: str, config: EvalConfig, storage_options: Optional[dict] = None, log=None,
+                 show_progress: bool = False):
         self.loc = RunLocation(run, storage_options or {})
+        self.requested = config                    # as asked (its hash keys report reuse); self.config: as run
         self.config = config
         manifest = read_manifest(self.loc)
         if manifest is None:
@@ -136,16 +148,31 @@ class Evaluation:
         self.fs = self.loc.fs()  # one instance for the whole evaluation (threads share it)
         self.checkpoint = ckpt.load(self.loc, manifest, config.checkpoint, self.fs)
         self.device = resolve_device(config.device)
+        self.execution = resolve_here(config.precision, self.device,
+                                      None if config.channels_last == "auto" else bool(config.channels_last))
+        # On a CPU one protocol at a time gets every core: two at once each spread over all cores
+        # oversubscribe them (OpenMP teams spin-wait). A GPU keeps two busy.
+        self.threads = cap_torch_threads() if self.device == "cpu" else None
+        self.compute_slots = threading.Semaphore(1 if self.device == "cpu" else 2)
         self.image_size = self.checkpoint.config.image_size
+        self._splits: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._locks: dict[object, threading.Lock] = {}
+        self.classes = manifest.get("classes") or []
+        self.multilabel = bool(manifest.get("multilabel"))
+        self.protocols, self.refused = plan(manifest, config)
+        self.budget = None
+        if config.budget_minutes:
+            self.budget = self._plan_budget(config)
+            config = self.config = config.model_copy(update=self.budget.settings)
+            if log is not None:
+                log(self.budget.describe())
         size = config.frozen_input_size if config.frozen_input_size not in (None, self.image_size) else None
         if size is not None and self.checkpoint.config.backbone.startswith("vit"):
             raise ConfigError(f"evaluate: frozen_input_size {size} differs from the ViT's image_size "
                               f"{self.image_size}; its position embeddings are fixed, leave frozen_input_size unset")
         self.frozen_input_size = size               # None: the frozen backbones see image_size
         self.frozen_view = features.FrozenView(size, config.frozen_grid, config.frozen_stages)
-        self.classes = manifest.get("classes") or []
-        self.multilabel = bool(manifest.get("multilabel"))
-        self.protocols, self.refused = plan(manifest, config)
         self.sources: dict[str, features.FeatureSource] = {
             "pretrained": features.pretrained(self.checkpoint, self.device, self.frozen_view)}
         if "random_init" in config.baselines:
@@ -155,10 +182,15 @@ class Evaluation:
             self.sources["raw_pixels"] = features.raw_pixels(self.image_size)
         self.computed: list[tuple[str, str]] = []   # features computed (not loaded from the cache) here
         self.durations: dict[str, float] = {}
-        self._splits: dict[str, dict] = {}
+        self.show_progress = show_progress
         self._features: dict[tuple[str, str], torch.Tensor] = {}
-        self._lock = threading.Lock()
-        self._locks: dict[object, threading.Lock] = {}
+        self._frozen_train: Optional[torch.Tensor] = None
+
+    def _plan_budget(self, config: EvalConfig):
+        """Measure this machine's costs on the checkpoint's network and size the evaluation (``workers.eval_budget``)."""
+        sup = self.supervised_epochs() if "supervised" in config.baselines and "supervised" not in self.refused else 0
+        return plan_budget(self.loc, self.manifest, config, self.checkpoint.objective, self.image_size, self.execution,
+                           self.device, tuple(self.protocols), sup)
 
     # --- data and features, each computed once
     def _lock_for(self, key) -> threading.Lock:
@@ -193,13 +225,52 @@ class Evaluation:
                 self._splits[name] = load_split(self.loc, self.manifest, name, self.config.limit, self.image_size)
             return self._splits[name]
 
+    def frozen_train_index(self) -> Optional[torch.Tensor]:
+        """Sorted indices of the train samples the frozen protocols use, or None for all of them.
+
+        ``frozen_train_samples``: a class-balanced subset seeded like the few-label ones (so it
+        contains them when it holds at least 10 % of train); a seeded random subset for multi-label
+        sources."""
+        n = self.config.frozen_train_samples
+        with self._lock_for("frozen_train"):
+            if n is not None and self._frozen_train is None:
+                labels = self.split("train")["label"]
+                if n < len(labels):
+                    if self.multilabel or not self.classes:
+                        g = torch.Generator().manual_seed(self.config.seed)
+                        self._frozen_train = torch.randperm(len(labels), generator=g)[:n].sort().values
+                    else:
+                        self._frozen_train = fewshot_subset(labels, n / len(labels), self.config.seed)
+            return self._frozen_train
+
+    def frozen_positions(self, idx: torch.Tensor) -> torch.Tensor:
+        """Where the train indices ``idx`` sit among the frozen train samples (identity without a subset)."""
+        sub = self.frozen_train_index()
+        if sub is None:
+            return idx
+        pos = torch.searchsorted(sub, idx)
+        if (pos >= len(sub)).any() or (sub[pos.clamp(max=len(sub) - 1)] != idx).any():
+            raise ConfigError(f"evaluate: frozen_train_samples {len(sub)} does not contain the few-label subsets; "
+                              "use at least 10 % of train")
+        return pos
+
+    def _frozen_data(self, split: str) -> tuple[str, dict]:
+        data = self.split(split)
+        sub = self.frozen_train_index() if split == "train" else None
+        if sub is None:
+            return split, data
+        return f"train-{len(sub)}", {"key": [data["key"][i] for i in sub.tolist()], "image": data["image"][sub]}
+
     def features(self, source: str, split: str) -> torch.Tensor:
+        """Frozen features of ``source`` on ``split`` (train: the frozen train samples)."""
         with self._lock_for((source, split)):
             if (source, split) not in self._features:
                 t0 = time.perf_counter()
-                feats, computed = features.cached_features(self.loc, self.sources[source], split, self.split(split),
-                                                           self.device, self.config.batch_size, self.fs,
-                                                           self.config.precision)
+                name, data = self._frozen_data(split)
+                with self.bar(len(data["image"]), f"features {source}/{split}", "img") as bar:
+                    feats, computed = features.cached_features(self.loc, self.sources[source], name, data, self.device,
+                                                               self.config.batch_size, self.fs, self.execution,
+                                                               progress=bar.update)
                 self._features[source, split] = feats
                 if computed:
                     self.computed.append((source, split))
@@ -207,17 +278,79 @@ class Evaluation:
             return self._features[source, split]
 
     def targets(self, split: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """(targets, ignore): labels (N,) or multi-hot (N, C) with the difficult mask."""
+        """(targets, ignore) of a whole split: labels (N,) or multi-hot (N, C) with the difficult mask."""
         s = self.split(split)
         return (s["labels"], s["difficult"]) if self.multilabel else (s["label"], None)
+
+    def frozen_targets(self, split: str) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """:meth:`targets` of the samples :meth:`features` embeds (the frozen train subset for train)."""
+        y, ig = self.targets(split)
+        sub = self.frozen_train_index() if split == "train" else None
+        if sub is None:
+            return y, ig
+        return y[sub], (ig[sub] if ig is not None else None)
+
+    def bar(self, total: int, desc: str, unit: str):
+        """A progress bar for one piece of work (``show_progress``), or one that draws nothing."""
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, disable=not self.show_progress,
+                    mininterval=1.0)
 
     def supervised_epochs(self) -> int:
         if self.config.supervised_epochs:
             return self.config.supervised_epochs
         c = self.checkpoint.config
-        if c.steps:
-            return max(1, math.ceil(c.steps * c.batch_size / self.manifest["splits"]["train"]["count"]))
+        steps = c.steps or (self.checkpoint.steps if c.budget_minutes else None)  # a budget chose the steps
+        if steps:
+            return max(1, math.ceil(steps * c.batch_size / self.manifest["splits"]["train"]["count"]))
         return max(1, math.ceil(c.epochs))
+
+
+# ----------------------------------------------------------------------------- the time budget
+
+def plan_budget(loc: RunLocation, manifest: dict, config: EvalConfig, objective, image_size: int, execution,
+                device: str, protocols: tuple[str, ...], supervised_epochs: float = 0):
+    """Measure this machine's costs with ``objective``'s network (the checkpoint's, or the same
+    architecture before it exists) and size the evaluation to ``config.budget_minutes``."""
+    from workers import eval_budget
+
+    t0 = time.perf_counter()
+    sample = load_split(loc, manifest, "train", max(config.batch_size, config.finetune_batch_size), image_size)["image"]
+    load_s = (time.perf_counter() - t0) / len(sample)
+    classes = len(manifest.get("classes") or [])
+    costs = eval_budget.measure_costs(objective, sample, execution, device, image_size, config, classes, load_s)
+    lim = config.limit
+    counts = {s: min(v["count"], lim) if lim else v["count"] for s, v in manifest["splits"].items()}
+    networks = 1 + ("random_init" in config.baselines) + bool(supervised_epochs)
+    return eval_budget.plan(costs, eval_budget.Counts(
+        counts.get("train", 0), counts.get("val", 0), counts.get("test", 0), classes, protocols, networks,
+        "raw_pixels" in config.baselines, supervised_epochs), config, config.budget_minutes)
+
+
+def expected_evaluation(run: str, pretrain_config, config: EvalConfig, storage_options: Optional[dict] = None):
+    """The evaluation plan for ``config.budget_minutes`` before the checkpoint exists: the costs are
+    measured on the pretraining config's architecture with random weights (the same shapes, the
+    same work). None without a budget."""
+    if not config.budget_minutes:
+        return None
+    from workers.pretrain import build_objective
+
+    loc = RunLocation(run, storage_options or {})
+    manifest = read_manifest(loc)
+    device = resolve_device(config.device)
+    execution = resolve_here(config.precision, device,
+                             None if config.channels_last == "auto" else bool(config.channels_last))
+    cap_torch_threads()
+    with features.SEED_LOCK:
+        torch.manual_seed(config.seed)
+        objective = build_objective(pretrain_config, manifest["channels"]).eval()
+    protocols, refused = plan(manifest, config)
+    sup = 0
+    if "supervised" in config.baselines and "supervised" not in refused:
+        sup = config.supervised_epochs or max(1, math.ceil(pretrain_config.epochs))
+    return plan_budget(loc, manifest, config, objective, pretrain_config.image_size, execution, device,
+                       tuple(protocols), sup)
 
 
 # ----------------------------------------------------------------------------- the whole stage
@@ -226,7 +359,8 @@ def frozen_sources(ev: Evaluation) -> list[str]:
     return [s for s in ("pretrained", "random_init", "raw_pixels") if s in ev.sources]
 
 
-def evaluate(run: str, config: EvalConfig, storage_options: Optional[dict] = None, log=print) -> dict:
+def evaluate(run: str, config: EvalConfig, storage_options: Optional[dict] = None, log=print,
+             show_progress: bool = False) -> dict:
     """Every protocol in sequence, then the report; returns report.json's content.
 
     ``flows/evaluate.py`` runs the same functions as dependent Prefect tasks, concurrently.
@@ -234,7 +368,7 @@ def evaluate(run: str, config: EvalConfig, storage_options: Optional[dict] = Non
     from workers.report import write_report
 
     t0 = time.perf_counter()
-    ev = Evaluation(run, config, storage_options)
+    ev = Evaluation(run, config, storage_options, log=log, show_progress=show_progress)
     for p, why in ev.refused.items():
         log(f"refused {p}: {why}")
     for source, split in ev.feature_jobs():

@@ -7,8 +7,9 @@ learning rate).
 
 Light augmentation on the device, batched: random resized crop (scale 0.5–1) and horizontal
 flip, then the objective's own ``preprocess`` (the normalisation the backbone was trained with).
-``precision="bf16"`` trains and predicts under bf16 autocast with channels_last (weights and
-optimizer state stay float32).
+``execution`` (``workers.hardware``) says how the network runs: bf16 or fp16 autocast (fp16 with a
+grad scaler) and channels_last, as resolved for the device; weights and optimizer state stay
+float32.
 AdamW with two parameter groups (backbone at ``backbone_lr``, head at ``head_lr``), cosine
 decay computed up front per step; the data order and the crops come from one seeded Generator.
 """
@@ -24,6 +25,7 @@ from torch import nn
 
 from ssl_models.augment import horizontal_flip, random_resized_crop, to_float
 from workers.features import SEED_LOCK, autocast, to_layout
+from workers.hardware import Execution, as_execution
 from workers.metrics import multilabel_ap
 from workers.probe import classification_report
 
@@ -54,15 +56,18 @@ def augment(images: torch.Tensor, size: int, generator: torch.Generator,
 
 
 def train_classifier(backbone: nn.Module, preprocess: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor,
-                     targets: torch.Tensor, n_classes: int, *, image_size: int, epochs: int, head_lr: float,
+                     targets: torch.Tensor, n_classes: int, *, image_size: int, epochs: float, head_lr: float,
                      backbone_lr: float, weight_decay: float, batch_size: int, seed: int, device: str,
                      multilabel: bool = False, ignore: Optional[torch.Tensor] = None,
-                     precision: str = "fp32") -> Classifier:
+                     execution: Execution | str = "fp32", steps: Optional[int] = None,
+                     progress: Optional[Callable[[int], None]] = None) -> Classifier:
     """Train a copy of ``backbone`` plus a new head on (images, targets); returns the model in eval mode.
 
     Shape: images (N, C, H, W) uint8; targets (N,) int, or (N, K) multi-hot when ``multilabel``
-    (``ignore`` (N, K) bool leaves VOC "difficult" pairs out of the loss).
+    (``ignore`` (N, K) bool leaves VOC "difficult" pairs out of the loss). ``steps``, when given,
+    replaces ``epochs`` (the evaluation's time budget sizes it); ``progress(1)`` after each step.
     """
+    ex = as_execution(execution, torch.device(device).type)
     n = len(images)
     if n < 2:
         raise ValueError(f"fine-tuning needs at least 2 labelled images, got {n}")
@@ -70,23 +75,24 @@ def train_classifier(backbone: nn.Module, preprocess: Callable[[torch.Tensor], t
         torch.manual_seed(seed)
         model = Classifier(copy.deepcopy(backbone), n_classes)
     model = model.to(device).train()
-    if precision != "fp32":
+    if ex.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    scaler = torch.amp.GradScaler(torch.device(device).type, enabled=ex.grad_scaler)
     opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": backbone_lr},
                              {"params": model.head.parameters(), "lr": head_lr}], weight_decay=weight_decay)
     base = [backbone_lr, head_lr]
     bs = min(batch_size, n)
     steps_per_epoch = max(1, n // bs)  # drop the last partial batch (batch norm dislikes tiny batches)
-    total = epochs * steps_per_epoch
+    total = steps if steps is not None else max(1, round(epochs * steps_per_epoch))
     schedule = [0.5 * (1 + math.cos(math.pi * t / total)) for t in range(total)]  # cosine, per step
     gen = torch.Generator().manual_seed(seed)
     step = 0
-    for _ in range(epochs):
+    while step < total:
         order = torch.randperm(n, generator=gen)
-        for i in range(steps_per_epoch):
+        for i in range(min(steps_per_epoch, total - step)):
             idx = order[i * bs:(i + 1) * bs]
-            x = to_layout(preprocess(augment(images[idx], image_size, gen).to(device)), precision)
-            with autocast(torch.device(device).type, precision):
+            x = to_layout(preprocess(augment(images[idx], image_size, gen).to(device)), ex.channels_last)
+            with autocast(torch.device(device).type, ex.precision):
                 logits = model(x).float()
             y = targets[idx].to(device)
             if multilabel:
@@ -99,21 +105,25 @@ def train_classifier(backbone: nn.Module, preprocess: Callable[[torch.Tensor], t
             for g, lr in zip(opt.param_groups, base):
                 g["lr"] = lr * schedule[step]
             opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
             step += 1
+            if progress is not None:
+                progress(1)
     return model.eval()
 
 
 @torch.no_grad()
 def predict(model: nn.Module, preprocess: Callable, images: torch.Tensor, device: str,
-            batch_size: int = 256, precision: str = "fp32") -> torch.Tensor:
+            batch_size: int = 256, execution: Execution | str = "fp32") -> torch.Tensor:
     """Logits of un-augmented images. Shape: (N, C, H, W) uint8 → (N, n_classes) on CPU."""
+    ex = as_execution(execution, torch.device(device).type)
     model.eval()
     out = []
     for i in range(0, len(images), batch_size):
-        x = to_layout(preprocess(images[i:i + batch_size].to(device)), precision)
-        with autocast(torch.device(device).type, precision):
+        x = to_layout(preprocess(images[i:i + batch_size].to(device)), ex.channels_last)
+        with autocast(torch.device(device).type, ex.precision):
             out.append(model(x).float().cpu())
     return torch.cat(out)
 

@@ -162,9 +162,33 @@ def resolve_here(precision: str, device: str = "cpu", channels_last: Optional[bo
     return resolve(precision, capabilities(device), channels_last)
 
 
+def as_execution(execution, device: str = "cpu") -> Execution:
+    """An :class:`Execution`, or a precision name ("auto", "fp32", ...) resolved on ``device``."""
+    return execution if isinstance(execution, Execution) else resolve_here(str(execution), device)
+
+
 def cpu_threads_allowed() -> int:
-    """Cores this process may run on (affinity / cgroup cpuset), not the machine's total."""
+    """Cores this process may run on: its CPU affinity, capped by a cgroup CPU quota (a container's
+    ``--cpus``), not the machine's total."""
     try:
-        return len(os.sched_getaffinity(0))
+        n = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
-        return os.cpu_count() or 1
+        n = os.cpu_count() or 1
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
+def cap_torch_threads() -> int:
+    """Keep torch's intra-op threads within the cores this process may use; returns the count."""
+    import torch
+
+    n = min(torch.get_num_threads(), cpu_threads_allowed())
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n

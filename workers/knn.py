@@ -6,7 +6,7 @@ its class with weight exp(s/T). Used by the online monitor during pretraining (k
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -14,11 +14,16 @@ import torch.nn.functional as F
 
 @torch.no_grad()
 def extract_features(fn: Callable[[torch.Tensor], torch.Tensor], images: torch.Tensor, batch_size: int = 512,
-                     device: str | torch.device = "cpu") -> torch.Tensor:
-    """Apply ``fn`` (uint8 batch → features) in batches. Shape: images (N, C, H, W) → (N, D) float32."""
+                     device: str | torch.device = "cpu",
+                     progress: Optional[Callable[[int], None]] = None) -> torch.Tensor:
+    """Apply ``fn`` (uint8 batch → features) in batches; ``progress(n)`` after each batch of n images.
+
+    Shape: images (N, C, H, W) → (N, D) float32."""
     out = []
     for i in range(0, len(images), batch_size):
         out.append(fn(images[i:i + batch_size].to(device)).float().cpu())
+        if progress is not None:
+            progress(len(out[-1]))
     return torch.cat(out)
 
 

@@ -72,7 +72,10 @@ def build_objective(config: PretrainConfig, in_channels: int):
 
 
 def schedule_length(config: PretrainConfig, manifest: dict) -> tuple[int, int]:
-    """(steps per epoch, total optimizer steps) of a run: ``steps`` if set, else ``epochs`` worth."""
+    """(steps per epoch, total optimizer steps) of a run: ``steps`` if set, else ``epochs`` worth.
+
+    With ``budget_minutes`` the total is provisional: the loop replaces it with the steps that fit
+    (:func:`workers.pretrain_budget.fit_steps`) after measuring its first steps."""
     from workers.data import steps_per_epoch
 
     spe = steps_per_epoch(manifest["splits"]["train"]["count"], config.batch_size)
@@ -122,7 +125,9 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
     t_enter = t_enter or time.time()  # start-up phases go into the first_step event of metrics.jsonl
     import torch.distributed as dist
 
+    from workers.pretrain_budget import StepClock, fit_steps
     from workers.data import epoch_batches, in_memory_split
+    from workers.hardware import resolve_here
     from workers.knn import extract_features_sharded, knn_accuracy
     from workers.optim import build_optimizer, lr_schedule
 
@@ -140,6 +145,8 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
         torch.backends.cudnn.benchmark = True
 
     t_imports = time.time()
+    # --- how the network runs here: precision "auto" resolves on this device (workers.hardware)
+    ex = resolve_here(config.precision, str(device), config.layout_request())
     # --- model: identical initial weights on every rank (DDP also broadcasts them)
     torch.manual_seed(config.seed)
     objective = build_objective(config, manifest["channels"])
@@ -148,15 +155,16 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
 
         objective = convert_sync_batchnorm(objective, device.type)
     objective = objective.to(device)
-    if config.channels_last:
+    if ex.channels_last:
         objective = objective.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(config.optimizer, objective, lr=config.scaled_lr, weight_decay=config.weight_decay,
                                 momentum=config.momentum, betas=config.betas)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=ex.grad_scaler)
 
-    # --- schedules, computed up front
+    # --- schedules, computed up front (with a time budget: once the first steps are measured)
     spe, total = schedule_length(config, manifest)
-    lrs = lr_schedule(config.scaled_lr, total, int(config.warmup_epochs * spe), config.min_lr_ratio)
+    warmup = int(config.warmup_epochs * spe)
+    budget_plan: Optional[dict] = None
 
     # --- resume: from this run's latest checkpoint (a rerun, or a worker group restarted after a failure)
     start_step, resumed_from = 0, None
@@ -169,6 +177,11 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
         scaler.load_state_dict(state["scaler"])
         torch.set_rng_state(state["rng_cpu"])
         start_step, resumed_from = int(state["step"]), ckpt.path
+        if config.budget_minutes and state.get("budget_plan"):  # the steps chosen before the restart stand
+            budget_plan = dict(state["budget_plan"])
+            total = int(budget_plan["steps"])
+    lrs = lr_schedule(config.scaled_lr, total, warmup, config.min_lr_ratio)
+    clock = StepClock() if config.budget_minutes and budget_plan is None else None
     core = objective
     t_built = time.time()
     model = session.wrap(objective) if world > 1 else objective
@@ -177,10 +190,12 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
     # Views are drawn from a generator seeded by (seed, rank, start step): a resumed run draws
     # fresh but reproducible augmentations.
     gen = torch.Generator().manual_seed(config.seed * 1_000_003 + rank * 7919 + start_step)
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ex.precision)
     log = MetricsLog(loc, start_step) if rank == 0 else None
     if log is not None and resumed_from:
         log.append({"event": "resumed", "step": start_step, "from": str(resumed_from), "time": time.time()})
+    if log is not None:  # the driver prints this line (and its warning) before the progress bar
+        log.append({"event": "execution", "step": start_step, "execution": ex.as_dict(), "time": time.time()})
 
     t_ready = time.time()
     knn_sets = None
@@ -214,7 +229,8 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
             with tempfile.TemporaryDirectory() as d:
                 torch.save({"objective": core.state_dict(), "optimizer": optimizer.state_dict(),
                             "scaler": scaler.state_dict(), "step": step, "epoch": step // spe,
-                            "rng_cpu": torch.get_rng_state(), "training_hash": config.training_hash()},
+                            "rng_cpu": torch.get_rng_state(), "training_hash": config.training_hash(),
+                            "total_steps": total, "budget_plan": budget_plan},
                            os.path.join(d, "state.pt"))
                 with open(os.path.join(d, "config.yaml"), "w") as f:
                     f.write(config.to_yaml())
@@ -238,7 +254,7 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
             t_batch = t_batch or time.time()
             images = batch["image"].to(device, non_blocking=True)
             views = core.make_views(images, generator=gen)
-            if config.channels_last:
+            if ex.channels_last:
                 views = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
                          for k, v in views.items()}
             if micro == 0:
@@ -282,7 +298,22 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
                 log.append({"event": "first_step", "step": step, "time": time.time(), "threads": torch.get_num_threads(),
                             "loop_entered": t_enter, "imports_done": t_imports, "model_built": t_built,
                             "model_ready": t_ready, "first_batch": t_batch, "wrapped_as": type(model).__name__,
-                            "norm_layers": sorted({type(m).__name__ for m in core.modules() if "Norm" in type(m).__name__})})
+                            "norm_layers": sorted({type(m).__name__ for m in core.modules() if "Norm" in type(m).__name__}),
+                            "execution": ex.as_dict()})
+            if clock is not None and clock.tick(step - start_step):
+                # Measured: lay the schedule over the steps that fit (the same number on every rank).
+                embed_s = _embedding_seconds(core, images, ex, device) if config.knn_monitor else 0.0
+                step_s = clock.step_seconds()
+                if world > 1:  # rank 0's measurements decide, so every rank plans the same steps
+                    m = torch.tensor([step_s, embed_s], dtype=torch.float64, device=device)
+                    dist.broadcast(m, 0)
+                    step_s, embed_s = float(m[0]), float(m[1])
+                budget_plan = fit_steps(config, spe, step, time.time() - t_enter, step_s, embed_s, world)
+                total = budget_plan["steps"]
+                lrs = lr_schedule(config.scaled_lr, total, warmup, config.min_lr_ratio)
+                clock = None
+                if log is not None:
+                    log.append({"event": "schedule", "step": step, "time": time.time(), **budget_plan})
 
             end_of_epoch = step % spe == 0 or step == total
             if step % config.log_every == 0 or end_of_epoch or step % config.checkpoint_every == 0:
@@ -320,11 +351,31 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
             t_fetch = time.perf_counter()
 
     if rank == 0:
-        export_final(loc, config, manifest, core, step, total, metrics_rows=[json.loads(ln) for ln in log.lines])
+        export_final(loc, config, manifest, core, step, total, metrics_rows=[json.loads(ln) for ln in log.lines],
+                     execution=ex.as_dict(), budget_plan=budget_plan, loop_seconds=time.time() - t_enter)
+
+
+def _embedding_seconds(core, images: torch.Tensor, ex, device: torch.device) -> float:
+    """Seconds to embed one image for the kNN monitor, measured on this batch (eval mode, no grad)."""
+    was_training = core.training
+    core.eval()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(ex.precision)
+    x = images[:256]
+    try:
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+            core.backbone(core.preprocess(x[:8]))  # warm the kernels for this shape's layout
+            t0 = time.perf_counter()
+            core.backbone(core.preprocess(x))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return (time.perf_counter() - t0) / len(x)
+    finally:
+        core.train(was_training)
 
 
 def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objective, step: int, total: int,
-                 metrics_rows: Optional[list[dict]] = None) -> None:
+                 metrics_rows: Optional[list[dict]] = None, execution: Optional[dict] = None,
+                 budget_plan: Optional[dict] = None, loop_seconds: Optional[float] = None) -> None:
     """``checkpoints/final/backbone.pt``: backbone weights + what rebuilds it; ``plots/pretrain.png``
     from ``metrics_rows``; then ``summary.json``, which marks the run finished."""
     backbone = objective.backbone
@@ -345,14 +396,15 @@ def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objec
     buf = io.BytesIO()
     torch.save(payload, buf)
     loc.write_atomic(f"{FINAL_DIR}/backbone.pt", buf.getvalue())
-    plot = write_pretrain_plot(loc, config, metrics_rows or [])
+    plot = write_pretrain_plot(loc, config, metrics_rows or [], (execution or {}).get("precision"))
     summary = {"steps": step, "total_steps": total, "training_hash": config.training_hash(),
                "objective": config.objective, "backbone": config.backbone, "finished": time.time(),
-               "plot": plot}
+               "plot": plot, "execution": execution, "budget": budget_plan, "loop_seconds": loop_seconds}
     loc.write_atomic(f"{FINAL_DIR}/summary.json", json.dumps(summary, indent=1).encode())
 
 
-def write_pretrain_plot(loc: RunLocation, config: PretrainConfig, rows: list[dict]) -> Optional[str]:
+def write_pretrain_plot(loc: RunLocation, config: PretrainConfig, rows: list[dict],
+                        precision: Optional[str] = None) -> Optional[str]:
     """Draw ``plots/pretrain.png``; returns its path in the run, or None. A figure that cannot be
     drawn is reported on stderr and costs the run nothing else."""
     try:
@@ -360,7 +412,7 @@ def write_pretrain_plot(loc: RunLocation, config: PretrainConfig, rows: list[dic
 
         workers = f"{config.workers} worker{'s' * (config.workers > 1)}"
         png = pretrain_figure(rows, f"{config.objective} / {config.backbone}: {workers}, global batch "
-                                    f"{config.batch_size}, {config.precision}")
+                                    f"{config.batch_size}, {precision or config.precision}")
         if png is None:
             return None
         loc.write_atomic(PRETRAIN_PLOT, png)
@@ -433,6 +485,28 @@ def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = Fals
     return manifest, status
 
 
+def expected_pretraining(loc: RunLocation, config: PretrainConfig) -> str:
+    """One line on what pretraining will do and for how long (before it starts)."""
+    from workers.hardware import resolve_here
+
+    try:
+        manifest, status = prepare_run(loc, config)
+    except ConfigError as e:
+        return f"pretraining: cannot start: {e}"
+    if status == "finished":
+        return "pretraining: already finished for this config (reused)"
+    where = "the GPU workers" if config.use_gpu else f"this CPU: {resolve_here(config.precision, 'cpu', config.layout_request()).describe()}"
+    spe, total = schedule_length(config, manifest)
+    if config.budget_minutes:
+        from workers.pretrain_budget import CALIBRATION_STEPS, CALIBRATION_WARMUP
+
+        length = (f"{config.budget_minutes:g} min (budget_minutes; the steps are chosen after timing the first "
+                  f"{CALIBRATION_WARMUP + CALIBRATION_STEPS} steps)")
+    else:
+        length = f"{total} steps ({total / spe:.2g} epochs; the progress bar shows the rate)"
+    return f"pretraining: {length}, {config.workers} worker(s) on {where}" + (", resuming" if status == "resume" else "")
+
+
 def _trainer(loc: RunLocation, run: str, config: PretrainConfig, manifest: dict, private: bool):
     """Ray Train's ``TorchTrainer`` for this run; on a private instance, without what only a shared
     cluster needs (``workers.ray_local``)."""
@@ -463,8 +537,10 @@ def _trainer(loc: RunLocation, run: str, config: PretrainConfig, manifest: dict,
 
 
 def local_ray_cpus(config: PretrainConfig) -> int:
-    """CPUs a private local Ray instance declares: the machine's, or more if the workers ask for more."""
-    return max(config.workers * config.cpus_per_worker, os.cpu_count() or 1)
+    """CPUs a private local Ray instance declares: those this process may use, or more if the workers ask for more."""
+    from workers.hardware import cpu_threads_allowed
+
+    return max(config.workers * config.cpus_per_worker, cpu_threads_allowed())
 
 
 def launch(run: str, config: PretrainConfig, address: Optional[str] = None, overwrite: bool = False,
@@ -511,10 +587,9 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
         trainer = _trainer(loc, run, config, manifest, private=started_here and not address)
         log(f"pretraining {config.objective} / {config.backbone} on {run}: {config.workers} workers, "
             f"global batch {config.batch_size}, {'resuming' if status == 'resume' else 'starting'}")
-        if progress_bar:
-            watcher = threading.Thread(target=_watch_progress, args=(loc, schedule_length(config, manifest)[1], stop),
-                                       daemon=True)
-            watcher.start()
+        watcher = threading.Thread(target=_watch_progress, args=(loc, schedule_length(config, manifest)[1], stop),
+                                   kwargs={"bar": progress_bar, "log": log}, daemon=True)
+        watcher.start()
         result = trainer.fit()
     finally:
         stop.set()
@@ -570,8 +645,12 @@ class MetricsTail:
         return rows
 
 
-def _watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: float = 1.0) -> None:
-    """Driver-side progress bar, fed by rank 0's ``metrics.jsonl`` (no actor, no extra process)."""
+def _watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: float = 1.0, bar: bool = True,
+                    log=print) -> None:
+    """Driver-side progress, fed by rank 0's ``metrics.jsonl`` (no actor, no extra process).
+
+    Prints how the workers run (resolved precision, and its warning) and, with a time budget, the
+    steps it chose; then a progress bar (``bar``) whose total follows that choice."""
     from tqdm import tqdm
 
     tail = MetricsTail(loc)
@@ -579,7 +658,23 @@ def _watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: 
     while True:
         done = stop.wait(every)
         for row in tail.read():
-            if "loss" not in row or "step" not in row:
+            event = row.get("event")
+            if event == "execution":
+                ex = row["execution"]
+                layout = " + channels_last" if ex["channels_last"] else ""
+                log(f"workers run at {ex['precision']}{layout} ({ex['requested']}: {ex['reason']}) on {ex['device']}")
+                if ex.get("warning"):
+                    print(f"warning: {ex['warning']}", file=sys.stderr)
+                continue
+            if event == "schedule":
+                total = int(row["steps"])
+                log(f"budget {row['budget_minutes']:g} min: {row['step_seconds']:.3f} s/step measured, so {total} steps "
+                    f"({row['epochs']:g} epochs), expected to end {row['planned_seconds'] / 60:.1f} min after the workers start")
+                if pbar is not None:
+                    pbar.total = total
+                    pbar.refresh()
+                continue
+            if "loss" not in row or "step" not in row or not bar:
                 continue
             if pbar is None:  # from the first step seen: a resumed run's rate counts its own steps only
                 pbar = tqdm(total=total, initial=int(row["step"]), desc="pretrain", unit="step", dynamic_ncols=True)

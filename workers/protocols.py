@@ -79,9 +79,10 @@ def run_probe(ev: Evaluation, source: str, train_idx: Optional[torch.Tensor] = N
     split_data = {}
     for s in ("train", "val", "test"):
         x = ev.features(source, s)
-        y, ig = ev.targets(s)
-        if s == "train" and train_idx is not None:
-            x, y, ig = x[train_idx], y[train_idx], (ig[train_idx] if ig is not None else None)
+        y, ig = ev.frozen_targets(s)
+        if s == "train" and train_idx is not None:  # indices into the whole train split
+            pos = ev.frozen_positions(train_idx)
+            x, y, ig = x[pos], y[pos], (ig[pos] if ig is not None else None)
         split_data[s] = (x, y, ig)
     d = linear_probe(split_data["train"], split_data["val"], split_data["test"], ev.n_classes, ev.multilabel,
                      ev.config.probe_weight_decays, ev.config.probe_max_iter)
@@ -100,7 +101,7 @@ def run_knn(ev: Evaluation, source: str) -> Result:
     if ev.sources[source].standardize_for_knn:
         std = Standardizer.fit(bank)
         bank, queries = std(bank), std(queries)
-    (ytr, _), (yte, igte) = ev.targets("train"), ev.targets("test")
+    (ytr, _), (yte, igte) = ev.frozen_targets("train"), ev.frozen_targets("test")
     k, t = ev.config.knn_k, ev.config.knn_t
     r = Result("knn", source, details={"k": k, "temperature": t})
     if ev.multilabel:
@@ -114,7 +115,8 @@ def run_knn(ev: Evaluation, source: str) -> Result:
     return r
 
 
-def _train(ev: Evaluation, objective, idx: Optional[torch.Tensor], epochs: int, backbone_lr_ratio: float):
+def _train(ev: Evaluation, objective, idx: Optional[torch.Tensor], epochs: float, backbone_lr_ratio: float,
+           desc: str = "fine-tune"):
     """Fine-tune ``objective.backbone`` + a new head on train (or its subset ``idx``)."""
     train = ev.split("train")
     y, ig = ev.targets("train")
@@ -122,16 +124,18 @@ def _train(ev: Evaluation, objective, idx: Optional[torch.Tensor], epochs: int, 
     if idx is not None:
         images, y, ig = images[idx], y[idx], (ig[idx] if ig is not None else None)
     c = ev.config
-    return train_classifier(objective.backbone, objective.preprocess, images, y, ev.n_classes,
-                            image_size=ev.image_size, epochs=epochs, head_lr=c.finetune_lr,
-                            backbone_lr=c.finetune_lr * backbone_lr_ratio, weight_decay=c.finetune_weight_decay,
-                            batch_size=c.finetune_batch_size, seed=c.seed, device=ev.device,
-                            multilabel=ev.multilabel, ignore=ig, precision=c.precision)
+    steps = max(1, round(epochs * max(1, len(images) // min(c.finetune_batch_size, len(images)))))
+    with ev.bar(steps, desc, "step") as bar:
+        return train_classifier(objective.backbone, objective.preprocess, images, y, ev.n_classes,
+                                image_size=ev.image_size, epochs=epochs, head_lr=c.finetune_lr,
+                                backbone_lr=c.finetune_lr * backbone_lr_ratio, weight_decay=c.finetune_weight_decay,
+                                batch_size=c.finetune_batch_size, seed=c.seed, device=ev.device,
+                                multilabel=ev.multilabel, ignore=ig, execution=ev.execution, progress=bar.update)
 
 
 def _finetune_result(ev: Evaluation, model, preprocess, protocol: str, source: str, **extra) -> Result:
     logits = predict(model, preprocess, ev.split("test")["image"], ev.device, ev.config.batch_size,
-                     ev.config.precision)
+                     ev.execution)
     d = classifier_metrics(logits, ev.split("test"), ev.n_classes, ev.multilabel)
     r = Result(protocol, source, details=d)
     r.add(protocol, "mAP" if ev.multilabel else "top1", d["mAP"] if ev.multilabel else d["top1"], **extra)
@@ -167,11 +171,12 @@ def run_fewshot(ev: Evaluation, source: str, via: Literal["probe", "finetune"]) 
         if via == "probe":
             r = run_probe(ev, source, train_idx=idx, protocol=name)
         elif source == "pretrained":
-            model = _train(ev, ev.checkpoint.objective, idx, epochs, ev.config.finetune_backbone_lr_ratio)
+            model = _train(ev, ev.checkpoint.objective, idx, epochs, ev.config.finetune_backbone_lr_ratio,
+                           f"fine-tune {name}")
             r = _finetune_result(ev, model, ev.checkpoint.objective.preprocess, name, source, via="finetune")
         else:  # supervised from scratch on the subset
             obj = features.random_init(ev.checkpoint.config, ev.manifest["channels"], ev.config.seed, "cpu")
-            model = _train(ev, _Wrapped(obj), idx, epochs, 1.0)
+            model = _train(ev, _Wrapped(obj), idx, epochs, 1.0, f"supervised {name}")
             r = _finetune_result(ev, model, obj.preprocess, name, source, via="finetune")
         out.rows += r.rows
         out.details[name] = r.details | {"labels": len(idx), "epochs": epochs if via == "finetune" else None}
@@ -195,7 +200,7 @@ def run_supervised(ev: Evaluation) -> Result:
     """
     epochs = ev.supervised_epochs()
     init = features.random_init(ev.checkpoint.config, ev.manifest["channels"], ev.config.seed, "cpu")
-    model = _train(ev, _Wrapped(init), None, epochs, 1.0)
+    model = _train(ev, _Wrapped(init), None, epochs, 1.0, "supervised reference")
     r = _finetune_result(ev, model, init.preprocess, "finetune", "supervised")
     r.details |= {"epochs": epochs, "lr": ev.config.finetune_lr}
     buf = io.BytesIO()

@@ -223,8 +223,11 @@ def write_report(ev, results: list, total_seconds: float) -> dict:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "checkpoint": ck.uri, "checkpoint_sha256": ck.sha256, "checkpoint_kind": ck.kind, "steps": ck.steps,
         "objective": ck.config.objective, "backbone": ck.config.backbone,
-        "config_hash": ck.config.training_hash(), "eval_config_hash": ev.config.config_hash(),
+        "config_hash": ck.config.training_hash(), "eval_config_hash": ev.requested.config_hash(),
         "eval_config": ev.config.model_dump(mode="json"), "seed": ev.config.seed, "device": ev.device,
+        "execution": ev.execution.as_dict(),
+        "eval_budget": ev.budget.as_dict() if ev.budget is not None else None,
+        "frozen_train_samples": len(ev.frozen_train_index()) if ev.frozen_train_index() is not None else None,
         "classes": ev.classes or None, "multilabel": ev.multilabel,
         "splits": ev.loaded_splits(),
         "refused": [{"protocol": p, "reason": why} for p, why in ev.refused.items()],
@@ -242,6 +245,24 @@ def write_report(ev, results: list, total_seconds: float) -> dict:
     return report
 
 
+def _budget_md(plan: Optional[dict]) -> list[str]:
+    """One line on how a time budget sized this evaluation (nothing without a budget)."""
+    if not plan:
+        return []
+    est = plan["estimate_s"]
+    parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items() if k != "total" and v >= 1)
+    what = "; ".join(plan["notes"]) if plan["settings"] else "the configured protocol fits"
+    return [f"- sized for a budget of {plan['budget_minutes']:g} min on this machine (measured costs): planned "
+            f"{est['total'] / 60:.1f} min ({parts}); {what}" + ("" if plan["fits"] else "; over the budget even so")]
+
+
+def _execution_md(ex: Optional[dict], cfg: dict) -> str:
+    """``bf16 + channels_last (auto: CPU has native bf16 (avx512_bf16))``; older reports: the config's."""
+    if not ex:
+        return str(cfg.get("precision", "fp32"))
+    return f"{ex['precision']}{' + channels_last' if ex['channels_last'] else ''} ({ex['requested']}: {ex['reason']})"
+
+
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
@@ -255,12 +276,15 @@ def render_markdown(report: dict) -> str:
           f"- pretraining config hash `{r['config_hash']}`; evaluation config hash `{r['eval_config_hash']}`; "
           f"seed {r['seed']}; device {r['device']}; {r['created']}; {r['durations_s']['total']:.1f} s",
           "- samples: " + ", ".join(f"{s} {n}" for s, n in r["splits"].items())
-          + (f" (at most {cfg['limit']} per split)" if cfg.get("limit") else ""),
-          f"- networks run at {cfg.get('precision', 'fp32')}"
+          + (f" (at most {cfg['limit']} per split)" if cfg.get("limit") else "")
+          + (f"; probe and kNN on a class-balanced subset of {r['frozen_train_samples']} train samples"
+             if r.get("frozen_train_samples") else ""),
+          f"- networks run at {_execution_md(r.get('execution'), cfg)}"
           + (f"; frozen features from images resized to {cfg['frozen_input_size']} px (frozen_input_size; "
              f"fine-tuning at the pretraining size)" if cfg.get("frozen_input_size") else "")
           + (f"; frozen features: the last {stages} stage(s) average-pooled to a {grid}×{grid} grid and "
              f"concatenated (frozen_grid, frozen_stages; Goyal et al. 2019)" if (grid, stages) != (1, 1) else ""),
+          *_budget_md(r.get("eval_budget")),
           "",
           "## Results", "", results_table(r), "",
           "Every number was computed in this run on the same splits and samples; \"not run\" marks a cell "

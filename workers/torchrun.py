@@ -67,10 +67,10 @@ def pretrain(run: str, config: PretrainConfig, overwrite: bool = False, progress
             log(f"pretraining {config.objective} / {config.backbone} on {run}: {world} process(es) "
                 f"on {session.device.type}, global batch {config.batch_size}, "
                 f"{'resuming' if status == 'resume' else 'starting'}")
-            if progress_bar:
-                total = schedule_length(config, manifest)[1]
-                watcher = threading.Thread(target=_watch_progress, args=(loc, total, stop), daemon=True)
-                watcher.start()
+            total = schedule_length(config, manifest)[1]
+            watcher = threading.Thread(target=_watch_progress, args=(loc, total, stop),
+                                       kwargs={"bar": progress_bar, "log": log}, daemon=True)
+            watcher.start()
         try:
             run_loop({"config": config.model_dump(mode="json"), "run": run, "manifest": manifest}, session)
         finally:

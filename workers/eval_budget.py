@@ -86,9 +86,9 @@ class Plan:
         return asdict(self)
 
     def describe(self) -> str:
-        parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in self.estimate_s.items() if k != "total" and v >= 1)
+        parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in self.estimate_s.items() if k != "total" and v >= 3)
         head = (f"evaluation planned at {self.estimate_s['total'] / 60:.1f} min for a budget of "
-                f"{self.budget_minutes:g} min ({parts} min)")
+                f"{self.budget_minutes:g} min" + (f" ({parts} min)" if parts else ""))
         if not self.settings:
             return head + "; the configured protocol fits"
         return head + "; " + "; ".join(self.notes) + ("" if self.fits else "; even this does not fit the budget")
@@ -204,8 +204,7 @@ def estimate(costs: Costs, counts: Counts, s: dict) -> dict[str, float]:
                                 for n in few) * (2 if counts.supervised_epochs else 1))
     if counts.supervised_epochs:
         out["supervised"] = counts.supervised_epochs * steps_per_epoch * costs.finetune_step_s + predict
-    out = {k: round(v, 1) for k, v in out.items()}
-    out["total"] = round(sum(out.values()), 1)
+    out["total"] = sum(out.values())
     return out
 
 

@@ -51,8 +51,9 @@ class StepClock:
 
 def epoch_ends(start: int, end: int, spe: int) -> int:
     """Epoch ends the steps start+1 … end pass (the last step counts as one: the monitor runs there too)."""
-    n = end // spe - start // spe
-    return n + (1 if end % spe else 0)
+    if end <= start:
+        return 0
+    return end // spe - start // spe + (1 if end % spe else 0)
 
 
 def fit_steps(config, spe: int, step: int, elapsed_s: float, step_s: float, embed_s: float, world: int) -> dict:

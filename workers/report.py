@@ -250,10 +250,11 @@ def _budget_md(plan: Optional[dict]) -> list[str]:
     if not plan:
         return []
     est = plan["estimate_s"]
-    parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items() if k != "total" and v >= 1)
+    parts = ", ".join(f"{k} {v / 60:.1f}" for k, v in est.items() if k != "total" and v >= 3)
     what = "; ".join(plan["notes"]) if plan["settings"] else "the configured protocol fits"
     return [f"- sized for a budget of {plan['budget_minutes']:g} min on this machine (measured costs): planned "
-            f"{est['total'] / 60:.1f} min ({parts}); {what}" + ("" if plan["fits"] else "; over the budget even so")]
+            f"{est['total'] / 60:.1f} min" + (f" ({parts} min)" if parts else "") + f"; {what}"
+            + ("" if plan["fits"] else "; over the budget even so")]
 
 
 def _execution_md(ex: Optional[dict], cfg: dict) -> str:

@@ -140,3 +140,42 @@ def test_each_launcher_refuses_to_silently_restart_the_others_checkpoints(tmp_pa
     (tmp_path / "checkpoints" / "torchrun" / "step_000000004" / "COMPLETE").write_bytes(b"")
     with pytest.raises(ConfigError, match="written under torchrun .* --overwrite to start afresh on Ray"):
         check_resumable_by(loc, "ray")
+
+
+def test_torchrun_with_a_time_budget_fits_its_steps_records_them_and_keeps_them_on_resume(tmp_path):
+    """budget_minutes instead of steps: both ranks take the steps fitted from rank 0's measured ones; the
+    plan, the resolved precision and the loop time are recorded; a resumed run keeps the planned steps."""
+    from workers.hardware import resolve_here
+
+    write_images(tmp_path / "src", n_classes=3, per_class=60, size=16)
+    run = str(tmp_path / "run")
+    ingest(RunLocation(run), open_source(str(tmp_path / "src")), IngestParams(shard_size=20, val_fraction=0.2),
+           progress_bar=False)
+    budget = ["steps=null", "budget_minutes=0.25", "checkpoint_every=15", "keep_checkpoints=5"]
+    done = _torchrun(tmp_path, run, *budget)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    m = _metrics(run)
+    schedule = next(r for r in m if r.get("event") == "schedule")
+    assert schedule["calibrated_at_step"] == 10 and schedule["budget_minutes"] == 0.25
+    assert schedule["step_seconds"] > 0 and schedule["steps"] > 10  # a tiny model takes more steps than it measured
+    assert schedule["planned_seconds"] <= 0.25 * 60
+    assert "budget 0.25 min:" in done.stdout and f"{schedule['steps']} steps" in done.stdout
+    first = next(r for r in m if r.get("event") == "first_step")
+    assert first["execution"] == resolve_here("auto", "cpu").as_dict()  # what auto resolves to on this CPU
+    with open(os.path.join(run, "checkpoints", "final", "summary.json")) as f:
+        summary = json.load(f)
+    assert summary["steps"] == summary["total_steps"] == schedule["steps"]
+    assert summary["budget"] == {k: v for k, v in schedule.items() if k not in ("event", "step", "time")}
+    assert summary["execution"]["precision"] == first["execution"]["precision"] and summary["loop_seconds"] > 0
+    # resume after losing the end: the steps chosen before stand (no new measurement, no new schedule)
+    ckpts = os.path.join(run, "checkpoints", "torchrun")
+    marked = sorted(os.listdir(ckpts))
+    assert len(marked) >= 2
+    shutil.rmtree(os.path.join(run, "checkpoints", "final"))
+    shutil.rmtree(os.path.join(ckpts, marked[-1]))
+    resumed = _torchrun(tmp_path, run, *budget)
+    assert resumed.returncode == 0 and "resuming" in resumed.stdout, resumed.stderr[-3000:]
+    m = _metrics(run)
+    assert sum(r.get("event") == "schedule" for r in m) == 1
+    with open(os.path.join(run, "checkpoints", "final", "summary.json")) as f:
+        assert json.load(f)["steps"] == schedule["steps"]

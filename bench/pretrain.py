@@ -10,7 +10,7 @@ Same backbone (ResNet-18, small-image stem, base width 64 and 32), batch 256, 28
 - the same loop under ``torchrun`` (``workers/torchrun.py``), 2 ranks, no Ray: what Ray Train's
   orchestration costs against a launcher that does nothing else;
 - the practical ceiling: a plain single-process PyTorch loop over in-memory uint8 tensors with the
-  same model, the same batched augmentation (``objective.make_views``), bf16 autocast and
+  same model, the same batched augmentation (``objective.make_views``), the same precision and
   channels_last;
 - lightly's stock SimCLR (``SimCLRTransform`` per sample through a DataLoader, ``NTXentLoss``,
   ``SimCLRProjectionHead``), in its own environment (``bench/setup_lightly.sh``), fp32 and
@@ -18,9 +18,12 @@ Same backbone (ResNet-18, small-image stem, base width 64 and 32), batch 256, 28
 
 Also the time to the first training step: from the ``launch()`` call, and from starting the
 ``gelato pretrain`` command (which adds the command's imports and Prefect's temporary API server).
-Throughput is image pairs/s over the steps after a warm-up.
+Throughput is image pairs/s over the steps after a warm-up. Every measurement runs in the precision
+``auto`` resolves to on this machine (bf16 with native bf16, else fp32: workers/hardware.py), then,
+for reference, in the other one (``--precisions``); the output names the CPU and its capability.
 
     .venv/bin/python bench/pretrain.py [--widths 32,64] [--steps 8] [--repeats 1] [--skip-lightly] [--skip-cli]
+                                       [--precisions auto,other]
 
 The machine's speed drifts, so each gelato and lightly run is bracketed by plain-loop runs and
 compared with their mean; the summary gives medians of those ratios.
@@ -51,14 +54,17 @@ from workers.sources import FashionMNIST  # noqa: E402
 from workers.storage import RunLocation  # noqa: E402
 
 
-def common(width: int) -> list[str]:
+PRECISION = os.environ.get("GELATO_BENCH_PRECISION", "bf16")  # fp32 or bf16: what the subprocesses run
+
+
+def common(width: int, precision: str = "") -> list[str]:
     return ["objective=simclr", "backbone=resnet18", f"backbone_params={{small_stem: true, width: {width}}}",
-            "image_size=28", "batch_size=256", "precision=bf16", "channels_last=true", "optimizer=lars",
-            "knn_monitor=false", "objective_params.temperature=0.5"]
+            "image_size=28", "batch_size=256", f"precision={precision or PRECISION}", "channels_last=true",
+            "optimizer=lars", "knn_monitor=false", "objective_params.temperature=0.5"]
 
 
 def plain_loop(width: int, images: torch.Tensor, warmup: int, steps: int) -> float:
-    """Single process, in-memory tensors, batched augmentation, bf16 autocast, channels_last."""
+    """Single process, in-memory tensors, batched augmentation, the precision under test, channels_last."""
     from workers.optim import build_optimizer
 
     torch.set_num_threads(os.cpu_count() or 1)
@@ -76,10 +82,10 @@ def plain_loop(width: int, images: torch.Tensor, warmup: int, steps: int) -> flo
 
 
 def train_step(obj, model, opt, x: torch.Tensor, g: torch.Generator) -> None:
-    """One step of the in-memory loops: batched views, channels_last, bf16 autocast, backward, step.
-    ``model`` is ``obj`` itself or ``obj`` wrapped in DDP (bench/ddp_simclr.py)."""
+    """One step of the in-memory loops: batched views, channels_last, autocast at ``PRECISION``,
+    backward, step. ``model`` is ``obj`` itself or ``obj`` wrapped in DDP (bench/ddp_simclr.py)."""
     views = {k: v.contiguous(memory_format=torch.channels_last) for k, v in obj.make_views(x, generator=g).items()}
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=PRECISION == "bf16"):
         loss = model(views)["loss"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
@@ -123,7 +129,8 @@ def gelato_torchrun(width: int, run: str, warmup: int, steps: int) -> tuple[floa
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "workers.torchrun", run, "--overwrite", "--no-progress"] + gelato_overrides(width, 2, warmup, steps)
     t0 = time.time()
-    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    subprocess.run(cmd, cwd=REPO, check=True, capture_output=True,
+                   env=dict(os.environ, OMP_NUM_THREADS="1", GELATO_BENCH_PRECISION=PRECISION))
     return _rate_and_first_step(run, warmup, t0)
 
 
@@ -141,7 +148,7 @@ def bare_ddp(width: int, workers: int, warmup: int, steps: int) -> float:
     """The same step in bare DDP (bench/ddp_simclr.py): no Ray, no shard stream."""
     cmd = [sys.executable, os.path.join(REPO, "bench", "ddp_simclr.py"), "--width", str(width), "--world", str(workers),
            "--threads", str(2 // workers), "--warmup", str(warmup), "--steps", str(steps)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ, GELATO_BENCH_PRECISION=PRECISION))
     return json.loads(out.stdout.strip().splitlines()[-1])["pairs_per_s"]
 
 
@@ -154,6 +161,7 @@ def lightly(width: int, root: str, warmup: int, steps: int, bf16_cl: bool) -> fl
 
 
 def main() -> None:
+    global PRECISION
     ap = argparse.ArgumentParser()
     ap.add_argument("--widths", default="32,64")
     ap.add_argument("--warmup", type=int, default=2)
@@ -161,6 +169,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--skip-lightly", action="store_true")
     ap.add_argument("--skip-cli", action="store_true", help="no `gelato pretrain` command-to-first-step runs")
+    ap.add_argument("--precisions", default="auto,other", choices=["auto", "auto,other"],
+                    help="the precision auto picks here, and (default) the other one for reference")
     a = ap.parse_args()
     if a.steps % a.warmup:
         ap.error("--steps must be a multiple of --warmup (gelato logs every `warmup` steps)")
@@ -175,6 +185,27 @@ def main() -> None:
     ingest(RunLocation(run), src, IngestParams(shard_size=1000, val_fraction=0.1), progress_bar=False)
     raw = os.path.join(tv_root(os.path.join(tmp, "tv")), "FashionMNIST", "raw")
 
+    from workers.hardware import capabilities, resolve
+
+    caps = capabilities("cpu")
+    auto = resolve("auto", caps).precision
+    order = [auto] + ([{"bf16": "fp32", "fp32": "bf16"}[auto]] if a.precisions == "auto,other" else [])
+    print(f"machine: {caps.cpu_model}, torch CPU capability {caps.cpu_capability}, native bf16 "
+          f"{'yes (' + ', '.join(caps.cpu_bf16_flags) + ')' if caps.native_bf16 else 'no'}; precision auto = {auto}; "
+          f"measuring {', '.join(order)}", flush=True)
+    summaries = []
+    for precision in order:
+        PRECISION = precision
+        summaries += measure(a, images, run, raw, precision, caps, auto)
+    shutil.rmtree(tmp, ignore_errors=True)
+    print()
+    for line in summaries:
+        print(line)
+
+
+def measure(a, images, run, raw, precision: str, caps, auto: str) -> list[str]:
+    """Every launcher against the plain loop at ``precision``; returns the summary lines."""
+    print(f"\n[{precision}{' (auto)' if precision == auto else ' (reference)'}]", flush=True)
     results: dict[str, list[float]] = {}
 
     def record(key: str, value: float) -> None:
@@ -196,8 +227,8 @@ def main() -> None:
         for _ in range(a.repeats):
             before = plain_loop(width, images, a.warmup, a.steps)
             record(f"w{width} plain loop", before)
-            for name, measure in others:
-                out = measure()
+            for name, fn in others:
+                out = fn()
                 rate, first = out if isinstance(out, tuple) else (out, None)
                 record(f"w{width} {name}", rate)
                 if name == "gelato 2 workers":
@@ -210,16 +241,17 @@ def main() -> None:
                 before = after
             if not a.skip_cli:
                 record(f"w{width} CLI first step s", cli_first_step(width, run))
-    shutil.rmtree(tmp, ignore_errors=True)
 
     med = {k: statistics.median(v) for k, v in results.items()}
     rmed = {k: statistics.median(v) for k, v in ratios.items()}
-    print(f"\nmachine: {os.cpu_count()} CPU cores, no GPU, torch {torch.__version__}; batch 256 pairs, 28x28, "
-          f"{a.steps} timed steps after {a.warmup} warm-up, medians of {a.repeats}; each ratio is the median of "
-          f"(run / mean of the plain-loop runs just before and after it)")
+    lines = [f"{precision} ({'auto' if precision == auto else 'reference'}) on {caps.cpu_model} "
+             f"[{caps.cpu_capability}, native bf16 {'yes' if caps.native_bf16 else 'no'}], {os.cpu_count()} cores, "
+             f"torch {torch.__version__}; batch 256 pairs, 28x28, {a.steps} timed steps after {a.warmup} warm-up, "
+             f"medians of {a.repeats}; each ratio is the median of (run / mean of the plain-loop runs just before and "
+             f"after it)"]
     for width in [int(w) for w in a.widths.split(",")]:
         w = f"w{width}"
-        line = (f"width {width}: gelato {med[w + ' gelato 2 workers']:.1f} pairs/s = {rmed[w + ' gelato 2 workers']:.2f}x the "
+        line = (f"  width {width}: gelato {med[w + ' gelato 2 workers']:.1f} pairs/s = {rmed[w + ' gelato 2 workers']:.2f}x the "
                 f"plain loop ({med[w + ' plain loop']:.1f}) | 1 worker {med[w + ' gelato 1 worker']:.1f} = "
                 f"{rmed[w + ' gelato 1 worker']:.2f}x (2 workers / 1 worker = "
                 f"{rmed[w + ' gelato 2 workers'] / rmed[w + ' gelato 1 worker']:.2f}x) | "
@@ -236,7 +268,8 @@ def main() -> None:
             lf, lb = rmed[w + " lightly fp32"], rmed[w + " lightly bf16+cl"]
             line += (f" | lightly fp32 {med[w + ' lightly fp32']:.1f} (gelato {g / lf:.2f}x), "
                      f"bf16+cl {med[w + ' lightly bf16+cl']:.1f} (gelato {g / lb:.2f}x)")
-        print(line)
+        lines.append(line)
+    return lines
 
 
 if __name__ == "__main__":

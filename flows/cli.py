@@ -132,7 +132,7 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--baselines", default="raw_pixels,random_init", metavar="LIST",
                    help="comma-separated subset of raw_pixels,random_init,supervised, or 'none' "
                         "(default: raw_pixels,random_init; supervised costs a training run)")
-    p.add_argument("--finetune-epochs", type=int, default=5, metavar="N", help="fine-tuning epochs (default 5)")
+    p.add_argument("--finetune-epochs", type=float, default=5, metavar="N", help="fine-tuning epochs, a fraction allowed (default 5)")
     p.add_argument("--finetune-lr", type=float, default=1e-2, metavar="LR",
                    help="AdamW learning rate of the new head, and of the supervised reference (default 1e-2); "
                         "the pretrained backbone gets a tenth of it")
@@ -142,6 +142,10 @@ def _add_evaluate(sub) -> None:
     p.add_argument("--knn-t", type=float, default=0.1, metavar="T", help="kNN temperature (default 0.1)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N samples per split (quick runs)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+                   help="auto (default): bf16 where the device runs it natively, fp16 on older GPUs, else fp32")
+    p.add_argument("--budget-minutes", type=float, default=None, metavar="M",
+                   help="size the evaluation to about M minutes on this machine, from measured costs")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of random init, few-label subsets, "
                                                                      "fine-tuning (default 0)")
     p.add_argument("--config", default=None, help="YAML whose storage_options (s3fs keyword arguments) open --run")
@@ -165,7 +169,7 @@ def _run_evaluate(a) -> int:
     config = eval_config(protocols=protocols, baselines=_csv(a.baselines, BASELINES, "--baselines"),
                          checkpoint=a.checkpoint, finetune_epochs=a.finetune_epochs, finetune_lr=a.finetune_lr,
                          supervised_epochs=a.supervised_epochs, knn_k=a.knn_k, knn_t=a.knn_t, limit=a.limit,
-                         device=a.device, seed=a.seed)
+                         device=a.device, seed=a.seed, precision=a.precision, budget_minutes=a.budget_minutes)
     run = a.run if "://" in a.run else os.path.abspath(a.run)
     opts = _storage_options(a.config)
     # The manifest, the checkpoint and its match with the run are checked here, before Prefect starts
@@ -184,7 +188,7 @@ def _run_evaluate(a) -> int:
 
 def _add_run(sub) -> None:
     p = sub.add_parser("run", help=STAGES["run"], description=STAGES["run"] + (
-        ". Overrides are key=value pairs, e.g. pretrain.epochs=5 evaluate.finetune_epochs=2"))
+        ". Overrides are key=value pairs, e.g. pretrain.budget_minutes=10 evaluate.finetune_epochs=2"))
     p.add_argument("--config", default=None, help="pipeline YAML (see configs/pipeline_*.yaml)")
     p.add_argument("--run", default=None, metavar="RUN_URI", help="run directory (overrides the config's run)")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides")

@@ -230,3 +230,6 @@ def test_pipeline_config_validates(path):
 
     cfg = load_pipeline_config(str(path))
     assert cfg.pretrain.objective in ("simclr", "moco", "byol", "swav") and cfg.evaluate.protocols
+    assert cfg.pretrain.precision == cfg.evaluate.precision == "auto"  # resolved on the machine it meets
+    if path.name == "pipeline_demo.yaml":  # sized to the machine: within 20 minutes on any 2-core x86 CPU
+        assert cfg.pretrain.budget_minutes + cfg.evaluate.budget_minutes <= 14

@@ -40,7 +40,8 @@ class PretrainConfig(BaseModel):
     steps: Optional[int] = Field(None, ge=1, description="total optimizer steps; overrides epochs")
     budget_minutes: Optional[float] = Field(
         None, gt=0, description="train for as many steps as fit in this many minutes of the training loop, measured on "
-                                "the first steps (instead of epochs/steps); the schedule is laid over those steps")
+                                "the first steps; replaces epochs (which is then not used) and excludes steps; the "
+                                "schedule is laid over those steps (workers.pretrain_budget)")
     grad_accum: int = Field(1, ge=1)
 
     # optimisation

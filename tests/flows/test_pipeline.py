@@ -41,13 +41,15 @@ def test_pipeline_runs_caches_and_publishes(tmp_path):
     run = str(tmp_path / "run")
     cfg = load_pipeline_config(None, [f"run={run}", "name=Tiny Test", f"ingest.source={tmp_path / 'src'}",
                                       "ingest.shard_size=10", "ingest.val_fraction=0.2",
-                                      "evaluate.protocols=[probe,knn]", "evaluate.knn_k=10"] + TINY_PRETRAIN)
+                                      "evaluate.protocols=[probe,knn]", "evaluate.knn_k=10",
+                                      "evaluate.budget_minutes=5"] + TINY_PRETRAIN)
     assert isinstance(cfg, PipelineConfig)
     report = pipeline_flow(cfg, progress_bar=False)
     rows = results_table(report)
     cells = {(r["protocol"], f): r[f] for r in rows for f in ("pretrained", "random_init", "raw_pixels")}
     assert all(cells[p, f] is not None for p in ("probe", "knn") for f in ("pretrained", "random_init", "raw_pixels"))
     assert "not run" in format_table(rows)  # the supervised column was not asked for, and says so
+    assert report["eval_budget"]["budget_minutes"] == 5 and report["execution"]["requested"] == "auto"
     assert os.path.exists(os.path.join(run, "checkpoints/final/backbone.pt"))
     table = _artifacts("gelato-results-tiny-test")
     assert table and table[0].type == "table"

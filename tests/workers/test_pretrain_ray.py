@@ -12,6 +12,7 @@ import torch
 
 from imagegen import write_images
 from workers.config import load_config
+from workers.hardware import resolve_here
 from workers.pretrain import launch, load_backbone
 from workers.shards import IngestParams, ingest
 from workers.sources import open_source
@@ -49,6 +50,10 @@ def test_pretrain_end_to_end_then_rerun_is_a_no_op(tmp_path, tiny_source):
     steps = [r["step"] for r in m if "loss" in r]
     assert steps == [2, 4, 6, 8] and all(torch.isfinite(torch.tensor(r["loss"])) for r in m if "loss" in r)
     assert {"lr", "samples_per_s", "samples_per_s_per_worker"} <= set(m[-1])
+    # the resolved precision is recorded where users look, and each worker uses its one core only
+    first = next(r for r in m if r.get("event") == "first_step")
+    assert first["execution"] == resolve_here("auto", "cpu").as_dict() == summary["execution"]
+    assert first["threads"] == cfg.cpus_per_worker == 1
     # epoch end (spe = 144 // 32 = 4): the online kNN monitor ran on val
     assert all(0.0 <= r["knn_top1"] <= 1.0 for r in m if r["step"] in (4, 8)) and "knn_top1" in m[-1]
     backbone, payload = load_backbone(os.path.join(run, "checkpoints/final/backbone.pt"))

@@ -10,6 +10,8 @@ import os
 import sys
 from typing import Optional
 
+from flows import prefect_server
+
 STAGES = {
     "ingest": "turn raw images into sharded WebDataset archives + manifest.json (local or s3://)",
     "pretrain": "pretrain a backbone with an SSL objective on Ray Train workers (resumable)",
@@ -19,6 +21,9 @@ STAGES = {
     "serve": "serve prefect.yaml's deployments from this process, with their schedules",
     "doctor": "what gelato will do on this machine: CPU/GPU, precision auto, a measured step, versions, data",
 }
+
+
+FLOW_STAGES = ("ingest", "pretrain", "evaluate", "run")  # the stages that run a Prefect flow
 
 
 def _storage_options(config: Optional[str]) -> dict:
@@ -64,6 +69,7 @@ def _run_ingest(a) -> int:
     opts = _storage_options(a.config)
     check_writable(RunLocation(a.out, opts))
 
+    prefect_server.wait_ready()
     from flows.ingest import ingest_flow
 
     m = ingest_flow(a.source, a.out, shard_size=a.shard_size, image_format=a.image_format,
@@ -111,6 +117,7 @@ def _run_pretrain(a) -> int:
 
         ray_start.start_early(local_ray_cpus(config), dashboard=a.ray_dashboard)
 
+    prefect_server.wait_ready()
     from flows.pretrain import pretrain_flow
 
     summary = pretrain_flow(run, config.model_dump(mode="json"), address=a.address, overwrite=a.overwrite,
@@ -178,6 +185,7 @@ def _run_evaluate(a) -> int:
     for p, why in ev.refused.items():
         print(f"gelato evaluate: not running {p}: {why}", file=sys.stderr)
 
+    prefect_server.wait_ready()
     from flows.evaluate import evaluate_flow
 
     report = evaluate_flow(run, config.model_dump(mode="json"), storage_options=opts, progress_bar=True)
@@ -201,6 +209,7 @@ def _run_run(a) -> int:
     overrides = list(a.overrides) + ([f"run={a.run}"] if a.run else [])
     cfg = load_pipeline_config(a.config, overrides)  # validated before Prefect, Ray or any stage starts
 
+    prefect_server.wait_ready()
     from flows.pipeline import pipeline_flow
 
     report = pipeline_flow(cfg, progress_bar=not a.no_progress)
@@ -276,6 +285,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     from workers.sources import SourceError
     from workers.storage import StorageError
 
+    if args.stage in FLOW_STAGES:  # Prefect's temporary server boots while the command checks its inputs
+        prefect_server.start_early()
     try:
         return RUNNERS[args.stage](args)
     except (ConfigError, SourceError, StorageError, IngestError, ValueError, FileNotFoundError) as e:
@@ -284,6 +295,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     except KeyboardInterrupt:
         print(f"gelato {args.stage}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
+    finally:
+        prefect_server.stop()
 
 
 if __name__ == "__main__":

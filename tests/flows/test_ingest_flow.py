@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 import sys
 
 import numpy as np
@@ -53,10 +54,23 @@ def test_cli_help_lists_stages_and_bad_source_fails_fast(tmp_path):
     assert r.returncode == 2 and "shard_size must be >= 1" in r.stderr, r.stderr
 
 
+def _processes_with(mark: str) -> list[int]:
+    """Live processes whose environment holds ``mark`` (children of a command that has ended)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if mark.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:
+            pass
+    return found
+
+
 def test_cli_ingest_end_to_end(tmp_path):
     """What a user types: ``gelato ingest DIR --out RUN`` (Prefect's temporary server and all)."""
     write_images(tmp_path / "src", n_classes=2, per_class=5)
-    env = dict(os.environ)
+    env = dict(os.environ, GELATO_TEST_MARK=f"ingest-cli-{os.getpid()}-{time.time_ns()}")
     env.pop("PREFECT_API_URL", None)  # the harness's server belongs to this process; the CLI starts its own
     r = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(tmp_path / "src"), "--out",
                         str(tmp_path / "run"), "--shard-size", "4", "--val-fraction", "0.2", "--no-progress"],
@@ -65,3 +79,7 @@ def test_cli_ingest_end_to_end(tmp_path):
     assert "train        8 samples" in r.stdout and "val          2 samples" in r.stdout
     with open(tmp_path / "run" / "manifest.json") as f:
         assert json.load(f)["count"] == 10
+    # the command started Prefect's temporary server itself, at its top (flows/prefect_server.py): Prefect
+    # did not start one on first use, and the command stopped its own when it ended
+    assert "Starting temporary server" not in r.stdout + r.stderr
+    assert not _processes_with(env["GELATO_TEST_MARK"])

@@ -125,11 +125,11 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
     t_enter = t_enter or time.time()  # start-up phases go into the first_step event of metrics.jsonl
     import torch.distributed as dist
 
-    from workers.pretrain_budget import StepClock, fit_steps
     from workers.data import epoch_batches, in_memory_split
     from workers.hardware import resolve_here
     from workers.knn import extract_features_sharded, knn_accuracy
     from workers.optim import build_optimizer, lr_schedule
+    from workers.pretrain_budget import StepClock, fit_steps
 
     config = PretrainConfig(**cfg["config"])
     loc = RunLocation(cfg["run"], config.storage_options)
@@ -495,7 +495,8 @@ def expected_pretraining(loc: RunLocation, config: PretrainConfig) -> str:
         return f"pretraining: cannot start: {e}"
     if status == "finished":
         return "pretraining: already finished for this config (reused)"
-    where = "the GPU workers" if config.use_gpu else f"this CPU: {resolve_here(config.precision, 'cpu', config.layout_request()).describe()}"
+    cpu = resolve_here(config.precision, "cpu", config.layout_request()) if not config.use_gpu else None
+    where = "the GPU workers" if cpu is None else f"this CPU: {cpu.describe()}"
     spe, total = schedule_length(config, manifest)
     if config.budget_minutes:
         from workers.pretrain_budget import CALIBRATION_STEPS, CALIBRATION_WARMUP

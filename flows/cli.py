@@ -26,9 +26,12 @@ STAGES = {
 FLOW_STAGES = ("ingest", "pretrain", "evaluate", "run")  # the stages that run a Prefect flow
 
 
-def _storage_options(config: Optional[str]) -> dict:
+def _storage_options(config: Optional[str]):
+    """The ``storage_options`` of a YAML file, as :class:`~workers.credentials.StorageOptions`."""
+    from workers.credentials import StorageOptions
+
     if not config:
-        return {}
+        return StorageOptions()
     import yaml
 
     with open(config) as f:
@@ -36,7 +39,7 @@ def _storage_options(config: Optional[str]) -> dict:
     opts = cfg.get("storage_options", {})
     if not isinstance(opts, dict):
         raise ValueError(f"{config}: storage_options must be a mapping of s3fs options")
-    return opts
+    return StorageOptions(opts)
 
 
 def _add_ingest(sub) -> None:
@@ -120,7 +123,7 @@ def _run_pretrain(a) -> int:
     prefect_server.wait_ready()
     from flows.pretrain import pretrain_flow
 
-    summary = pretrain_flow(run, config.model_dump(mode="json"), address=a.address, overwrite=a.overwrite,
+    summary = pretrain_flow(run, config, address=a.address, overwrite=a.overwrite,
                             progress_bar=not a.no_progress, ray_dashboard=a.ray_dashboard)
     print(f"\n{run}/checkpoints/final/backbone.pt: {summary['objective']} / {summary['backbone']}, "
           f"{summary['steps']} steps")

@@ -18,6 +18,8 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.credentials import resolve as resolve_credentials
+from workers.credentials import StorageOptions
 from workers.evaluate import (NEEDS, Evaluation, Result, eval_config, frozen_sources, run_fewshot, run_finetune,
                               run_knn, run_probe, run_supervised)
 from workers.report import render_markdown, write_report
@@ -74,11 +76,12 @@ def report_task(ev: Evaluation, results: list[Result], started: float) -> dict:
 
 @flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=THREADS), log_prints=False)
 def evaluate_flow(run: str, config: Optional[dict[str, Any]] = None,
-                  storage_options: Optional[dict[str, Any]] = None, progress_bar: bool = False) -> dict:
+                  storage_options: Optional[StorageOptions] = None, progress_bar: bool = False) -> dict:
     """Evaluate ``run``'s checkpoint (``config``: fields of ``workers.evaluate.EvalConfig``); returns report.json."""
     log = get_run_logger()
     started = time.perf_counter()
-    ev = Evaluation(run, eval_config(**(config or {})), storage_options, log=log.info, show_progress=progress_bar)
+    ev = Evaluation(run, eval_config(**(config or {})), resolve_credentials(storage_options), log=log.info,
+                    show_progress=progress_bar)
     for p, why in ev.refused.items():
         log.warning("not running %s: %s", p, why)
     log.info("evaluating %s on %s: protocols %s, features %s", ev.checkpoint.uri, run, ", ".join(ev.protocols) or "none",

@@ -16,7 +16,9 @@ from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
+from flows.credentials import resolve as resolve_credentials
 from flows.retries import retry_on_io
+from workers.credentials import StorageOptions
 from workers.shards import (IngestParams, IngestPlan, Progress, ShardResult, ShardSpec, finalize,
                             plan_ingest, prepare_run, write_shard)
 from workers.sources import Source, open_source
@@ -43,11 +45,11 @@ def _groups(plan: IngestPlan, n_groups: int) -> list[list[ShardSpec]]:
 def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str = "keep",
                 val_fraction: Optional[float] = None, seed: int = 0, overwrite: bool = False,
                 data_root: Optional[str] = None, kind: str = "auto",
-                storage_options: Optional[dict[str, Any]] = None, progress_bar: bool = True) -> dict:
+                storage_options: Optional[StorageOptions] = None, progress_bar: bool = True) -> dict:
     """Ingest ``source`` into ``out`` (local path or s3://bucket/prefix); returns the manifest."""
     log = get_run_logger()
     params = IngestParams(shard_size, image_format, val_fraction, seed)  # validates before any work
-    loc = RunLocation(out, storage_options or {})
+    loc = RunLocation(out, resolve_credentials(storage_options))
     src = open_source(source, data_root=data_root, kind=kind)
     check_writable(loc)
     plan = plan_ingest(src, params)

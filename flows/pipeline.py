@@ -23,7 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.pretrain import pretrain_task
+from flows.credentials import resolve as resolve_credentials
 from workers.config import PretrainConfig, load_model
+from workers.credentials import StorageOptions
 from workers.evaluate import EvalConfig
 from workers.storage import RunLocation
 
@@ -53,7 +55,7 @@ class PipelineConfig(BaseModel):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     address: Optional[str] = None          # Ray cluster for pretraining (default: local / $RAY_ADDRESS)
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: StorageOptions = Field(default_factory=StorageOptions)  # credentials never written
 
 
 def load_pipeline_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> PipelineConfig:
@@ -153,8 +155,9 @@ def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
     log = get_run_logger()
     cfg = config
     run = cfg.run if "://" in cfg.run else os.path.abspath(cfg.run)
-    opts = cfg.storage_options
-    pre = cfg.pretrain.model_copy(update={"storage_options": opts or cfg.pretrain.storage_options})
+    opts = resolve_credentials(cfg.storage_options)
+    pre = cfg.pretrain.model_copy(update={"storage_options": opts if opts else
+                                          resolve_credentials(cfg.pretrain.storage_options)})
     ing = cfg.ingest
     ingest_flow(ing.source, run, shard_size=ing.shard_size, image_format=ing.image_format,
                 val_fraction=ing.val_fraction, seed=ing.seed, data_root=ing.data_root, kind=ing.kind,

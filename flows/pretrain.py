@@ -5,11 +5,12 @@ checkpoint, and a config error is deterministic.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
+from flows.credentials import resolve as resolve_credentials
 from workers.config import PretrainConfig
 from workers.pretrain import launch
 
@@ -23,8 +24,9 @@ def pretrain_task(run: str, config: PretrainConfig, address: Optional[str], over
 
 
 @flow(name="pretrain")
-def pretrain_flow(run: str, config: dict[str, Any], address: Optional[str] = None, overwrite: bool = False,
+def pretrain_flow(run: str, config: PretrainConfig, address: Optional[str] = None, overwrite: bool = False,
                   progress_bar: bool = True, ray_dashboard: bool = False) -> dict:
-    """Pretrain on ``run``'s shards with ``config`` (a dict of PretrainConfig fields)."""
-    cfg = PretrainConfig(**config)
+    """Pretrain on ``run``'s shards with ``config`` (its credentials are left out of the flow run's
+    stored parameters; a Secret block it names is resolved here)."""
+    cfg = config.model_copy(update={"storage_options": resolve_credentials(config.storage_options)})
     return pretrain_task(run, cfg, address, overwrite, progress_bar, ray_dashboard)

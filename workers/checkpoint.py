@@ -103,7 +103,7 @@ def _describe(name: str, params: dict) -> str:
 def _run_config(loc: RunLocation, fs) -> Optional[PretrainConfig]:
     try:
         with fs.open(loc.join("config.yaml"), "r") as f:
-            return PretrainConfig(**yaml.safe_load(f))
+            return PretrainConfig.from_written(yaml.safe_load(f))
     except FileNotFoundError:
         return None
 
@@ -138,7 +138,7 @@ def load(loc: RunLocation, manifest: dict, path: Optional[str] = None, fs=None) 
     except Exception as e:
         raise ConfigError(f"checkpoint {uri} cannot be read as a torch checkpoint: {e}") from None
     if isinstance(obj, dict) and "backbone" in obj and "backbone_name" in obj:
-        config = PretrainConfig(**obj["config"])
+        config = PretrainConfig.from_written(obj["config"])
         _check(uri, loc, fs, manifest, config, int(obj["in_channels"]))
         objective = build_objective(config, int(obj["in_channels"]))
         objective.backbone.load_state_dict(obj["backbone"])
@@ -158,6 +158,6 @@ def _sibling_config(uri: str, loc: RunLocation, fs) -> Optional[PretrainConfig]:
     path = uri.rsplit("/", 1)[0] + "/config.yaml" if "/" in uri else "config.yaml"
     try:
         with _fs_for(path, loc, fs).open(path, "r") as f:
-            return PretrainConfig(**yaml.safe_load(f))
+            return PretrainConfig.from_written(yaml.safe_load(f))
     except FileNotFoundError:
         return None

@@ -16,6 +16,8 @@ from typing import Any, Literal, Optional, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from workers.credentials import StorageOptions, strip_secrets
+
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key."""
@@ -77,7 +79,17 @@ class PretrainConfig(BaseModel):
     knn_k: int = Field(20, ge=1)
     knn_bank: int = Field(5000, ge=10, description="train samples in the online kNN feature bank")
     knn_queries: int = Field(2000, ge=10, description="val samples scored by the online kNN monitor")
-    storage_options: dict[str, Any] = Field(default_factory=dict)
+    storage_options: StorageOptions = Field(default_factory=StorageOptions,
+                                            description="s3fs options; credentials in it are never written "
+                                                        "(workers.credentials)")
+
+    @classmethod
+    def from_written(cls, raw: dict) -> "PretrainConfig":
+        """A config read back from a file gelato wrote (config.yaml, a checkpoint, backbone.pt): any
+        credential an older version wrote there is dropped, never used (``workers.credentials``)."""
+        raw = dict(raw or {})
+        raw["storage_options"] = strip_secrets(raw.get("storage_options"))
+        return cls(**raw)
 
     @model_validator(mode="after")
     def _check_names_and_params(self) -> "PretrainConfig":

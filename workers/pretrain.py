@@ -112,16 +112,24 @@ class MetricsLog:
 # ----------------------------------------------------------------------------- the worker loop
 
 def train_loop_per_worker(cfg: dict) -> None:
-    """Ray Train's entry on each worker: the loop in a :class:`~workers.train_session.RayTrainSession`."""
+    """Ray Train's entry on each worker: the loop in a :class:`~workers.train_session.RayTrainSession`.
+
+    The storage credentials, if any, come as a reference into Ray's object store (``launch``), never
+    inside the loop's config, which Ray keeps and shows."""
     t_enter = time.time()
     from workers.train_session import RayTrainSession
 
+    if cfg.get("storage_options") is not None:
+        import ray
+
+        cfg = dict(cfg, storage_options=ray.get(cfg["storage_options"]))
     run_loop(cfg, RayTrainSession(), t_enter=t_enter)
 
 
 def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
-    """The training loop on one rank. ``cfg``: {"config": PretrainConfig as JSON, "run": URI,
-    "manifest": the run's manifest}; ``session``: the launcher's side (``workers.train_session``)."""
+    """The training loop on one rank. ``cfg``: {"config": PretrainConfig as JSON (without credentials),
+    "run": URI, "manifest": the run's manifest, "storage_options": the StorageOptions with their
+    credentials, or None}; ``session``: the launcher's side (``workers.train_session``)."""
     t_enter = t_enter or time.time()  # start-up phases go into the first_step event of metrics.jsonl
     import torch.distributed as dist
 
@@ -132,6 +140,8 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
     from workers.pretrain_budget import StepClock, fit_steps
 
     config = PretrainConfig(**cfg["config"])
+    if cfg.get("storage_options") is not None:
+        config = config.model_copy(update={"storage_options": cfg["storage_options"]})
     loc = RunLocation(cfg["run"], config.storage_options)
     manifest: dict = cfg["manifest"]
     rank, world, device = session.rank, session.world, session.device
@@ -464,7 +474,7 @@ def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = Fals
         with fs.open(loc.join("config.yaml"), "r") as f:
             import yaml
 
-            old = PretrainConfig(**yaml.safe_load(f))
+            old = PretrainConfig.from_written(yaml.safe_load(f))
     except FileNotFoundError:
         pass
     if overwrite:
@@ -525,9 +535,14 @@ def _trainer(loc: RunLocation, run: str, config: PretrainConfig, manifest: dict,
             from workers.ray_controller import LocalTorchConfig
 
             torch_config = LocalTorchConfig(backend=backend)
+    import ray
+
+    # Credentials reach the workers through Ray's object store: the loop's config is kept and shown by Ray.
+    secrets = ray.put(config.storage_options) if config.storage_options.secret_names() else None
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": config.model_dump(mode="json"), "run": run, "manifest": manifest},
+        train_loop_config={"config": config.model_dump(mode="json"), "run": run, "manifest": manifest,
+                           "storage_options": secrets},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         torch_config=torch_config,

@@ -18,6 +18,8 @@ from typing import Any
 
 import fsspec
 
+from workers.credentials import StorageOptions
+
 
 class StorageError(RuntimeError):
     """The run location cannot be used (missing path or bucket, bad credentials)."""
@@ -25,10 +27,15 @@ class StorageError(RuntimeError):
 
 @dataclass(frozen=True)
 class RunLocation:
-    """Where a run lives: ``uri`` plus the fsspec storage options that open it."""
+    """Where a run lives: ``uri`` plus the fsspec storage options that open it (credentials in them
+    are :class:`~workers.credentials.Secret`: printing a location never shows them)."""
 
     uri: str
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    storage_options: StorageOptions = field(default_factory=StorageOptions)
+
+    def __post_init__(self):
+        if not isinstance(self.storage_options, StorageOptions):
+            object.__setattr__(self, "storage_options", StorageOptions(self.storage_options))
 
     @property
     def is_s3(self) -> bool:
@@ -66,13 +73,15 @@ class RunLocation:
                 os.remove(tmp)
 
 
-def s3_options_from_env(storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
-    """s3fs options: explicit ones win; ``AWS_ENDPOINT_URL`` fills the endpoint when none is given.
+def s3_options_from_env(storage_options=None) -> dict[str, Any]:
+    """s3fs options (credentials revealed: for s3fs only): explicit ones win; ``AWS_ENDPOINT_URL``
+    fills the endpoint when none is given.
 
     Keys and profiles are left to botocore's own credential chain (environment, profile files,
     instance roles), so they are never copied into our config or logs.
     """
-    opts = dict(storage_options or {})
+    opts = StorageOptions(storage_options).reveal()
+    opts.pop("prefect_secret", None)  # resolved by the flows layer into credentials, if it was given
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
     if endpoint and "endpoint_url" not in opts and "endpoint_url" not in opts.get("client_kwargs", {}):
         opts["endpoint_url"] = endpoint
@@ -87,7 +96,7 @@ def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> fsspe
         return s3fs.S3FileSystem(skip_instance_cache=True, **s3_options_from_env(storage_options))
     if "://" in uri and not uri.startswith("file://"):
         protocol = uri.split("://", 1)[0]
-        return fsspec.filesystem(protocol, skip_instance_cache=True, **(storage_options or {}))
+        return fsspec.filesystem(protocol, skip_instance_cache=True, **StorageOptions(storage_options).reveal())
     return fsspec.filesystem("file")
 
 
@@ -115,7 +124,7 @@ def check_writable(loc: RunLocation) -> None:
         raise StorageError(f"run URI {loc.uri!r} names no bucket; use s3://bucket/prefix")
     opts = s3_options_from_env(loc.storage_options)
     endpoint = opts.get("endpoint_url") or opts.get("client_kwargs", {}).get("endpoint_url") or "AWS default endpoint"
-    secrets = [str(opts.get("secret", "")), os.environ.get("AWS_SECRET_ACCESS_KEY", "")]
+    secrets = loc.storage_options.secret_values() + [os.environ.get("AWS_SECRET_ACCESS_KEY", "")]
     fs = loc.fs()
     try:
         fs.ls(bucket, refresh=True)

@@ -72,7 +72,8 @@ def pretrain(run: str, config: PretrainConfig, overwrite: bool = False, progress
                                        kwargs={"bar": progress_bar, "log": log}, daemon=True)
             watcher.start()
         try:
-            run_loop({"config": config.model_dump(mode="json"), "run": run, "manifest": manifest}, session)
+            run_loop({"config": config.model_dump(mode="json"), "run": run, "manifest": manifest,
+                      "storage_options": config.storage_options}, session)
         finally:
             stop.set()
             if watcher is not None:

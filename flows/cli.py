@@ -6,6 +6,7 @@ machinery, so a typo fails in a second with a message naming what is wrong.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from typing import Optional
@@ -57,6 +58,9 @@ def _add_ingest(sub) -> None:
     p.add_argument("--kind", default="auto", choices=["auto", "fashion-mnist", "imagefolder", "flat", "voc"],
                    help="source layout (default: detected)")
     p.add_argument("--config", default=None, help="YAML whose storage_options (s3fs keyword arguments) open --out")
+    p.add_argument("--repair", nargs="*", default=None, metavar="SHARD",
+                   help="a finished ingest: check these shards (none named: all) against manifest.json and rewrite "
+                        "only the damaged ones (the command an error about a damaged shard gives)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -66,9 +70,14 @@ def _run_ingest(a) -> int:
     from workers.storage import RunLocation, check_writable
 
     IngestParams(a.shard_size, a.image_format, a.val_fraction, a.seed)  # fails here, before Prefect starts
-    if a.source not in ("fashion-mnist", "fashion_mnist", "fmnist") and a.kind != "fashion-mnist" \
-            and not os.path.exists(a.source):
-        raise SourceError(f"source path {a.source!r} does not exist")
+    if a.source not in ("fashion-mnist", "fashion_mnist", "fmnist") and a.kind != "fashion-mnist":
+        if not os.path.exists(a.source):
+            raise SourceError(f"source path {a.source!r} does not exist")
+        if not os.path.isdir(a.source):
+            raise SourceError(f"source {a.source!r} is a file; give a folder of images, a VOC root or 'fashion-mnist'")
+        with os.scandir(a.source) as entries:
+            if not any(not e.name.startswith(".") for e in entries):
+                raise SourceError(f"source folder {a.source!r} is empty")
     opts = _storage_options(a.config)
     check_writable(RunLocation(a.out, opts))
 
@@ -77,7 +86,7 @@ def _run_ingest(a) -> int:
 
     m = ingest_flow(a.source, a.out, shard_size=a.shard_size, image_format=a.image_format,
                     val_fraction=a.val_fraction, seed=a.seed, overwrite=a.overwrite, data_root=a.data_root,
-                    kind=a.kind, storage_options=opts, progress_bar=not a.no_progress)
+                    kind=a.kind, storage_options=opts, progress_bar=not a.no_progress, repair=a.repair)
     print(f"\n{a.out}/manifest.json: {m['count']} samples, {len(m['rejected'])} rejected, "
           f"{m['channels']} channel(s), classes: {len(m['classes'] or [])}")
     for split, s in m["splits"].items():
@@ -105,7 +114,7 @@ def _add_pretrain(sub) -> None:
 
 def _run_pretrain(a) -> int:
     from workers.config import load_config
-    from workers.pretrain import prepare_run
+    from workers.pretrain_run import prepare_run
     from workers.storage import RunLocation
 
     config = load_config(a.config, a.overrides)  # validated before Prefect or Ray start
@@ -281,25 +290,69 @@ RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "run": _run_run, "d
            "doctor": _run_doctor}
 
 
-def main(argv: Optional[list[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+def expected_errors() -> tuple[type[BaseException], ...]:
+    """Errors about the user's input or data: one line each, never a traceback."""
     from workers.config import ConfigError
+    from workers.integrity import CorruptShard
     from workers.shards import IngestError
     from workers.sources import SourceError
     from workers.storage import StorageError
+
+    return (ConfigError, SourceError, StorageError, IngestError, CorruptShard, ValueError, FileNotFoundError)
+
+
+class OneTraceback(logging.Filter):
+    """On Prefect's flow- and task-run loggers: an expected error is not logged there at all (the
+    command prints it as one line, and the run's state carries it to the UI); an unexpected one
+    keeps its traceback the first time it is logged, and only its message after (a task, its flow
+    and a parent flow each log the same exception)."""
+
+    def __init__(self, expected: tuple):
+        super().__init__()
+        self.expected, self.shown = expected, set()
+        self.names = tuple(t.__name__ for t in expected)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, self.expected):
+            return False
+        if exc is None:
+            msg = record.getMessage()
+            if "Finished in state Failed" in msg and any(f"{n}:" in msg or f"{n}(" in msg for n in self.names):
+                return False
+        if exc is not None:
+            if id(exc) in self.shown:
+                record.exc_info, record.exc_text = None, None
+            self.shown.add(id(exc))
+        return True
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    expected = expected_errors()
+    one_traceback = OneTraceback(expected)
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(one_traceback)
 
     if args.stage in FLOW_STAGES:  # Prefect's temporary server boots while the command checks its inputs
         prefect_server.start_early()
     try:
         return RUNNERS[args.stage](args)
-    except (ConfigError, SourceError, StorageError, IngestError, ValueError, FileNotFoundError) as e:
+    except expected as e:
         print(f"gelato {args.stage}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if id(e) not in one_traceback.shown:
+            raise  # its traceback, printed once by Python
+        print(f"gelato {args.stage}: failed: {type(e).__name__}: {e} (traceback above)", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"gelato {args.stage}: interrupted; rerun the same command to resume", file=sys.stderr)
         return 130
     finally:
         prefect_server.stop()
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).removeFilter(one_traceback)
 
 
 if __name__ == "__main__":

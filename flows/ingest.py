@@ -18,9 +18,10 @@ from prefect.tasks import exponential_backoff
 
 from flows.credentials import resolve as resolve_credentials
 from flows.retries import retry_on_io
+from workers import integrity
 from workers.credentials import StorageOptions
 from workers.shards import (IngestParams, IngestPlan, Progress, ShardResult, ShardSpec, finalize,
-                            plan_ingest, prepare_run, write_shard)
+                            plan_ingest, plan_repair, prepare_run, write_shard)
 from workers.sources import Source, open_source
 from workers.storage import RunLocation, check_writable
 
@@ -36,17 +37,21 @@ def write_shards(loc: RunLocation, source: Source, specs: list[ShardSpec], image
     return [write_shard(loc, source, s, image_format, progress, fs=fs) for s in specs]
 
 
-def _groups(plan: IngestPlan, n_groups: int) -> list[list[ShardSpec]]:
-    size = max(1, -(-len(plan.shards) // n_groups))
-    return [list(plan.shards[i:i + size]) for i in range(0, len(plan.shards), size)]
+def _groups(shards: list[ShardSpec], n_groups: int) -> list[list[ShardSpec]]:
+    size = max(1, -(-len(shards) // n_groups))
+    return [list(shards[i:i + size]) for i in range(0, len(shards), size)]
 
 
 @flow(name="ingest", task_runner=ThreadPoolTaskRunner(max_workers=DEFAULT_THREADS), log_prints=False)
 def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str = "keep",
                 val_fraction: Optional[float] = None, seed: int = 0, overwrite: bool = False,
                 data_root: Optional[str] = None, kind: str = "auto",
-                storage_options: Optional[StorageOptions] = None, progress_bar: bool = True) -> dict:
-    """Ingest ``source`` into ``out`` (local path or s3://bucket/prefix); returns the manifest."""
+                storage_options: Optional[StorageOptions] = None, progress_bar: bool = True,
+                repair: Optional[list[str]] = None) -> dict:
+    """Ingest ``source`` into ``out`` (local path or s3://bucket/prefix); returns the manifest.
+
+    ``repair`` (a finished ingest only): check these shards (``[]``: all) against the manifest and
+    rewrite the damaged ones, nothing else."""
     log = get_run_logger()
     params = IngestParams(shard_size, image_format, val_fraction, seed)  # validates before any work
     loc = RunLocation(out, resolve_credentials(storage_options))
@@ -54,15 +59,20 @@ def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str
     check_writable(loc)
     plan = plan_ingest(src, params)
     done = prepare_run(loc, plan, overwrite)
-    if done is not None:
+    if done is not None and repair is None:
         log.info("%s already holds this ingest (%d samples); nothing to do", out, done["count"])
         return done
-    log.info("ingesting %s (%s, %d files) into %s: %d shards", src.name, src.kind, plan.total, out, len(plan.shards))
+    targets, results = list(plan.shards), []
+    if done is not None:  # --repair: only the named shards (or all) are checked, only damaged ones rewritten
+        targets, results = plan_repair(loc, plan, done, repair)
+        log.info("repair: checking %d shard(s) of %s against the manifest", len(targets), out)
+    else:
+        log.info("ingesting %s (%s, %d files) into %s: %d shards", src.name, src.kind, plan.total, out,
+                 len(plan.shards))
     t0 = time.perf_counter()
-    progress = Progress(plan.total, desc=f"ingest {src.name}", bar=progress_bar)
-    groups = _groups(plan, 4 * DEFAULT_THREADS)
+    progress = Progress(sum(len(s.records) for s in targets), desc=f"ingest {src.name}", bar=progress_bar)
+    groups = _groups(targets, 4 * DEFAULT_THREADS)
     futures = [write_shards.submit(loc, src, g, params.image_format, progress, g[0].name) for g in groups]
-    results: list[ShardResult] = []
     try:
         for fut in as_completed(futures):
             results.extend(fut.result())
@@ -71,6 +81,19 @@ def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str
     manifest = finalize(loc, plan, results)
     dt = time.perf_counter() - t0
     reused = sum(r.reused for r in results)
+    if done is not None:
+        rewritten = sorted(r.name for r in results if not r.reused)
+        changed = [n for n in rewritten if integrity.shard_entries(done).get(n, {}).get("sha256")
+                   != integrity.shard_entries(manifest)[n]["sha256"]]
+        integrity.clear(loc, [s.name for s in targets])
+        log.info("repair: rewrote %d damaged shard(s)%s in %.1f s; the other %d checked are intact",
+                 len(rewritten), f" ({', '.join(rewritten[:10])})" if rewritten else "", dt,
+                 len(targets) - len(rewritten))
+        if changed:
+            log.warning("repair: %d rewritten shard(s) differ from what the manifest recorded (%s): the source "
+                        "changed since the ingest; manifest.json now describes the new content", len(changed),
+                        ", ".join(changed[:5]))
+        return manifest
     log.info("wrote %d samples in %d shards (%d reused) in %.1f s (%.0f images/s); %d rejected",
              manifest["count"], len(results), reused, dt, plan.total / dt, len(manifest["rejected"]))
     for split, s in manifest["splits"].items():

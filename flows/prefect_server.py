@@ -78,6 +78,8 @@ def wait_ready(timeout: float = 60.0) -> None:
 def stop() -> None:
     """Stop the early server, and stop pointing this process at it."""
     global _proc, _url
+    if _proc is not None:
+        _drain_prefect_services()  # logs and events still queued for this server, before it goes
     if _url is not None and os.environ.get("PREFECT_API_URL") == _url:
         os.environ.pop("PREFECT_API_URL")
     _url = None
@@ -89,3 +91,16 @@ def stop() -> None:
             _proc.kill()
             _proc.wait()
         _proc = None
+
+
+def _drain_prefect_services(timeout: float = 5.0) -> None:
+    """Send what Prefect's log and event workers still hold; otherwise they try after the server
+    stopped and print "--- Error logging to API --- All connection attempts failed" at exit."""
+    import sys
+
+    for module, name in (("prefect.logging.handlers", "APILogWorker"), ("prefect.events.worker", "EventsWorker")):
+        if module in sys.modules:
+            try:
+                getattr(sys.modules[module], name).drain_all(timeout=timeout)
+            except Exception:  # noqa: BLE001 - best effort at shutdown
+                pass

@@ -75,6 +75,9 @@ class PretrainConfig(BaseModel):
     checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
+    on_corrupt: Literal["fail", "skip"] = Field(
+        "fail", description="a shard that fails its sha256 or cannot be parsed: fail (stop, naming it and the fix) or "
+                            "skip it (counted in metrics.jsonl and summary.json; workers.integrity)")
     knn_monitor: bool = True
     knn_k: int = Field(20, ge=1)
     knn_bank: int = Field(5000, ge=10, description="train samples in the online kNN feature bank")

@@ -62,7 +62,7 @@ def steps_per_epoch(train_count: int, batch_size: int) -> int:
 def epoch_batches(run: RunLocation, manifest: dict, epoch: int, n_batches: int, *, rank: int, world_size: int,
                   local_batch: int, loader_workers: int, seed: int, split: str = "train",
                   skip: int = 0, image_size: Optional[int] = None,
-                  pin_memory: bool = False) -> Iterator[dict[str, torch.Tensor]]:
+                  pin_memory: bool = False, on_corrupt: str = "fail") -> Iterator[dict[str, torch.Tensor]]:
     """Exactly ``n_batches`` batches of ``local_batch`` images for this rank in ``epoch``.
 
     Passes over the rank's shards (each pass reshuffled) until enough full batches were made;
@@ -73,7 +73,8 @@ def epoch_batches(run: RunLocation, manifest: dict, epoch: int, n_batches: int, 
     produced = 0
     for rep in range(1_000_000):
         ds = open_split(run, split, rank=rank, world_size=world_size, num_workers=loader_workers, shuffle=True,
-                        seed=seed + 1_000_003 * rep, epoch=epoch, manifest=manifest, shuffle_buffer=4 * local_batch)
+                        seed=seed + 1_000_003 * rep, epoch=epoch, manifest=manifest, shuffle_buffer=4 * local_batch,
+                        on_corrupt=on_corrupt)
         loader = DataLoader(ds, batch_size=local_batch, num_workers=loader_workers, drop_last=True,
                             collate_fn=Collate(image_size), persistent_workers=False, pin_memory=pin_memory)
         got_any = False
@@ -91,13 +92,13 @@ def epoch_batches(run: RunLocation, manifest: dict, epoch: int, n_batches: int, 
 
 
 def in_memory_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int] = None,
-                    image_size: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                    image_size: Optional[int] = None, on_corrupt: str = "fail") -> tuple[torch.Tensor, torch.Tensor]:
     """The first ``limit`` samples of a split as tensors (images uint8 (N, C, H, W), labels (N,)).
 
     Used for the small fixed sets of the online kNN monitor; reads in shard order, no shuffling.
     """
     images, labels = [], []
-    for s in open_split(run, split, manifest=manifest):
+    for s in open_split(run, split, manifest=manifest, on_corrupt=on_corrupt):
         images.append(fit_size(s["image"], image_size))
         labels.append(s["label"])
         if limit is not None and len(images) >= limit:
@@ -108,7 +109,7 @@ def in_memory_split(run: RunLocation, manifest: dict, split: str, limit: Optiona
 
 
 def load_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int] = None,
-               size: Optional[int] = None) -> dict:
+               size: Optional[int] = None, on_corrupt: str = "fail") -> dict:
     """A whole split in memory, with every target the evaluation stage needs.
 
     Returns ``{"key": list[str], "image": uint8 (N, C, H, W), "label": (N,) int64 (-1: unlabelled),
@@ -119,7 +120,7 @@ def load_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int
     gives the same order.
     """
     keys, images, labels, multi, difficult = [], [], [], [], []
-    for s in open_split(run, split, manifest=manifest):
+    for s in open_split(run, split, manifest=manifest, on_corrupt=on_corrupt):
         keys.append(s["key"])
         images.append(fit_size(s["image"], size))
         labels.append(s["label"])

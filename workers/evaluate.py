@@ -30,7 +30,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from workers import checkpoint as ckpt
-from workers import features
+from workers import features, integrity
 from workers.config import ConfigError
 from workers.data import load_split
 from workers.hardware import cap_torch_threads, resolve_here
@@ -91,6 +91,8 @@ class EvalConfig(BaseModel):
                                 "(workers.eval_budget): fine-tuning length, frozen input size, probe iterations, train "
                                 "subset, pooling, in that order; the plan is in report.json")
     device: str = "auto"
+    on_corrupt: Literal["fail", "skip"] = Field(
+        "fail", description="a damaged shard: fail (stop, naming it and the fix) or skip it (counted in the report)")
 
     def config_hash(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
@@ -145,6 +147,8 @@ class Evaluation:
         if manifest is None:
             raise FileNotFoundError(f"{run}: no manifest.json; run `gelato ingest SOURCE --out {run}` first")
         self.manifest = manifest
+        # every shard is there with the manifest's size (one listing, no reads: sha256 is checked as they stream)
+        integrity.check_shards(self.loc, manifest)
         self.fs = self.loc.fs()  # one instance for the whole evaluation (threads share it)
         self.checkpoint = ckpt.load(self.loc, manifest, config.checkpoint, self.fs)
         self.device = resolve_device(config.device)
@@ -222,7 +226,8 @@ class Evaluation:
     def split(self, name: str) -> dict:
         with self._lock_for(("split", name)):
             if name not in self._splits:
-                self._splits[name] = load_split(self.loc, self.manifest, name, self.config.limit, self.image_size)
+                self._splits[name] = load_split(self.loc, self.manifest, name, self.config.limit, self.image_size,
+                                              self.config.on_corrupt)
             return self._splits[name]
 
     def frozen_train_index(self) -> Optional[torch.Tensor]:
@@ -316,7 +321,8 @@ def plan_budget(loc: RunLocation, manifest: dict, config: EvalConfig, objective,
     from workers import eval_budget
 
     t0 = time.perf_counter()
-    sample = load_split(loc, manifest, "train", max(config.batch_size, config.finetune_batch_size), image_size)["image"]
+    sample = load_split(loc, manifest, "train", max(config.batch_size, config.finetune_batch_size), image_size,
+                        config.on_corrupt)["image"]
     load_s = (time.perf_counter() - t0) / len(sample)
     classes = len(manifest.get("classes") or [])
     costs = eval_budget.measure_costs(objective, sample, execution, device, image_size, config, classes, load_s)

@@ -30,11 +30,11 @@ from typing import Optional
 
 import torch
 
+from workers import integrity
 from workers.config import ConfigError, PretrainConfig
 from workers.storage import RunLocation
 
-FINAL_DIR = "checkpoints/final"
-PRETRAIN_PLOT = "plots/pretrain.png"
+from workers.pretrain_run import FINAL_DIR, PRETRAIN_PLOT, prepare_run, read_json as _read_json  # noqa: E402,F401
 
 
 class NonFiniteLoss(RuntimeError):
@@ -42,14 +42,6 @@ class NonFiniteLoss(RuntimeError):
 
 
 # ----------------------------------------------------------------------------- small helpers
-
-def _read_json(loc: RunLocation, rel: str) -> Optional[dict]:
-    try:
-        with loc.fs().open(loc.join(rel), "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
-
 
 def _momentum_of(objective) -> Optional[float]:
     if hasattr(objective, "current_momentum"):
@@ -145,6 +137,12 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
     loc = RunLocation(cfg["run"], config.storage_options)
     manifest: dict = cfg["manifest"]
     rank, world, device = session.rank, session.world, session.device
+    if cfg.get("launched_at"):
+        # A worker group restarted after a rank found a damaged shard would only find it again:
+        # it stops here, before building anything, with the same message.
+        found = integrity.damaged(loc, since=cfg["launched_at"], mode="fail")
+        if found:
+            raise integrity.CorruptShard(found[0]["message"])
     if device.type == "cpu":
         # Ray exports OMP_NUM_THREADS for the worker, but torch may have sized its pool before:
         # two workers × all cores each would oversubscribe the machine.
@@ -218,8 +216,9 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
                 and "val" in manifest["splits"]):
             return None
         if knn_sets is None:
-            knn_sets = (in_memory_split(loc, manifest, "train", config.knn_bank, config.image_size),
-                        in_memory_split(loc, manifest, "val", config.knn_queries, config.image_size))
+            knn_sets = (in_memory_split(loc, manifest, "train", config.knn_bank, config.image_size, config.on_corrupt),
+                        in_memory_split(loc, manifest, "val", config.knn_queries, config.image_size,
+                                        config.on_corrupt))
         (bank_x, bank_y), (q_x, q_y) = knn_sets
         if world > 1:  # rank 0's batch-norm statistics on every rank: all shares see one network
             for b in core.backbone.buffers():
@@ -256,7 +255,7 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
         batches = epoch_batches(loc, manifest, epoch, spe * config.grad_accum, rank=rank, world_size=world,
                                 local_batch=config.local_batch, loader_workers=config.loader_workers,
                                 seed=config.seed, skip=in_epoch * config.grad_accum, image_size=config.image_size,
-                                pin_memory=device.type == "cuda")
+                                pin_memory=device.type == "cuda", on_corrupt=config.on_corrupt)
         micro = 0
         t_fetch = time.perf_counter()
         for batch in batches:
@@ -348,6 +347,8 @@ def run_loop(cfg: dict, session, t_enter: Optional[float] = None) -> None:
                     acc = knn_monitor()
                     if acc is not None:
                         metrics["knn_top1"] = acc
+                    if config.on_corrupt == "skip" and rank == 0:  # shards the loaders left out so far
+                        metrics["skipped_shards"] = len(integrity.damaged(loc, mode="skip"))
                 if log is not None:
                     log.append(metrics)  # the driver's progress bar reads it from there
                 t_log, seen_log, loss_sum, loss_n, wait_log = time.perf_counter(), 0, 0.0, 0, 0.0
@@ -409,7 +410,8 @@ def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objec
     plot = write_pretrain_plot(loc, config, metrics_rows or [], (execution or {}).get("precision"))
     summary = {"steps": step, "total_steps": total, "training_hash": config.training_hash(),
                "objective": config.objective, "backbone": config.backbone, "finished": time.time(),
-               "plot": plot, "execution": execution, "budget": budget_plan, "loop_seconds": loop_seconds}
+               "plot": plot, "execution": execution, "budget": budget_plan, "loop_seconds": loop_seconds,
+               "skipped_shards": sorted(r["shard"] for r in integrity.damaged(loc, mode="skip"))}
     loc.write_atomic(f"{FINAL_DIR}/summary.json", json.dumps(summary, indent=1).encode())
 
 
@@ -455,46 +457,6 @@ def _storage_for_ray(loc: RunLocation):
     return loc.uri[len("s3://"):].rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(loc.fs()))
 
 
-def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = False) -> tuple[dict, str]:
-    """Check the run before any Ray work. Returns (manifest, status) with status "fresh",
-    "resume" or "finished"."""
-    from workers.shards import read_manifest
-
-    manifest = read_manifest(loc)
-    if manifest is None:
-        raise ConfigError(f"{loc.uri}: no manifest.json; run `gelato ingest SOURCE --out {loc.uri}` first")
-    if "train" not in manifest["splits"]:
-        raise ConfigError(f"{loc.uri}: the manifest has no train split")
-    if config.objective == "colorization" and manifest["channels"] != 3:
-        raise ConfigError(f"objective: colorization needs colour images but {loc.uri} holds "
-                          f"{manifest['channels']}-channel images")
-    fs = loc.fs()
-    old = None
-    try:
-        with fs.open(loc.join("config.yaml"), "r") as f:
-            import yaml
-
-            old = PretrainConfig.from_written(yaml.safe_load(f))
-    except FileNotFoundError:
-        pass
-    if overwrite:
-        if fs.exists(loc.join("checkpoints")):
-            fs.rm(loc.join("checkpoints"), recursive=True)
-        for stale in ("metrics.jsonl", PRETRAIN_PLOT):  # nothing left that describes the old training
-            if fs.exists(loc.join(stale)):
-                fs.rm(loc.join(stale))
-        old = None
-    status = "fresh"
-    if old is not None:
-        if old.training_hash() != config.training_hash():
-            changed = sorted(k for k, v in config.model_dump().items() if old.model_dump().get(k) != v)
-            raise ConfigError(f"{loc.uri} was pretrained with another configuration (differs in: {', '.join(changed)}); "
-                              f"rerun with --overwrite to start afresh, or use another --run")
-        summary = _read_json(loc, f"{FINAL_DIR}/summary.json")
-        status = "finished" if summary and summary.get("training_hash") == config.training_hash() else "resume"
-    return manifest, status
-
-
 def expected_pretraining(loc: RunLocation, config: PretrainConfig) -> str:
     """One line on what pretraining will do and for how long (before it starts)."""
     from workers.hardware import resolve_here
@@ -518,7 +480,8 @@ def expected_pretraining(loc: RunLocation, config: PretrainConfig) -> str:
     return f"pretraining: {length}, {config.workers} worker(s) on {where}" + (", resuming" if status == "resume" else "")
 
 
-def _trainer(loc: RunLocation, run: str, config: PretrainConfig, manifest: dict, private: bool):
+def _trainer(loc: RunLocation, run: str, config: PretrainConfig, manifest: dict, private: bool,
+             launched_at: Optional[float] = None):
     """Ray Train's ``TorchTrainer`` for this run; on a private instance, without what only a shared
     cluster needs (``workers.ray_local``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -542,7 +505,7 @@ def _trainer(loc: RunLocation, run: str, config: PretrainConfig, manifest: dict,
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": config.model_dump(mode="json"), "run": run, "manifest": manifest,
-                           "storage_options": secrets},
+                           "storage_options": secrets, "launched_at": launched_at},
         scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.use_gpu,
                                      resources_per_worker={"CPU": config.cpus_per_worker}),
         torch_config=torch_config,
@@ -599,14 +562,19 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
         started_here = True
     stop = threading.Event()
     watcher = None
+    launched_at = time.time()
     try:
-        trainer = _trainer(loc, run, config, manifest, private=started_here and not address)
+        trainer = _trainer(loc, run, config, manifest, private=started_here and not address, launched_at=launched_at)
         log(f"pretraining {config.objective} / {config.backbone} on {run}: {config.workers} workers, "
             f"global batch {config.batch_size}, {'resuming' if status == 'resume' else 'starting'}")
         watcher = threading.Thread(target=_watch_progress, args=(loc, schedule_length(config, manifest)[1], stop),
                                    kwargs={"bar": progress_bar, "log": log}, daemon=True)
         watcher.start()
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except Exception:
+            _raise_damaged_shard(loc, launched_at)
+            raise
     finally:
         stop.set()
         if watcher is not None:
@@ -614,11 +582,20 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
         if started_here:
             ray_start.shutdown()
     if result.error is not None:
+        _raise_damaged_shard(loc, launched_at)
         raise result.error
     summary = _read_json(loc, f"{FINAL_DIR}/summary.json")
     if summary is None:
         raise RuntimeError(f"{run}: training ended without writing {FINAL_DIR}/summary.json")
     return summary
+
+
+def _raise_damaged_shard(loc: RunLocation, since: float) -> None:
+    """After a failed fit: the damaged shard a worker found, if any, rather than the broken
+    connections it caused on the other ranks (which Ray may report first)."""
+    found = integrity.damaged(loc, since=since, mode="fail")
+    if found:
+        raise integrity.CorruptShard(found[0]["message"]) from None
 
 
 class MetricsTail:
@@ -670,11 +647,15 @@ def _watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: 
     from tqdm import tqdm
 
     tail = MetricsTail(loc)
-    pbar = None
+    pbar, skipped = None, 0
     while True:
         done = stop.wait(every)
         for row in tail.read():
             event = row.get("event")
+            if row.get("skipped_shards", 0) > skipped:
+                skipped = row["skipped_shards"]
+                print(f"warning: {skipped} damaged shard(s) skipped so far (on_corrupt: skip); they are named in "
+                      f"{loc.join(integrity.DAMAGED_DIR)}", file=sys.stderr)
             if event == "execution":
                 ex = row["execution"]
                 layout = " + channels_last" if ex["channels_last"] else ""

@@ -39,6 +39,27 @@ except ImportError:  # another Ray: keep the stock policy
     FixedScalingPolicy = None
 
 
+try:  # Ray Train V2's failure policy (private module path)
+    from ray.train.v2._internal.execution.failure_handling.default import DefaultFailurePolicy
+    from ray.train.v2._internal.execution.failure_handling.failure_policy import FailureDecision
+except ImportError:  # another Ray: keep the stock policy
+    DefaultFailurePolicy = None
+
+DAMAGED_DATA_ERROR = "CorruptShard"  # workers.integrity's exception, by name: no torch or fsspec here
+
+
+if DefaultFailurePolicy is not None:
+    class StopOnDamagedData(DefaultFailurePolicy):
+        """The stock policy, except that a worker error caused by a damaged shard is raised at once:
+        a restarted worker group would read the same bytes (each retry costs a worker-group start)."""
+
+        def make_decision(self, training_failed_error):
+            failures = getattr(training_failed_error, "worker_failures", None) or {}
+            if any(DAMAGED_DATA_ERROR in f"{type(e).__name__}: {e}" for e in failures.values()):
+                return FailureDecision.RAISE
+            return super().make_decision(training_failed_error)
+
+
 if FixedScalingPolicy is not None:
     class FixedScalingWithoutAutoscaler(FixedScalingPolicy):
         """The fixed-size policy, minus its calls to the autoscaling coordinator (no actor started)."""
@@ -141,6 +162,9 @@ class LocalTorchConfig(BackendConfig):
         return {"backend": self.backend, "init_method": "env", "timeout_s": self.timeout_s}
 
 
-__all__ = ["COORDINATOR_METHODS", "FixedScalingPolicy", "LocalTorchConfig", "TORCH_CONFIG_FUNCTIONS"]
+__all__ = ["COORDINATOR_METHODS", "DefaultFailurePolicy", "FixedScalingPolicy", "LocalTorchConfig",
+           "TORCH_CONFIG_FUNCTIONS"]
 if FixedScalingPolicy is not None:
     __all__.append("FixedScalingWithoutAutoscaler")
+if DefaultFailurePolicy is not None:
+    __all__.append("StopOnDamagedData")

@@ -12,6 +12,9 @@ no torch. Left out, on a private instance only:
   on a private instance the whole instance goes with it.
 - torch in the controller (``LocalTorchConfig``): 2.5 s of its start, before it asks for workers.
 
+And one thing changed: a worker error caused by a damaged shard is not retried
+(``StopOnDamagedData``): a restarted worker group would only read the same bytes again.
+
 On a shared cluster (``--address`` / ``RAY_ADDRESS``) the stock ``TorchTrainer`` is used. If a later
 Ray renames what is replaced, the stock behaviour runs (``torch_free_controller_supported``).
 """
@@ -19,7 +22,8 @@ from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 
-from workers.ray_controller import COORDINATOR_METHODS, TORCH_CONFIG_FUNCTIONS, FixedScalingPolicy
+from workers.ray_controller import (COORDINATOR_METHODS, TORCH_CONFIG_FUNCTIONS, DefaultFailurePolicy,
+                                    FixedScalingPolicy)
 
 _DROPPED_CALLBACKS = ("DatasetsCallback", "PlacementGroupCleanerCallback")
 
@@ -45,6 +49,11 @@ class PrivateRayTorchTrainer(TorchTrainer):
             from workers.ray_controller import FixedScalingWithoutAutoscaler
 
             policy.__class__ = FixedScalingWithoutAutoscaler
+        failure = kwargs.get("failure_policy")
+        if DefaultFailurePolicy is not None and type(failure) is DefaultFailurePolicy:
+            from workers.ray_controller import StopOnDamagedData
+
+            failure.__class__ = StopOnDamagedData
         return super()._initialize_and_run_controller(**kwargs)
 
 

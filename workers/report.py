@@ -18,6 +18,7 @@ from typing import Optional
 
 import torch
 
+from workers import integrity
 from workers.features import write_file
 
 COLUMNS = [("pretrained", "pretrained"), ("random_init", "random init"), ("raw_pixels", "raw pixels"),
@@ -228,6 +229,7 @@ def write_report(ev, results: list, total_seconds: float) -> dict:
         "execution": ev.execution.as_dict(),
         "eval_budget": ev.budget.as_dict() if ev.budget is not None else None,
         "frozen_train_samples": len(ev.frozen_train_index()) if ev.frozen_train_index() is not None else None,
+        "skipped_shards": sorted(r["shard"] for r in integrity.damaged(ev.loc, mode="skip")),
         "classes": ev.classes or None, "multilabel": ev.multilabel,
         "splits": ev.loaded_splits(),
         "refused": [{"protocol": p, "reason": why} for p, why in ev.refused.items()],
@@ -286,6 +288,9 @@ def render_markdown(report: dict) -> str:
           + (f"; frozen features: the last {stages} stage(s) average-pooled to a {grid}×{grid} grid and "
              f"concatenated (frozen_grid, frozen_stages; Goyal et al. 2019)" if (grid, stages) != (1, 1) else ""),
           *_budget_md(r.get("eval_budget")),
+          *([f"- **{len(r['skipped_shards'])} damaged shard(s) skipped** (on_corrupt: skip): "
+             f"{', '.join(r['skipped_shards'][:5])}{' ...' if len(r['skipped_shards']) > 5 else ''}; "
+             f"`gelato ingest ... --repair` rewrites them (see damaged_shards/)"] if r.get("skipped_shards") else []),
           "",
           "## Results", "", results_table(r), "",
           "Every number was computed in this run on the same splits and samples; \"not run\" marks a cell "

@@ -243,6 +243,42 @@ def write_shard(loc: RunLocation, source: Source, spec: ShardSpec, image_format:
     return result
 
 
+def plan_repair(loc: RunLocation, plan: IngestPlan, manifest: dict,
+                names: Optional[list[str]] = None) -> tuple[list[ShardSpec], list[ShardResult]]:
+    """What ``gelato ingest --repair`` rewrites: (shards to check and rewrite, results kept as they are).
+
+    ``names``: the damaged shards an error named; empty or None: every shard. A shard outside
+    ``names`` keeps its stored result (no read), unless its state file or the shard is missing.
+    :func:`write_shard` checks each target's size and sha256 and rewrites only those that differ;
+    shards are deterministic, so a rewritten one gets its manifest sha256 back."""
+    known = {s.name for s in plan.shards}
+    unknown = sorted(set(names or ()) - known)
+    if unknown:
+        raise IngestError(f"--repair: no shard named {', '.join(unknown)} in {loc.uri} "
+                          f"(shards look like {plan.shards[0].name if plan.shards else 'train-000000.tar'})")
+    fs = loc.fs()
+    targets, kept = [], []
+    for spec in plan.shards:
+        stored = None if (not names or spec.name in names) else _stored_result(loc, fs, spec)
+        if stored is None:
+            targets.append(spec)
+        else:
+            kept.append(stored)
+    return targets, kept
+
+
+def _stored_result(loc: RunLocation, fs, spec: ShardSpec) -> Optional[ShardResult]:
+    """A published shard's result from its state file, trusted without reading the shard."""
+    try:
+        with fs.open(_state_path(loc, spec), "r") as f:
+            state = json.load(f)
+    except (FileNotFoundError, json.JSONDecodeError, OSError):
+        return None
+    if state.get("digest") != spec.digest or not fs.exists(loc.join(SHARD_DIR, spec.name)):
+        return None
+    return ShardResult(**(state["result"] | {"reused": True}))
+
+
 def read_manifest(loc: RunLocation) -> Optional[dict]:
     fs = loc.fs()
     try:

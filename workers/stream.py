@@ -11,10 +11,13 @@ import json
 import random
 from typing import Iterator, Optional
 
+from workers import integrity
 from workers.images import decode_bytes, native_decoder
 from workers.shards import MANIFEST, SHARD_DIR, read_manifest
 from workers.storage import RunLocation
-from workers.tarformat import iter_members
+from workers.tarformat import TarFormatError, iter_members
+
+ON_CORRUPT = ("fail", "skip")
 
 
 def shard_urls(loc: RunLocation, manifest: dict, split: str) -> list[str]:
@@ -25,8 +28,12 @@ def shard_urls(loc: RunLocation, manifest: dict, split: str) -> list[str]:
 
 def open_split(run: str | RunLocation, split: str, *, rank: int = 0, world_size: int = 1,
                num_workers: int = 0, shuffle: bool = False, seed: int = 0, epoch: int = 0,
-               shuffle_buffer: int = 1000, manifest: Optional[dict] = None):
+               shuffle_buffer: int = 1000, manifest: Optional[dict] = None, on_corrupt: str = "fail"):
     """A split of a run as an ``IterableDataset`` of ``{"key", "image" (C,H,W) uint8, "label"}``.
+
+    Every shard's sha256 is checked against the manifest as its bytes stream (``workers.integrity``),
+    and its samples are released only once it passed; a damaged shard raises
+    :class:`~workers.integrity.CorruptShard`, or with ``on_corrupt="skip"`` is left out and recorded.
 
     Node splitting is explicit (``rank``/``world_size``, not discovered), DataLoader-worker
     splitting happens inside each worker; with ``shuffle`` the shard order is permuted with
@@ -36,6 +43,8 @@ def open_split(run: str | RunLocation, split: str, *, rank: int = 0, world_size:
     """
     import webdataset as wds
 
+    if on_corrupt not in ON_CORRUPT:
+        raise ValueError(f"on_corrupt must be one of {', '.join(ON_CORRUPT)}, got {on_corrupt!r}")
     loc = run if isinstance(run, RunLocation) else RunLocation(run)
     manifest = manifest or read_manifest(loc)
     if manifest is None:
@@ -55,8 +64,8 @@ def open_split(run: str | RunLocation, split: str, *, rank: int = 0, world_size:
         _split_by_loader_worker,
         # 4. open each shard through fsspec (one filesystem per process: s3fs is not fork-safe).
         _open_with_fsspec(loc.storage_options),
-        # 5. tar members grouped into samples by key (errors re-raised, never skipped silently).
-        _tar_to_samples,
+        # 5. tar members grouped into samples by key, each shard's sha256 checked as it streams.
+        _VerifiedSamples(loc, manifest, on_corrupt),
         # 6. sample-level shuffle buffer (seeded), then decode to tensors.
         *( [wds.shuffle(shuffle_buffer, rng=random.Random(seed + epoch + 7919 * rank))] if shuffle else [] ),
         wds.map(_Decoder(manifest)),
@@ -112,23 +121,69 @@ def _open_with_fsspec(storage_options: dict):
     return stage
 
 
-def _tar_to_samples(src):
-    """{url, stream} → samples {"__key__", "__url__", ext: bytes, ...}, members grouped by key."""
-    for item in src:
-        url, current = item["url"], None
-        for name, data in iter_members(item["stream"], url):
-            slash = name.rfind("/") + 1
-            dot = name.find(".", slash)
-            if dot < 0:
+def _samples(members, url: str) -> Iterator[dict]:
+    """Tar members → samples {"__key__", "__url__", ext: bytes, ...}, grouped by key."""
+    current = None
+    for name, data in members:
+        slash = name.rfind("/") + 1
+        dot = name.find(".", slash)
+        if dot < 0:
+            continue
+        key, ext = name[:dot], name[dot + 1:].lower()
+        if current is None or current["__key__"] != key:
+            if current is not None:
+                yield current
+            current = {"__key__": key, "__url__": url}
+        current[ext] = data
+    if current is not None:
+        yield current
+
+
+class _VerifiedSamples:
+    """{url, stream} → samples, with the shard's bytes hashed on their way to the tar reader.
+
+    A shard's samples are held until the shard has ended and its sha256 and size match the
+    manifest's: no byte of a damaged shard reaches a decoder (torchvision's PNG decoder crashes the
+    process on some damaged images, where no exception could name the shard). The cost is one
+    shard's raw bytes in memory per loader worker. A damaged shard raises
+    :class:`~workers.integrity.CorruptShard` (``fail``) or yields nothing (``skip``)."""
+
+    def __init__(self, loc: RunLocation, manifest: dict, on_corrupt: str):
+        self.loc, self.manifest, self.on_corrupt = loc, manifest, on_corrupt
+        self.entries = integrity.shard_entries(manifest)
+
+    def __call__(self, src) -> Iterator[dict]:
+        for item in src:
+            url = item["url"]
+            entry = self.entries.get(url.rsplit("/", 1)[-1], {})
+            reader = integrity.HashingReader(item["stream"])
+            problem = None
+            try:
+                held = list(_samples(iter_members(reader, url), url))
+            except TarFormatError as e:
+                problem, held = str(e), []
+            reader.drain()
+            actual = reader.hexdigest()
+            if problem is None and entry.get("sha256") and actual != entry["sha256"]:
+                problem = "its bytes do not match the manifest's checksum"
+                if entry.get("bytes") is not None and reader.n != entry["bytes"]:
+                    problem += f" ({reader.n} bytes, the manifest says {entry['bytes']})"
+            if problem is not None and self._damaged(url, problem, entry.get("sha256"), actual):
                 continue
-            key, ext = name[:dot], name[dot + 1:].lower()
-            if current is None or current["__key__"] != key:
-                if current is not None:
-                    yield current
-                current = {"__key__": key, "__url__": url}
-            current[ext] = data
-        if current is not None:
-            yield current
+            yield from held
+
+    def _damaged(self, url: str, reason: str, expected: Optional[str], actual: Optional[str]) -> bool:
+        """Record the damage; True to skip the shard, else raise :class:`CorruptShard`."""
+        name = url.rsplit("/", 1)[-1]
+        msg = integrity.damage_message(url, reason, expected, actual,
+                                       integrity.repair_command(self.loc.uri, self.manifest, [name]))
+        integrity.record(self.loc, name, msg, expected, actual, self.on_corrupt)
+        if self.on_corrupt == "skip":
+            import warnings
+
+            warnings.warn(f"skipping {msg}", stacklevel=2)
+            return True
+        raise integrity.CorruptShard(msg)
 
 
 class _Decoder:
@@ -147,8 +202,10 @@ class _Decoder:
             raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no image member")
         try:
             image = self._decode(sample[ext], ext)
-        except Exception as e:
-            raise ValueError(f"cannot decode sample {sample.get('__key__')} in {sample.get('__url__')}: {e}") from e
+        except Exception as e:  # the shard matched its checksum: the image was written this way
+            raise ValueError(f"cannot decode sample {sample.get('__key__')} in {sample.get('__url__')} "
+                             f"({type(e).__name__}: {e}); its shard is intact, so re-ingest with "
+                             f"--image-format png") from e
         out = {"key": sample["__key__"], "image": image,
                "label": int(sample["cls"]) if "cls" in sample else -1}
         if self.multilabel:

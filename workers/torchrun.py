@@ -21,6 +21,7 @@ import threading
 from typing import Optional
 
 from workers.config import ConfigError, PretrainConfig, load_config
+from workers.integrity import CorruptShard
 from workers.pretrain import FINAL_DIR, _read_json, _watch_progress, prepare_run, run_loop, schedule_length
 from workers.storage import RunLocation
 from workers.train_session import TorchrunSession, check_resumable_by
@@ -97,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         config = load_config(a.config, a.overrides)
         summary = pretrain(a.run, config, overwrite=a.overwrite, progress_bar=not a.no_progress)
-    except ConfigError as e:
+    except (ConfigError, CorruptShard) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", 0)) == 0:

@@ -193,3 +193,48 @@ def test_pretrain_on_s3_run(tmp_path, tiny_source, s3_bucket):
         assert [json.loads(line)["step"] for line in f.read().decode().splitlines() if b"loss" in line.encode()] == [2, 4]
     with fs.open(f"{s3_bucket}/runs/tiny/plots/pretrain.png") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _damage(run, name="train-000003.tar", at=3000):
+    with open(os.path.join(run, "shards", name), "r+b") as f:
+        f.seek(at)
+        f.write(b"\x55" * 2048)  # bit rot / a torn copy, in the middle of the shard
+
+
+def test_a_damaged_shard_stops_every_rank_in_seconds_naming_it_and_is_not_retried(tmp_path, tiny_source):
+    from workers.integrity import CorruptShard
+
+    run = _fresh_run(tmp_path, tiny_source)
+    _damage(run)
+    cfg = load_config(None, TINY + ["steps=400", "max_failures=2", "knn_monitor=false"])
+    said = []
+    t0 = time.time()
+    with pytest.raises(CorruptShard) as e:
+        launch(run, cfg, progress_bar=False, log=said.append)
+    took = time.time() - t0
+    msg = str(e.value)
+    assert "train-000003.tar is damaged" in msg and "sha256 expected" in msg and "--repair train-000003.tar" in msg
+    # before: a gloo "connection reset by peer" from the surviving rank after ~1 min; now the first
+    # epoch reads the shard, both ranks stop, and the failure is not retried (max_failures=2)
+    assert took < 40, took
+    assert _worker_group_starts_of_last_ray_session() == 1  # not retried
+    assert not os.path.exists(os.path.join(run, "checkpoints", "final"))
+
+
+def _worker_group_starts_of_last_ray_session() -> int:
+    import glob
+
+    n = 0
+    for path in glob.glob("/tmp/ray/session_latest/logs/worker-*"):
+        with open(path, errors="replace") as f:
+            n += sum("Attempting to start training worker group" in line for line in f)
+    return n
+
+
+def test_on_corrupt_skip_trains_without_the_shard_and_counts_it(tmp_path, tiny_source):
+    run = _fresh_run(tmp_path, tiny_source)
+    _damage(run)
+    cfg = load_config(None, TINY + ["steps=8", "on_corrupt=skip", "knn_monitor=false"])
+    summary = launch(run, cfg, progress_bar=False)
+    assert summary["steps"] == 8 and summary["skipped_shards"] == ["train-000003.tar"]
+    assert [r["skipped_shards"] for r in _metrics(run) if "skipped_shards" in r][-1] == 1

@@ -587,7 +587,28 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     summary = _read_json(loc, f"{FINAL_DIR}/summary.json")
     if summary is None:
         raise RuntimeError(f"{run}: training ended without writing {FINAL_DIR}/summary.json")
+    _prune_unregistered_checkpoints(loc)
     return summary
+
+
+def _prune_unregistered_checkpoints(loc: RunLocation) -> None:
+    """Delete the ``checkpoint_*`` folders Ray Train never registered: written by a worker killed
+    before the controller collected its report (Ray resumes from the last registered one and leaves
+    them behind). Runs after a finished run only, so it never races a write."""
+    fs = loc.fs()
+    root = loc.join("checkpoints")
+    try:
+        with fs.open(f"{root}/checkpoint_manager_snapshot.json", "r") as f:
+            snapshot = json.load(f)
+        names = {os.path.basename(e["name"].rstrip("/")) for e in fs.ls(root, detail=True) if e["type"] == "directory"}
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return
+    kept = {r.get("checkpoint_dir_name") for r in snapshot.get("checkpoint_results", [])}
+    for name in sorted(n for n in names if n.startswith("checkpoint_") and n not in kept):
+        try:
+            fs.rm(f"{root}/{name}", recursive=True)
+        except (FileNotFoundError, OSError):
+            pass
 
 
 def _raise_damaged_shard(loc: RunLocation, since: float) -> None:

@@ -6,12 +6,16 @@ error or a corrupt source fails at once instead of three times.
 """
 from __future__ import annotations
 
+import errno
+
 IO_ERRORS = (OSError, ConnectionError, TimeoutError)
 
 
 def is_io_error(exc: BaseException) -> bool:
     if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
         return False  # deterministic: retrying will not make the file appear
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+        return False  # a full or read-only disk stays so for the seconds a retry waits
     if isinstance(exc, IO_ERRORS):
         return True
     name = type(exc).__name__

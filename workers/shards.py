@@ -19,12 +19,14 @@ stream with explicit node and worker splitting and per-epoch shard shuffling.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
 import math
 import os
 import random
+import shutil
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -201,6 +203,43 @@ def write_shard(loc: RunLocation, source: Source, spec: ShardSpec, image_format:
     # only becomes visible when the upload completes, so the final key is written directly.
     tmp = final if loc.is_s3 else loc.join(SHARD_DIR, f".{spec.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     result = ShardResult(spec.split, spec.name, 0, "", 0)
+    try:
+        _write_records(fs, tmp, source, spec, image_format, result, progress)
+    except OSError as e:
+        if not loc.is_s3 and os.path.exists(tmp):
+            os.remove(tmp)  # nothing half-written stays behind, even under its hidden name
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(loc, f"shard {spec.name}") from None
+        raise
+    if not loc.is_s3:
+        os.replace(tmp, final)
+    elif not fs.exists(final):  # s3fs uploads on close; make sure the object really exists
+        raise IngestError(f"shard {final} was written but is not visible on S3 after upload")
+    # Atomic: a crash while the state is written must not leave a state file that reads as empty.
+    try:
+        loc.write_atomic(f"{STATE_DIR}/{spec.name}.json", json.dumps({"digest": spec.digest, "result": asdict(result)}),
+                         fs)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(loc, f"the state of shard {spec.name}") from None
+        raise
+    return result
+
+
+def _no_space(loc: RunLocation, what: str) -> IngestError:
+    """Disk full: not retried (it is not a hiccup), and the published shards are kept for the rerun."""
+    try:
+        free = f"{shutil.disk_usage(loc.uri).free / 2**20:.1f} MiB free"
+    except OSError:
+        free = "free space unknown"
+    return IngestError(f"no space left on the device holding {loc.uri} while writing {what} ({free}); the shards "
+                       f"published so far are complete and kept: free some space (or choose another --out) and "
+                       f"rerun the same command to go on")
+
+
+def _write_records(fs, tmp: str, source: Source, spec: ShardSpec, image_format: str, result: ShardResult,
+                   progress: Optional[Callable[[int], None]]) -> None:
+    """Encode ``spec``'s records into a tar at ``tmp``; fills ``result`` (count, modes, rejected, sha256, bytes)."""
     pending = 0
     with fs.open(tmp, "wb") as raw:
         hw = _HashingWriter(raw)
@@ -234,13 +273,6 @@ def write_shard(loc: RunLocation, source: Source, spec: ShardSpec, image_format:
     if progress and pending:
         progress(pending)
     result.sha256, result.bytes = hw.sha.hexdigest(), hw.n
-    if not loc.is_s3:
-        os.replace(tmp, final)
-    elif not fs.exists(final):  # s3fs uploads on close; make sure the object really exists
-        raise IngestError(f"shard {final} was written but is not visible on S3 after upload")
-    # Atomic: a crash while the state is written must not leave a state file that reads as empty.
-    loc.write_atomic(f"{STATE_DIR}/{spec.name}.json", json.dumps({"digest": spec.digest, "result": asdict(result)}), fs)
-    return result
 
 
 def plan_repair(loc: RunLocation, plan: IngestPlan, manifest: dict,
@@ -362,7 +394,12 @@ def finalize(loc: RunLocation, plan: IngestPlan, results: list[ShardResult]) -> 
     for path in fs.glob(loc.join(SHARD_DIR, "*.tar")):
         if os.path.basename(path) not in keep:
             fs.rm(path)
-    loc.write_atomic(MANIFEST, json.dumps(manifest, indent=1, sort_keys=False), fs)
+    try:
+        loc.write_atomic(MANIFEST, json.dumps(manifest, indent=1, sort_keys=False), fs)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_space(loc, MANIFEST) from None
+        raise
     return manifest
 
 

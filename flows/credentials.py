@@ -37,4 +37,4 @@ def resolve(options: Optional[StorageOptions]) -> StorageOptions:
                                "(key, secret, token, ...)") from None
     if not isinstance(value, dict):
         raise StorageError(f"Prefect Secret block {name!r} must hold a JSON object of s3fs options (key, secret, ...)")
-    return options.with_secrets(value)
+    return options.with_secrets(value, source=f"Prefect Secret block {name!r}")

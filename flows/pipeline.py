@@ -128,12 +128,12 @@ def expectations(run: str, pretrain: PretrainConfig, evaluation: EvalConfig, opt
 
 
 @task(cache_policy=NONE)
-def publish(cfg: PipelineConfig, run: str, report: dict) -> list[dict]:
-    """Prefect artifacts: the results table (stable key per run name), the report, links to the plots."""
+def publish(cfg: PipelineConfig, run: str, loc: RunLocation, report: dict) -> list[dict]:
+    """Prefect artifacts: the results table (stable key per run name), the report, links to the plots.
+    ``loc`` carries the resolved credentials (``cfg`` may only name a Secret block)."""
     rows = results_table(report)
     key = f"gelato-results-{_slug(cfg.name)}"
     create_table_artifact(key=key, table=rows, description=f"gelato results for {run} (top-1 / mAP, %)")
-    loc = RunLocation(run, cfg.storage_options)
     try:
         with loc.fs().open(loc.join("report.md"), "r") as f:
             md = f.read()
@@ -170,6 +170,6 @@ def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
         log.info("evaluation of this checkpoint with these settings is already in %s/report.json", run)
     else:
         report = evaluate_flow(run, cfg.evaluate.model_dump(mode="json"), opts, progress_bar)
-    rows = publish(cfg, run, report)
+    rows = publish(cfg, run, loc, report)
     log.info("results (%%, test split):\n%s", format_table(rows))
     return report

@@ -89,3 +89,30 @@ def s3_endpoint_with_auth():
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture()
+def s3_with_iam():
+    """moto_server enforcing IAM auth: one user with S3 rights, its key pair, and a bucket it owns.
+
+    The key pair is made by moto's IAM API, so S3 answers 403 to any other credentials: a run that
+    succeeds used exactly these (given only in the config's storage_options)."""
+    import json
+
+    import boto3
+
+    proc, url = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
+    try:
+        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x",
+                           aws_secret_access_key="x")
+        iam.create_user(UserName="gelato")
+        iam.put_user_policy(UserName="gelato", PolicyName="s3", PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+        keys = iam.create_access_key(UserName="gelato")["AccessKey"]
+        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=keys["AccessKeyId"],
+                          aws_secret_access_key=keys["SecretAccessKey"])
+        s3.create_bucket(Bucket="leak-test")
+        yield url, keys["AccessKeyId"], keys["SecretAccessKey"], s3
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,7 +1,8 @@
 """Deployments for real: a ``prefect server`` on 127.0.0.1 with a temporary PREFECT_HOME,
 ``gelato deploy`` registers prefect.yaml's deployments, ``gelato serve`` executes a run of the tiny
-pipeline triggered through the API; the run completes and its artifacts exist. Everything started
-here is stopped here."""
+pipeline triggered through the API, on S3 (moto with IAM auth) whose keys live only in a Prefect
+Secret block; the run completes, its artifacts exist, and no key is in the flow run's parameters or
+in what the run wrote. Everything started here is stopped here."""
 from __future__ import annotations
 
 import asyncio
@@ -66,11 +67,14 @@ def prefect_server(tmp_path):
         proc.wait(30)
 
 
-def test_deploy_then_serve_runs_the_tiny_pipeline(tmp_path, prefect_server):
-    env = prefect_server
+def test_deploy_then_serve_runs_the_tiny_pipeline_with_credentials_in_a_secret_block(tmp_path, prefect_server,
+                                                                                  s3_with_iam):
+    url, key_id, secret, s3 = s3_with_iam
+    env = {k: v for k, v in prefect_server.items() if not k.startswith("AWS_")}  # the served runs get no keys
     write_images(tmp_path / "src" / "train", n_classes=2, per_class=30, size=16)
     write_images(tmp_path / "src" / "test", n_classes=2, per_class=8, size=16, seed=1)
-    config = {"name": "served-tiny", "run": str(tmp_path / "run"),
+    config = {"name": "served-tiny", "run": "s3://leak-test/served",
+              "storage_options": {"prefect_secret": "gelato-s3", "client_kwargs": {"endpoint_url": url}},
               "ingest": {"source": str(tmp_path / "src"), "shard_size": 10, "val_fraction": 0.2},
               "pretrain": {"backbone": "small_cnn", "backbone_params": {"width": 8}, "image_size": 16,
                            "view": {"size": 16}, "batch_size": 16, "workers": 2, "loader_workers": 0, "steps": 4,
@@ -92,6 +96,14 @@ def test_deploy_then_serve_runs_the_tiny_pipeline(tmp_path, prefect_server):
         with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
             async with get_client() as client:
                 return await fn(client)
+
+    # the key pair goes into a Secret block, the Prefect-native place for it (README: "What gelato promises")
+    import json
+
+    from prefect.blocks.system import Secret
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        Secret(value=json.dumps({"key": key_id, "secret": secret})).save("gelato-s3")
 
     dep = asyncio.run(api(lambda c: c.read_deployment_by_name("pipeline/tiny")))
     assert dep.work_pool_name == "gelato-test-pool" and dep.parameters["config"]["name"] == "served-tiny"
@@ -117,7 +129,13 @@ def test_deploy_then_serve_runs_the_tiny_pipeline(tmp_path, prefect_server):
         arts = asyncio.run(api(lambda c: c.read_artifacts(
             artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["gelato-results-served-tiny"])))))
         assert arts and arts[0].type == "table"
-        assert os.path.exists(tmp_path / "run" / "report.md")
+        report = s3.get_object(Bucket="leak-test", Key="served/report.md")["Body"].read().decode()
+        assert "probe" in report
+        written = yaml.safe_load(s3.get_object(Bucket="leak-test", Key="served/config.yaml")["Body"].read())
+        assert written["storage_options"]["credentials"] == "Prefect Secret block 'gelato-s3' (key, secret), not written"
+        runs = asyncio.run(api(lambda c: c.read_flow_runs()))
+        params = json.dumps([r.parameters for r in runs], default=str)
+        assert "leak-test/served" in params and secret not in params and key_id not in params
     finally:
         os.killpg(serve.pid, signal.SIGTERM)
         try:

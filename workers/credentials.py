@@ -111,9 +111,11 @@ class StorageOptions(Mapping):
     gives everything, for s3fs. It validates and serialises as a pydantic field type.
     """
 
-    def __init__(self, options: Optional[Mapping] = None):
+    def __init__(self, options: Optional[Mapping] = None, source: Optional[str] = None):
+        self._source = source  # where the credentials came from, when not from these options themselves
         if isinstance(options, StorageOptions):
             self._opts = copy.deepcopy(options._opts)
+            self._source = source or options._source
             return
         raw = dict(options or {})
         raw.pop(NOTE, None)  # a note from a written config describes that run, not this one
@@ -167,11 +169,11 @@ class StorageOptions(Mapping):
         walk(self._opts)
         return [v for v in vals if v]
 
-    def with_secrets(self, secrets: Mapping) -> "StorageOptions":
-        """These options plus credentials from elsewhere (a Prefect Secret block); explicit ones win."""
+    def with_secrets(self, secrets: Mapping, source: Optional[str] = None) -> "StorageOptions":
+        """These options plus credentials from elsewhere (``source``: a Prefect Secret block); explicit ones win."""
         merged = _walk(_wrap(dict(secrets)), keep_secrets=True) | self.reveal()
         merged.pop(BLOCK, None)
-        return StorageOptions(merged)
+        return StorageOptions(merged, source=source)
 
     def written(self) -> dict:
         """What a file may hold: the options without credentials, and where the credentials come from."""
@@ -208,7 +210,7 @@ def credentials_source(options: Optional[StorageOptions] = None, env: Optional[M
     env = os.environ if env is None else env
     names = options.secret_names() if options is not None else []
     if names:
-        return f"storage_options ({', '.join(names)}), not written"
+        return f"{options._source or 'storage_options'} ({', '.join(names)}), not written"
     if options is not None and options.get(BLOCK):
         return f"Prefect Secret block {options.get(BLOCK)!r}"
     if options is not None and options.get("profile"):

@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import _start_moto
 from workers.config import PretrainConfig, load_config
 from workers.credentials import StorageOptions, credentials_source, strip_secrets
 
@@ -80,31 +79,6 @@ def test_credentials_source_names_the_source_never_the_value():
 
 
 # ----------------------------------------------------------------------------- a real run, scanned
-
-@pytest.fixture()
-def s3_with_iam(tmp_path):
-    """moto_server enforcing IAM auth: one user with S3 rights, its key pair, and a bucket it owns.
-
-    The key pair is made by moto's IAM API, so S3 answers 403 to any other credentials: a run that
-    succeeds used exactly these (given only in the config's storage_options)."""
-    import boto3
-
-    proc, url = _start_moto({"INITIAL_NO_AUTH_ACTION_COUNT": "4"})
-    try:
-        iam = boto3.client("iam", endpoint_url=url, region_name="us-east-1", aws_access_key_id="x",
-                           aws_secret_access_key="x")
-        iam.create_user(UserName="gelato")
-        iam.put_user_policy(UserName="gelato", PolicyName="s3", PolicyDocument=json.dumps(
-            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
-        keys = iam.create_access_key(UserName="gelato")["AccessKey"]
-        s3 = boto3.client("s3", endpoint_url=url, region_name="us-east-1", aws_access_key_id=keys["AccessKeyId"],
-                          aws_secret_access_key=keys["SecretAccessKey"])
-        s3.create_bucket(Bucket="leak-test")
-        yield url, keys["AccessKeyId"], keys["SecretAccessKey"], s3
-    finally:
-        proc.terminate()
-        proc.wait(10)
-
 
 def _scan(blobs: dict[str, bytes], needles: list[str]) -> list[str]:
     return [f"{name} holds {n[:6]}…" for name, data in blobs.items() for n in needles if n.encode() in data]

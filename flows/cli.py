@@ -40,7 +40,28 @@ def _storage_options(config: Optional[str]):
     opts = cfg.get("storage_options", {})
     if not isinstance(opts, dict):
         raise ValueError(f"{config}: storage_options must be a mapping of s3fs options")
-    return StorageOptions(opts)
+    return _resolved(StorageOptions(opts))
+
+
+def _resolved(opts):
+    """Options whose credentials are in a Prefect Secret block, with them (Prefect's server is
+    waited for first: the pre-flight checks need the credentials)."""
+    from workers.credentials import BLOCK
+
+    if not opts.get(BLOCK):
+        return opts
+    prefect_server.wait_ready()
+    from flows.credentials import resolve
+
+    return resolve(opts)
+
+
+def _check_s3(loc) -> None:
+    """The bucket answers with these credentials (one listing); local runs are checked by reading them."""
+    from workers.storage import check_writable
+
+    if loc.is_s3:
+        check_writable(loc)
 
 
 def _add_ingest(sub) -> None:
@@ -121,7 +142,9 @@ def _run_pretrain(a) -> int:
     run = a.run if "://" in a.run else os.path.abspath(a.run)
     status = "start"
     if not a.overwrite:  # a missing manifest or a conflicting earlier run fails here, in a second
-        _, status = prepare_run(RunLocation(run, config.storage_options), config)
+        loc = RunLocation(run, _resolved(config.storage_options))
+        _check_s3(loc)
+        _, status = prepare_run(loc, config)
     if status != "finished" and not (a.address or os.environ.get("RAY_ADDRESS")):
         # the private Ray instance comes up on a thread while Prefect starts its temporary server
         from workers import ray_start
@@ -167,6 +190,9 @@ def _add_evaluate(sub) -> None:
                    help="size the evaluation to about M minutes on this machine, from measured costs")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of random init, few-label subsets, "
                                                                      "fine-tuning (default 0)")
+    p.add_argument("--on-corrupt", choices=["fail", "skip"], default="fail",
+                   help="a damaged shard: fail (default; the error names it and the repair command) or skip it "
+                        "(counted in the report)")
     p.add_argument("--config", default=None, help="YAML whose storage_options (s3fs keyword arguments) open --run")
 
 
@@ -188,9 +214,13 @@ def _run_evaluate(a) -> int:
     config = eval_config(protocols=protocols, baselines=_csv(a.baselines, BASELINES, "--baselines"),
                          checkpoint=a.checkpoint, finetune_epochs=a.finetune_epochs, finetune_lr=a.finetune_lr,
                          supervised_epochs=a.supervised_epochs, knn_k=a.knn_k, knn_t=a.knn_t, limit=a.limit,
-                         device=a.device, seed=a.seed, precision=a.precision, budget_minutes=a.budget_minutes)
+                         device=a.device, seed=a.seed, precision=a.precision, budget_minutes=a.budget_minutes,
+                         on_corrupt=a.on_corrupt)
     run = a.run if "://" in a.run else os.path.abspath(a.run)
     opts = _storage_options(a.config)
+    from workers.storage import RunLocation
+
+    _check_s3(RunLocation(run, opts))
     # The manifest, the checkpoint and its match with the run are checked here, before Prefect starts
     # (the time budget, if any, is planned once, by the flow).
     ev = Evaluation(run, config.model_copy(update={"budget_minutes": None}), opts)

@@ -200,3 +200,20 @@ def test_ingest_preflight_refuses_a_file_or_an_empty_folder_before_prefect(tmp_p
     assert r.returncode == 2
     assert ("is a file" if what == "file" else "is empty") in r.stderr
     assert "Traceback" not in r.stderr + r.stdout and "Flow run" not in r.stdout + r.stderr
+
+
+def test_pretrain_and_evaluate_preflight_refuse_wrong_s3_credentials_in_one_line(tmp_path, s3_endpoint_with_auth):
+    import yaml
+
+    cfg = tmp_path / "s3.yaml"
+    cfg.write_text(yaml.safe_dump({"storage_options": {"key": "AKIAWRONGKEY", "secret": "super-secret-value",
+                                                       "client_kwargs": {"endpoint_url": s3_endpoint_with_auth}}}))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    for args in (["pretrain", "--run", "s3://some-bucket/run", "--config", str(cfg)],
+                 ["evaluate", "--run", "s3://some-bucket/run", "--config", str(cfg)]):
+        r = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=120,
+                           env=dict(env, PYTHONPATH=REPO), cwd=REPO)
+        out = r.stdout + r.stderr
+        assert r.returncode == 2, out[-2000:]
+        assert "some-bucket" in r.stderr and s3_endpoint_with_auth in r.stderr
+        assert "super-secret-value" not in out and "Traceback" not in out and "Ray" not in out

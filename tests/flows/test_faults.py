@@ -3,8 +3,8 @@
 - the S3 endpoint stops and comes back during an ingest: retries, then the same manifest as an
   undisturbed ingest;
 - the disk fills during an ingest: one clear error, nothing half-published, and the rerun goes on;
-- the ``gelato pretrain`` driver is killed mid-run: the same command resumes and ends at exactly
-  the asked-for step.
+- the ``gelato pretrain`` driver is killed mid-run: its private Ray instance goes with it, and the
+  same command resumes and ends at exactly the asked-for step, leaving no Ray behind.
 
 Elsewhere: workers killed during a checkpoint write (``tests/workers/test_pretrain_ray.py``), a
 damaged shard (``tests/workers/test_integrity.py`` and the Ray test), a killed ingest
@@ -181,6 +181,21 @@ def test_disk_full_during_ingest_is_one_clear_error_nothing_half_published_and_t
 
 # ----------------------------------------------------------------------------- the driver dies
 
+def _ray_sessions() -> set[str]:
+    """Session directories of the gcs_server processes running now."""
+    out = set()
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    args = f.read().split(b"\0")
+            except OSError:
+                continue
+            if args and args[0].endswith(b"gcs_server"):
+                out |= {a.split(b"=", 1)[1].decode() for a in args if a.startswith(b"--log_dir=")}
+    return out
+
+
 def test_pretrain_driver_killed_mid_run_then_the_same_command_resumes_to_the_exact_step(tmp_path):
     from workers.shards import IngestParams, ingest
     from workers.sources import open_source
@@ -191,9 +206,10 @@ def test_pretrain_driver_killed_mid_run_then_the_same_command_resumes_to_the_exa
     ingest(RunLocation(run), open_source(str(tmp_path / "src")), IngestParams(shard_size=20, val_fraction=0.2),
            progress_bar=False)
     cmd = ["pretrain", "--run", run, "--no-progress", "backbone=small_cnn", "backbone_params={width: 8}",
-           "image_size=16", "view.size=16", "batch_size=32", "workers=2", "steps=150", "checkpoint_every=20",
+           "image_size=16", "view.size=16", "batch_size=32", "workers=2", "steps=100", "checkpoint_every=20",
            "loader_workers=0", "knn_monitor=false", "optimizer=sgd", "lr=0.05", "warmup_epochs=0", "log_every=5"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "RAY_ADDRESS"}
+    before = _ray_sessions()
     driver = subprocess.Popen([sys.executable, "-m", "flows.cli", *cmd], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = os.path.join(run, "metrics.jsonl")
@@ -212,16 +228,23 @@ def test_pretrain_driver_killed_mid_run_then_the_same_command_resumes_to_the_exa
     driver.wait(30)
     assert at is not None, "the run never reached step 45 before it ended"
     assert not os.path.exists(os.path.join(run, "checkpoints", "final"))
+    deadline = time.time() + 20
+    while _ray_sessions() - before and time.time() < deadline:
+        time.sleep(0.5)
+    assert not _ray_sessions() - before, "the killed driver's Ray instance outlived it"
 
     again = _gelato(*cmd, env=env)
-    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
-    assert "resuming" in again.stdout + again.stderr
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out[-3000:]
+    assert "resuming" in out and "Started a local Ray instance" in out
+    assert "not the main thread" not in out  # Ray's SIGTERM-handler warning for the init thread is filtered
+    assert _ray_sessions() <= before, "the command's Ray instance outlived it"
     with open(os.path.join(run, "checkpoints", "final", "summary.json")) as f:
         summary = json.load(f)
-    assert summary["steps"] == 150 == summary["total_steps"]
+    assert summary["steps"] == 100 == summary["total_steps"]
     with open(metrics) as f:
         rows = [json.loads(x) for x in f if x.strip()]
     resumed = [r for r in rows if r.get("event") == "resumed"]
     assert resumed and 20 <= resumed[-1]["step"] <= at
     steps = [r["step"] for r in rows if "loss" in r]
-    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 150
+    assert steps == sorted(steps) and len(steps) == len(set(steps)) and steps[-1] == 100

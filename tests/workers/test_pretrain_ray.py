@@ -76,7 +76,7 @@ def test_pretrain_end_to_end_then_rerun_is_a_no_op(tmp_path, tiny_source):
 
 def test_workers_killed_during_a_checkpoint_write_resume_from_a_loadable_one(tmp_path, tiny_source):
     run = _fresh_run(tmp_path, tiny_source)
-    cfg = load_config(None, TINY + ["steps=120", "checkpoint_every=10", "max_failures=2", "knn_monitor=false"])
+    cfg = load_config(None, TINY + ["steps=60", "checkpoint_every=10", "max_failures=2", "knn_monitor=false"])
     ckpt_root = os.path.join(run, "checkpoints")
     killed = {}
 
@@ -108,7 +108,7 @@ def test_workers_killed_during_a_checkpoint_write_resume_from_a_loadable_one(tmp
     summary = launch(run, cfg, progress_bar=False)
     t.join(1)
     assert killed.get("pids"), "no Ray Train worker process was found to kill"
-    assert summary["steps"] == 120
+    assert summary["steps"] == 60
     m = _metrics(run)
     resumed = [r for r in m if r.get("event") == "resumed"]
     assert resumed, "the run restarted without resuming"
@@ -116,7 +116,7 @@ def test_workers_killed_during_a_checkpoint_write_resume_from_a_loadable_one(tmp
     # one written just before the kill may not be registered yet (seen: killed at 30, resumed from 10)
     assert resumed[0]["step"] in (10, 20, 30), (resumed, killed)
     steps = [r["step"] for r in m if "loss" in r]
-    assert steps == sorted(steps) and steps[-1] == 120 and len(steps) == len(set(steps))
+    assert steps == sorted(steps) and steps[-1] == 60 and len(steps) == len(set(steps))
     # every checkpoint Ray kept loads (a torn one is never what a resume reads)
     with open(os.path.join(ckpt_root, "checkpoint_manager_snapshot.json")) as f:
         snapshot = f.read()

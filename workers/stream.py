@@ -7,6 +7,7 @@ distributed training with webdataset).
 """
 from __future__ import annotations
 
+import io
 import json
 import random
 from typing import Iterator, Optional
@@ -142,11 +143,13 @@ def _samples(members, url: str) -> Iterator[dict]:
 class _VerifiedSamples:
     """{url, stream} → samples, with the shard's bytes hashed on their way to the tar reader.
 
-    A shard's samples are held until the shard has ended and its sha256 and size match the
-    manifest's: no byte of a damaged shard reaches a decoder (torchvision's PNG decoder crashes the
-    process on some damaged images, where no exception could name the shard). The cost is one
-    shard's raw bytes in memory per loader worker. A damaged shard raises
-    :class:`~workers.integrity.CorruptShard` (``fail``) or yields nothing (``skip``)."""
+    A shard is read whole (hashed as it streams in) and its samples are released only when its
+    sha256 matches the manifest's: no byte of a damaged shard reaches a decoder (torchvision's PNG
+    decoder crashes the process on some damaged images, where no exception could name the shard).
+    The cost is one shard in memory per loader worker. An intact shard is parsed without checking
+    its tar headers (its bytes are the ones ingest wrote); a damaged one is parsed with the checks,
+    to say where the damage is. A damaged shard raises :class:`~workers.integrity.CorruptShard`
+    (``fail``) or yields nothing (``skip``)."""
 
     def __init__(self, loc: RunLocation, manifest: dict, on_corrupt: str):
         self.loc, self.manifest, self.on_corrupt = loc, manifest, on_corrupt
@@ -157,18 +160,20 @@ class _VerifiedSamples:
             url = item["url"]
             entry = self.entries.get(url.rsplit("/", 1)[-1], {})
             reader = integrity.HashingReader(item["stream"])
+            raw = reader.read()  # the whole shard, hashed as it streams in: one read
+            expected, actual = entry.get("sha256"), reader.hexdigest()
+            intact = expected is not None and actual == expected
             problem = None
-            try:
-                held = list(_samples(iter_members(reader, url), url))
+            try:  # the bytes of an intact shard are what ingest wrote: their headers need no checking
+                held = list(_samples(iter_members(io.BytesIO(raw), url, check_headers=not intact), url))
             except TarFormatError as e:
                 problem, held = str(e), []
-            reader.drain()
-            actual = reader.hexdigest()
-            if problem is None and entry.get("sha256") and actual != entry["sha256"]:
+            if problem is None and expected is not None and not intact:
                 problem = "its bytes do not match the manifest's checksum"
                 if entry.get("bytes") is not None and reader.n != entry["bytes"]:
                     problem += f" ({reader.n} bytes, the manifest says {entry['bytes']})"
-            if problem is not None and self._damaged(url, problem, entry.get("sha256"), actual):
+            del raw
+            if problem is not None and self._damaged(url, problem, expected, actual):
                 continue
             yield from held
 

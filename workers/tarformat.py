@@ -59,21 +59,23 @@ def add_member(out, name: str, data: bytes) -> None:
         out.write(b"\0" * pad)
 
 
-def iter_members(stream, url: str) -> Iterator[tuple[str, bytes]]:
+def iter_members(stream, url: str, check_headers: bool = True) -> Iterator[tuple[str, bytes]]:
     """(name, data) of each regular file in a tar stream.
 
     A plain ustar reader (the format the writer above produces, and what webdataset tools
     write): 3-4x faster than ``tarfile`` on shards of small images, where header parsing, not
     decoding, dominated the read time. GNU long names are followed; pax headers are not expected
     in shards and fail loudly rather than yield a wrong name. Every header's checksum is checked,
-    so a damaged header is named (:class:`TarFormatError`), never misread.
+    so a damaged header is named (:class:`TarFormatError`), never misread; ``check_headers=False``
+    skips that (2-3 µs a header) for bytes already known to be intact (a shard whose sha256
+    matched its manifest's).
     """
     long_name, last = None, None
     while True:
         header = stream.read(512)
         if len(header) < 512 or header == b"\0" * 512:
             return
-        if not header_checksum_ok(header):
+        if check_headers and not header_checksum_ok(header):
             raise TarFormatError("a tar header fails its checksum "
                                  + (f"(the one after member {last!r})" if last else "(the first)"))
         try:

@@ -409,3 +409,21 @@ def test_evaluate_on_s3(s3_bucket, tmp_path):
     ev = Evaluation(run, eval_config(protocols=("knn",)))
     ev.features("pretrained", "test")
     assert ev.computed == []  # read back from the S3 cache
+
+
+def test_a_damaged_test_shard_is_named_or_skipped_and_counted_in_the_report(labelled_run, tmp_path):
+    from workers.integrity import CorruptShard
+
+    run = _copy(labelled_run, tmp_path)
+    shard = os.path.join(run, "shards", "test-000000.tar")
+    with open(shard, "r+b") as f:
+        f.seek(1500)
+        f.write(b"\x55" * 600)
+    cfg = dict(protocols=("knn",), baselines=("raw_pixels",), **QUICK)
+    with pytest.raises(CorruptShard, match="test-000000.tar is damaged.*--repair test-000000.tar"):
+        evaluate(run, eval_config(**cfg), log=lambda *_: None)
+    report = evaluate(run, eval_config(on_corrupt="skip", **cfg), log=lambda *_: None)
+    assert report["skipped_shards"] == ["test-000000.tar"]
+    assert report["splits"]["test"] == 90 - 40  # the shard's 40 samples are left out, the rest scored
+    with open(os.path.join(run, "report.md")) as f:
+        assert "1 damaged shard(s) skipped" in f.read()

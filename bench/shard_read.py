@@ -21,7 +21,7 @@ import torch  # noqa: E402
 
 from workers.shards import read_manifest  # noqa: E402
 from workers.storage import RunLocation  # noqa: E402
-from workers.stream import _Decoder, _samples, open_split, shard_urls  # noqa: E402
+from workers.stream import SampleDecoder, group_samples, open_split, shard_urls  # noqa: E402
 
 
 def _unverified_members(stream):
@@ -43,10 +43,10 @@ def read_verified(loc, manifest, split) -> int:
 
 
 def read_unverified(loc, manifest, split) -> int:
-    decode, fs, n = _Decoder(manifest), loc.fs(), 0
+    decode, fs, n = SampleDecoder(manifest), loc.fs(), 0
     for url in shard_urls(loc, manifest, split):
         with fs.open(url, "rb") as f:
-            for s in _samples(_unverified_members(f), url):
+            for s in group_samples(_unverified_members(f), url):
                 decode(s)
                 n += 1
     return n
@@ -55,7 +55,7 @@ def read_unverified(loc, manifest, split) -> int:
 def read_webdataset(loc, manifest, split) -> int:
     import webdataset as wds
 
-    decode = _Decoder(manifest)
+    decode = SampleDecoder(manifest)
     ds = wds.DataPipeline(wds.SimpleShardList(shard_urls(loc, manifest, split)), wds.tarfile_to_samples(),
                           wds.map(decode))
     return sum(1 for _ in ds)

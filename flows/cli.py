@@ -139,7 +139,7 @@ def _run_pretrain(a) -> int:
     from workers.storage import RunLocation
 
     config = load_config(a.config, a.overrides)  # validated before Prefect or Ray start
-    run = a.run if "://" in a.run else os.path.abspath(a.run)
+    run = RunLocation.normalise(a.run)
     status = "start"
     if not a.overwrite:  # a missing manifest or a conflicting earlier run fails here, in a second
         loc = RunLocation(run, _resolved(config.storage_options))
@@ -206,7 +206,7 @@ def _csv(value: str, allowed: tuple, flag: str) -> tuple:
 
 def _run_evaluate(a) -> int:
     from workers.evaluate import BASELINES, PROTOCOLS, Evaluation, eval_config
-    from workers.report import results_table
+    from workers.report import results_table, table_markdown
 
     protocols = _csv(a.protocols, PROTOCOLS, "--protocols")
     if not protocols:
@@ -216,10 +216,10 @@ def _run_evaluate(a) -> int:
                          supervised_epochs=a.supervised_epochs, knn_k=a.knn_k, knn_t=a.knn_t, limit=a.limit,
                          device=a.device, seed=a.seed, precision=a.precision, budget_minutes=a.budget_minutes,
                          on_corrupt=a.on_corrupt)
-    run = a.run if "://" in a.run else os.path.abspath(a.run)
-    opts = _storage_options(a.config)
     from workers.storage import RunLocation
 
+    run = RunLocation.normalise(a.run)
+    opts = _storage_options(a.config)
     _check_s3(RunLocation(run, opts))
     # The manifest, the checkpoint and its match with the run are checked here, before Prefect starts
     # (the time budget, if any, is planned once, by the flow).
@@ -232,7 +232,7 @@ def _run_evaluate(a) -> int:
 
     report = evaluate_flow(run, config.model_dump(mode="json"), storage_options=opts, progress_bar=True)
     print(f"\n{run}/report.md (checkpoint {report['checkpoint']}):\n")
-    print(results_table(report))
+    print(table_markdown(results_table(report)))
     return 0
 
 
@@ -246,7 +246,8 @@ def _add_run(sub) -> None:
 
 
 def _run_run(a) -> int:
-    from flows.pipeline import format_table, load_pipeline_config, results_table
+    from flows.pipeline import load_pipeline_config
+    from workers.report import results_table, table_text
 
     overrides = list(a.overrides) + ([f"run={a.run}"] if a.run else [])
     cfg = load_pipeline_config(a.config, overrides)  # validated before Prefect, Ray or any stage starts
@@ -256,7 +257,7 @@ def _run_run(a) -> int:
 
     report = pipeline_flow(cfg, progress_bar=not a.no_progress)
     print(f"\nThe Gelato Bet on {cfg.run} (test split, %):\n")
-    print(format_table(results_table(report)))
+    print(table_text(results_table(report)))
     print(f"\nreport: {cfg.run}/report.md")
     return 0
 

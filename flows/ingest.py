@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
@@ -20,7 +20,7 @@ from flows.credentials import resolve as resolve_credentials
 from flows.retries import retry_on_io
 from workers import integrity
 from workers.credentials import StorageOptions
-from workers.shards import (IngestParams, IngestPlan, Progress, ShardResult, ShardSpec, finalize,
+from workers.shards import (IngestParams, Progress, ShardResult, ShardSpec, finalize,
                             plan_ingest, plan_repair, prepare_run, write_shard)
 from workers.sources import Source, open_source
 from workers.storage import RunLocation, check_writable

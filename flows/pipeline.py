@@ -13,20 +13,21 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from typing import Any, Optional
+from typing import Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.credentials import resolve as resolve_credentials
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
 from flows.pretrain import pretrain_task
-from flows.credentials import resolve as resolve_credentials
 from workers.config import PretrainConfig, load_model
 from workers.credentials import StorageOptions
 from workers.evaluate import EvalConfig
+from workers.report import results_table, table_markdown, table_text
 from workers.storage import RunLocation
 
 
@@ -88,27 +89,6 @@ def reusable_report(loc: RunLocation, evaluation: EvalConfig) -> Optional[dict]:
     return report if same_ckpt and report.get("eval_config_hash") == evaluation.config_hash() else None
 
 
-def results_table(report: dict) -> list[dict]:
-    """One row per protocol/metric, one column per feature source (the Gelato Bet table)."""
-    cols = ["pretrained", "random_init", "raw_pixels", "supervised"]
-    rows: dict[tuple, dict] = {}
-    for r in report.get("results", []):
-        key = (r["protocol"], r["metric"])
-        rows.setdefault(key, {"protocol": r["protocol"], "metric": r["metric"]} | {c: None for c in cols})
-        rows[key][r["features"]] = round(100 * r["value"], 2)
-    return list(rows.values())
-
-
-def format_table(rows: list[dict]) -> str:
-    cols = ["pretrained", "random_init", "raw_pixels", "supervised"]
-    head = f"{'protocol':<14} {'metric':<6} " + " ".join(f"{c:>12}" for c in cols)
-    lines = [head, "-" * len(head)]
-    for r in rows:
-        cells = " ".join(f"{('%.1f' % r[c]) if r[c] is not None else 'not run':>12}" for c in cols)
-        lines.append(f"{r['protocol']:<14} {r['metric']:<6} {cells}")
-    return "\n".join(lines)
-
-
 def expectations(run: str, pretrain: PretrainConfig, evaluation: EvalConfig, opts: dict) -> list[str]:
     """What the stages will do and how long they should take, from steps measured here."""
     from workers.evaluate import expected_evaluation
@@ -138,7 +118,7 @@ def publish(cfg: PipelineConfig, run: str, loc: RunLocation, report: dict) -> li
         with loc.fs().open(loc.join("report.md"), "r") as f:
             md = f.read()
     except FileNotFoundError:
-        md = format_table(rows)
+        md = table_markdown(rows)
     create_markdown_artifact(key=f"gelato-report-{_slug(cfg.name)}", markdown=md, description=f"report of {run}")
     for name, rel in report.get("plots", {}).items():  # {name: path relative to the run}
         path = loc.join(rel)
@@ -150,11 +130,9 @@ def publish(cfg: PipelineConfig, run: str, loc: RunLocation, report: dict) -> li
 @flow(name="pipeline")
 def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
     """The whole pipeline on one config; returns report.json's content."""
-    import os
-
     log = get_run_logger()
     cfg = config
-    run = cfg.run if "://" in cfg.run else os.path.abspath(cfg.run)
+    run = RunLocation.normalise(cfg.run)
     opts = resolve_credentials(cfg.storage_options)
     pre = cfg.pretrain.model_copy(update={"storage_options": opts if opts else
                                           resolve_credentials(cfg.pretrain.storage_options)})
@@ -171,5 +149,5 @@ def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
     else:
         report = evaluate_flow(run, cfg.evaluate.model_dump(mode="json"), opts, progress_bar)
     rows = publish(cfg, run, loc, report)
-    log.info("results (%%, test split):\n%s", format_table(rows))
+    log.info("results (%%, test split):\n%s", table_text(rows))
     return report

@@ -10,7 +10,6 @@ import time
 import urllib.error
 import urllib.request
 
-import numpy as np
 import pytest
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

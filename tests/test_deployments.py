@@ -67,6 +67,7 @@ def prefect_server(tmp_path):
         proc.wait(30)
 
 
+@pytest.mark.slow
 def test_deploy_then_serve_runs_the_tiny_pipeline_with_credentials_in_a_secret_block(tmp_path, prefect_server,
                                                                                   s3_with_iam):
     url, key_id, secret, s3 = s3_with_iam

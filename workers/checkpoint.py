@@ -24,7 +24,8 @@ import torch
 import yaml
 
 from workers.config import ConfigError, PretrainConfig
-from workers.pretrain import FINAL_DIR, build_objective
+from workers.pretrain import build_objective
+from workers.pretrain_run import FINAL_DIR
 from workers.storage import RunLocation
 
 

@@ -178,11 +178,6 @@ def keys_digest(keys: list[str]) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:16]
 
 
-def write_file(loc: RunLocation, rel: str, data: bytes, fs=None) -> None:
-    """``loc/rel`` written whole or not at all; on S3 through ``fs`` when given (one PUT)."""
-    loc.write_atomic(rel, data, fs)
-
-
 def cached_features(loc: RunLocation, source: FeatureSource, split: str, data: dict, device: str,
                     batch_size: int = 256, fs=None, execution: Execution | str = "fp32",
                     progress=None) -> tuple[torch.Tensor, bool]:
@@ -209,5 +204,5 @@ def cached_features(loc: RunLocation, source: FeatureSource, split: str, data: d
     buf = io.BytesIO()
     torch.save({"features": feats, "keys_digest": digest, "source": source.name, "split": split,
                 "count": len(feats), "precision": precision}, buf)
-    write_file(loc, rel, buf.getvalue(), fs)
+    loc.write_atomic(rel, buf.getvalue(), fs)
     return feats, True

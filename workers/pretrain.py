@@ -32,9 +32,8 @@ import torch
 
 from workers import integrity
 from workers.config import ConfigError, PretrainConfig
+from workers.pretrain_run import FINAL_DIR, PRETRAIN_PLOT, prepare_run, read_json
 from workers.storage import RunLocation
-
-from workers.pretrain_run import FINAL_DIR, PRETRAIN_PLOT, prepare_run, read_json as _read_json  # noqa: E402,F401
 
 
 class NonFiniteLoss(RuntimeError):
@@ -451,7 +450,7 @@ def load_backbone(path_or_uri: str, storage_options: Optional[dict] = None):
 def _storage_for_ray(loc: RunLocation):
     """(storage_path, storage_filesystem) for RunConfig: local absolute path, or S3 through s3fs."""
     if not loc.is_s3:
-        return os.path.abspath(loc.uri), None
+        return RunLocation.normalise(loc.uri), None
     import pyarrow.fs
 
     return loc.uri[len("s3://"):].rstrip("/"), pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(loc.fs()))
@@ -528,13 +527,12 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
 
     With no ``address`` (nor ``RAY_ADDRESS``) and no Ray running, a private local Ray instance is
     started for the run and shut down after it; ``dashboard`` turns on its dashboard."""
-    if "://" not in run:
-        run = os.path.abspath(run)  # Ray workers run in their own working directory
+    run = RunLocation.normalise(run)  # Ray workers run in their own working directory
     loc = RunLocation(run, config.storage_options)
     manifest, status = prepare_run(loc, config, overwrite)
     if status == "finished":
         log(f"{run}: pretraining already finished ({FINAL_DIR}/backbone.pt); nothing to do")
-        return _read_json(loc, f"{FINAL_DIR}/summary.json")
+        return read_json(loc, f"{FINAL_DIR}/summary.json")
     if status == "resume":
         from workers.train_session import check_resumable_by
 
@@ -567,7 +565,7 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
         trainer = _trainer(loc, run, config, manifest, private=started_here and not address, launched_at=launched_at)
         log(f"pretraining {config.objective} / {config.backbone} on {run}: {config.workers} workers, "
             f"global batch {config.batch_size}, {'resuming' if status == 'resume' else 'starting'}")
-        watcher = threading.Thread(target=_watch_progress, args=(loc, schedule_length(config, manifest)[1], stop),
+        watcher = threading.Thread(target=watch_progress, args=(loc, schedule_length(config, manifest)[1], stop),
                                    kwargs={"bar": progress_bar, "log": log}, daemon=True)
         watcher.start()
         try:
@@ -584,7 +582,7 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     if result.error is not None:
         _raise_damaged_shard(loc, launched_at)
         raise result.error
-    summary = _read_json(loc, f"{FINAL_DIR}/summary.json")
+    summary = read_json(loc, f"{FINAL_DIR}/summary.json")
     if summary is None:
         raise RuntimeError(f"{run}: training ended without writing {FINAL_DIR}/summary.json")
     _prune_unregistered_checkpoints(loc)
@@ -659,7 +657,7 @@ class MetricsTail:
         return rows
 
 
-def _watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: float = 1.0, bar: bool = True,
+def watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: float = 1.0, bar: bool = True,
                     log=print) -> None:
     """Driver-side progress, fed by rank 0's ``metrics.jsonl`` (no actor, no extra process).
 

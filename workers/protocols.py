@@ -208,7 +208,7 @@ def run_supervised(ev: Evaluation) -> Result:
                 "head": {k: v.detach().cpu() for k, v in model.head.state_dict().items()},
                 "backbone_name": ev.checkpoint.config.backbone, "epochs": epochs, "seed": ev.config.seed}, buf)
     data = buf.getvalue()
-    features.write_file(ev.loc, "eval/supervised/backbone.pt", data, ev.fs)
+    ev.loc.write_atomic("eval/supervised/backbone.pt", data, ev.fs)
     objective = _Wrapped(init)
     objective.backbone = model.backbone
     ev.sources["supervised"] = features.trained("supervised", objective, hashlib.sha256(data).hexdigest(), ev.device,

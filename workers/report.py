@@ -19,7 +19,6 @@ from typing import Optional
 import torch
 
 from workers import integrity
-from workers.features import write_file
 
 COLUMNS = [("pretrained", "pretrained"), ("random_init", "random init"), ("raw_pixels", "raw pixels"),
            ("supervised", "supervised")]
@@ -43,16 +42,39 @@ def table_rows(multilabel: bool, n_classes: int, knn_k: int, knn_t: float) -> li
     return rows
 
 
-def results_table(report: dict) -> str:
-    """The markdown results table of a report.json dict (values in % on test)."""
+def results_table(report: dict) -> list[dict]:
+    """The results table of a report.json dict: one row per line shown (a few-label row per
+    protocol it went *via*), ``{"protocol": label, "pretrained": %, "random_init": %, ...}``, with
+    None where a cell was not computed. The report's markdown, the Prefect table artifact and the
+    tables the commands print are all drawn from these rows."""
     cells = {(r["protocol"], r["metric"], r.get("via"), r["features"]): r["value"] for r in report["results"]}
     shown = table_rows(report["multilabel"], len(report["classes"] or []), report["eval_config"]["knn_k"],
                        report["eval_config"]["knn_t"])
+    rows = []
+    for proto, metric, via, label in shown:
+        vals = {col: cells.get((proto, metric, via, col)) for col, _ in COLUMNS}
+        rows.append({"protocol": label} | {c: None if v is None else round(100 * v, 2) for c, v in vals.items()})
+    return rows
+
+
+def table_markdown(rows: list[dict]) -> str:
+    """:func:`results_table`'s rows as a markdown table (values in % on test)."""
     lines = ["| protocol (test, %) | " + " | ".join(label for _, label in COLUMNS) + " |",
              "| --- |" + " ---: |" * len(COLUMNS)]
-    for proto, metric, via, label in shown:
-        vals = [cells.get((proto, metric, via, col)) for col, _ in COLUMNS]
-        lines.append(f"| {label} | " + " | ".join("not run" if v is None else f"{100 * v:.1f}" for v in vals) + " |")
+    for r in rows:
+        lines.append(f"| {r['protocol']} | "
+                     + " | ".join("not run" if r[c] is None else f"{r[c]:.1f}" for c, _ in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def table_text(rows: list[dict]) -> str:
+    """:func:`results_table`'s rows as plain text for a terminal."""
+    width = max([len("protocol (test, %)")] + [len(r["protocol"]) for r in rows])
+    head = f"{'protocol (test, %)':<{width}} " + " ".join(f"{label:>12}" for _, label in COLUMNS)
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['protocol']:<{width}} "
+                     + " ".join(f"{'not run' if r[c] is None else '%.1f' % r[c]:>12}" for c, _ in COLUMNS))
     return "\n".join(lines)
 
 
@@ -195,7 +217,7 @@ def _plots(ev, by_key: dict) -> dict[str, str]:
 
     def put(name: str, data: Optional[bytes]) -> None:
         if data is not None:
-            write_file(ev.loc, f"plots/{name}.png", data, ev.fs)
+            ev.loc.write_atomic(f"plots/{name}.png", data, ev.fs)
             out[name] = f"plots/{name}.png"
 
     rows = read_metrics(ev.loc, ev.fs) or []
@@ -241,9 +263,9 @@ def write_report(ev, results: list, total_seconds: float) -> dict:
     for proto in ("probe", "knn", "finetune", "fewshot"):
         mine = {k: v for k, v in report["details"].items() if k.split("/")[0].split("_")[0] == proto}
         if mine:
-            write_file(ev.loc, f"eval/{proto}.json", json.dumps(mine, indent=1).encode(), ev.fs)
-    write_file(ev.loc, "report.json", json.dumps(report, indent=1).encode(), ev.fs)
-    write_file(ev.loc, "report.md", render_markdown(report).encode(), ev.fs)
+            ev.loc.write_atomic(f"eval/{proto}.json", json.dumps(mine, indent=1).encode(), ev.fs)
+    ev.loc.write_atomic("report.json", json.dumps(report, indent=1).encode(), ev.fs)
+    ev.loc.write_atomic("report.md", render_markdown(report).encode(), ev.fs)
     return report
 
 
@@ -292,7 +314,7 @@ def render_markdown(report: dict) -> str:
              f"{', '.join(r['skipped_shards'][:5])}{' ...' if len(r['skipped_shards']) > 5 else ''}; "
              f"`gelato ingest ... --repair` rewrites them (see damaged_shards/)"] if r.get("skipped_shards") else []),
           "",
-          "## Results", "", results_table(r), "",
+          "## Results", "", table_markdown(results_table(r)), "",
           "Every number was computed in this run on the same splits and samples; \"not run\" marks a cell "
           "that was not computed. *random init*: the same architecture with seeded random weights. "
           "*raw pixels*: flattened, standardised pixels. *supervised*: the same architecture trained from "

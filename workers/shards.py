@@ -14,8 +14,8 @@ the published shards whose sha256 still match and writes the rest. :func:`finali
 
 Reading side
 ------------
-:func:`open_split` (in ``workers/stream.py``, re-exported here) opens a split as a WebDataset
-stream with explicit node and worker splitting and per-epoch shard shuffling.
+:func:`workers.stream.open_split` opens a split as a WebDataset stream with explicit node and
+worker splitting, per-epoch shard shuffling and each shard's checksum verified.
 """
 from __future__ import annotations
 
@@ -446,14 +446,3 @@ def ingest(loc: RunLocation, source: Source, params: IngestParams, overwrite: bo
     finally:
         progress.close()
     return finalize(loc, plan, results)
-
-
-# The reading side lives in workers/stream.py; ``open_split`` and ``shard_urls`` are importable
-# from here too, because this is where a reader of the format looks first. Resolved on first use:
-# workers.stream imports this module, so either can be imported first.
-def __getattr__(name: str):
-    if name in ("open_split", "shard_urls"):
-        from workers import stream
-
-        return getattr(stream, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

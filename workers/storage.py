@@ -37,6 +37,12 @@ class RunLocation:
         if not isinstance(self.storage_options, StorageOptions):
             object.__setattr__(self, "storage_options", StorageOptions(self.storage_options))
 
+    @staticmethod
+    def normalise(uri: str) -> str:
+        """The one form of a run URI every process agrees on: ``s3://...`` as given, a local path
+        made absolute (Ray workers and Prefect tasks run in other working directories)."""
+        return uri if "://" in uri else os.path.abspath(uri)
+
     @property
     def is_s3(self) -> bool:
         return self.uri.startswith("s3://")

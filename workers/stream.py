@@ -69,7 +69,7 @@ def open_split(run: str | RunLocation, split: str, *, rank: int = 0, world_size:
         _VerifiedSamples(loc, manifest, on_corrupt),
         # 6. sample-level shuffle buffer (seeded), then decode to tensors.
         *( [wds.shuffle(shuffle_buffer, rng=random.Random(seed + epoch + 7919 * rank))] if shuffle else [] ),
-        wds.map(_Decoder(manifest)),
+        wds.map(SampleDecoder(manifest)),
     )
 
 
@@ -122,7 +122,7 @@ def _open_with_fsspec(storage_options: dict):
     return stage
 
 
-def _samples(members, url: str) -> Iterator[dict]:
+def group_samples(members, url: str) -> Iterator[dict]:
     """Tar members → samples {"__key__", "__url__", ext: bytes, ...}, grouped by key."""
     current = None
     for name, data in members:
@@ -165,7 +165,7 @@ class _VerifiedSamples:
             intact = expected is not None and actual == expected
             problem = None
             try:  # the bytes of an intact shard are what ingest wrote: their headers need no checking
-                held = list(_samples(iter_members(io.BytesIO(raw), url, check_headers=not intact), url))
+                held = list(group_samples(iter_members(io.BytesIO(raw), url, check_headers=not intact), url))
             except TarFormatError as e:
                 problem, held = str(e), []
             if problem is None and expected is not None and not intact:
@@ -191,7 +191,7 @@ class _VerifiedSamples:
         raise integrity.CorruptShard(msg)
 
 
-class _Decoder:
+class SampleDecoder:
     """Raw tar members → ``{"key", "image" uint8 (C, H, W), "label" int (-1: none), "labels"?, "difficult"?}``."""
 
     def __init__(self, manifest: dict):

@@ -22,7 +22,8 @@ from typing import Optional
 
 from workers.config import ConfigError, PretrainConfig, load_config
 from workers.integrity import CorruptShard
-from workers.pretrain import FINAL_DIR, _read_json, _watch_progress, prepare_run, run_loop, schedule_length
+from workers.pretrain import run_loop, schedule_length, watch_progress
+from workers.pretrain_run import FINAL_DIR, prepare_run, read_json
 from workers.storage import RunLocation
 from workers.train_session import TorchrunSession, check_resumable_by
 
@@ -33,8 +34,7 @@ def pretrain(run: str, config: PretrainConfig, overwrite: bool = False, progress
     the final summary (on every rank)."""
     import torch.distributed as dist
 
-    if "://" not in run:
-        run = os.path.abspath(run)
+    run = RunLocation.normalise(run)
     loc = RunLocation(run, config.storage_options)
     world = int(os.environ.get("WORLD_SIZE", 1))
     if config.workers != world:
@@ -62,14 +62,14 @@ def pretrain(run: str, config: PretrainConfig, overwrite: bool = False, progress
         if status == "finished":
             if session.rank == 0:
                 log(f"{run}: pretraining already finished ({FINAL_DIR}/backbone.pt); nothing to do")
-            return _read_json(loc, f"{FINAL_DIR}/summary.json")
+            return read_json(loc, f"{FINAL_DIR}/summary.json")
         stop, watcher = threading.Event(), None
         if session.rank == 0:
             log(f"pretraining {config.objective} / {config.backbone} on {run}: {world} process(es) "
                 f"on {session.device.type}, global batch {config.batch_size}, "
                 f"{'resuming' if status == 'resume' else 'starting'}")
             total = schedule_length(config, manifest)[1]
-            watcher = threading.Thread(target=_watch_progress, args=(loc, total, stop),
+            watcher = threading.Thread(target=watch_progress, args=(loc, total, stop),
                                        kwargs={"bar": progress_bar, "log": log}, daemon=True)
             watcher.start()
         try:
@@ -81,7 +81,7 @@ def pretrain(run: str, config: PretrainConfig, overwrite: bool = False, progress
                 watcher.join(5)
         if dist.is_initialized():
             dist.barrier()  # rank 0 has written the summary
-        return _read_json(loc, f"{FINAL_DIR}/summary.json")
+        return read_json(loc, f"{FINAL_DIR}/summary.json")
     finally:
         session.close()
 

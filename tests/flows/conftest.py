@@ -8,3 +8,11 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=90):
         yield
+
+
+def pytest_collection_modifyitems(config, items):
+    """Every test here runs Prefect's server (the harness above), most of them Ray too: the slow lane."""
+    here = __file__.rsplit("/", 1)[0]
+    for item in items:
+        if str(item.fspath).startswith(here):
+            item.add_marker(pytest.mark.slow)

@@ -13,7 +13,7 @@ import pytest
 from flows.ingest import ingest_flow
 from flows.retries import is_io_error
 from imagegen import write_images
-from workers.shards import open_split
+from workers.stream import open_split
 
 
 def test_ingest_flow_local(tmp_path):

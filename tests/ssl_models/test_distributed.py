@@ -25,6 +25,8 @@ from ssl_models.objectives.simclr import SimCLR
 from ssl_models.objectives.swav import SwAV
 from ssl_models.sync_bn import GlobalBatchNorm, convert_sync_batchnorm
 
+pytestmark = pytest.mark.slow  # 2 gloo processes
+
 WORLD = 2
 B = 4                     # per rank; the single-process reference sees WORLD·B
 SIDE = 8

@@ -427,3 +427,26 @@ def test_a_damaged_test_shard_is_named_or_skipped_and_counted_in_the_report(labe
     assert report["splits"]["test"] == 90 - 40  # the shard's 40 samples are left out, the rest scored
     with open(os.path.join(run, "report.md")) as f:
         assert "1 damaged shard(s) skipped" in f.read()
+
+
+def test_few_label_rows_via_probe_and_via_finetune_stay_apart_in_every_table():
+    from workers.report import results_table, table_markdown, table_text
+
+    def row(protocol, features, value, via=None):
+        return {"protocol": protocol, "features": features, "metric": "top1", "split": "test", "value": value} | (
+            {"via": via} if via else {})
+
+    report = {"multilabel": False, "classes": [str(i) for i in range(10)],
+              "eval_config": {"knn_k": 200, "knn_t": 0.1},
+              "results": [row("probe", "pretrained", 0.9), row("fewshot_1pct", "pretrained", 0.61, "probe"),
+                          row("fewshot_1pct", "pretrained", 0.55, "finetune"),
+                          row("fewshot_10pct", "pretrained", 0.81, "probe"),
+                          row("fewshot_10pct", "pretrained", 0.77, "finetune")]}
+    rows = {r["protocol"]: r["pretrained"] for r in results_table(report)}
+    # before: the Prefect table artifact and `gelato run`'s table keyed rows by (protocol, metric), and
+    # "via finetune" overwrote "via probe"
+    assert rows["1 % labels: linear probe, top-1"] == 61.0 and rows["1 % labels: fine-tune, top-1"] == 55.0
+    assert rows["10 % labels: linear probe, top-1"] == 81.0 and rows["10 % labels: fine-tune, top-1"] == 77.0
+    md, text = table_markdown(results_table(report)), table_text(results_table(report))
+    for shown in (md, text):
+        assert "61.0" in shown and "55.0" in shown and "81.0" in shown and "77.0" in shown

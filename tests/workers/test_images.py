@@ -109,12 +109,12 @@ def test_native_decoder_loads_without_torchvision_and_matches_torchvision_io():
 @pytest.mark.parametrize("fmt,ext", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")])
 def test_stream_decoder_gives_the_manifest_channels(fmt, ext):
     """A gray run stored as WebP (which torchvision cannot decode to gray) still yields (1, H, W)."""
-    from workers.stream import _Decoder
+    from workers.stream import SampleDecoder
 
     rgb = np.random.default_rng(1).integers(0, 256, (12, 10, 3), dtype=np.uint8)
     buf = io.BytesIO()
     Image.fromarray(rgb, "RGB").save(buf, format=fmt)
     for channels in (1, 3):
-        out = _Decoder({"channels": channels})({"__key__": "k", ext: buf.getvalue(), "cls": b"3"})
+        out = SampleDecoder({"channels": channels})({"__key__": "k", ext: buf.getvalue(), "cls": b"3"})
         assert out["image"].shape == (channels, 12, 10) and out["image"].dtype.is_floating_point is False
         assert out["label"] == 3

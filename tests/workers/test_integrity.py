@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -20,8 +19,8 @@ from evalrun import ingest_folder
 from imagegen import write_images
 from workers import integrity
 from workers.integrity import CorruptShard
-from workers.shards import open_split
 from workers.storage import RunLocation
+from workers.stream import open_split
 from workers.tarformat import TarFormatError, add_member, header_checksum_ok, iter_members, ustar_header
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -143,6 +142,7 @@ def _gelato(*args, timeout=120):
                           env=env, cwd=REPO)
 
 
+@pytest.mark.slow  # gelato ingest in a subprocess (Prefect)
 def test_the_repair_command_in_the_error_rewrites_only_the_damaged_shard(run):
     before = {n: os.path.getmtime(_shard(run, n)) for n in os.listdir(os.path.join(run, "shards"))}
     good = open(_shard(run), "rb").read()
@@ -160,6 +160,7 @@ def test_the_repair_command_in_the_error_rewrites_only_the_damaged_shard(run):
     assert len(list(open_split(run, "train"))) == _manifest(run)["splits"]["train"]["count"]
 
 
+@pytest.mark.slow  # gelato ingest in a subprocess (Prefect)
 def test_repair_of_a_shard_that_does_not_exist_is_refused(run, tmp_path):
     r = _gelato("ingest", str(tmp_path / "src"), "--out", run, "--shard-size", "10", "--val-fraction", "0",
                 "--repair", "train-000099.tar")

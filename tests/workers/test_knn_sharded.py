@@ -5,11 +5,14 @@ from __future__ import annotations
 import datetime
 import os
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from workers.knn import extract_features, extract_features_sharded
+
+pytestmark = pytest.mark.slow  # 2 gloo processes
 
 N = 7  # not a multiple of the world size: the last rank's share is padded
 

@@ -18,6 +18,8 @@ from workers.shards import IngestParams, ingest
 from workers.sources import open_source
 from workers.storage import RunLocation
 
+pytestmark = pytest.mark.slow  # Ray Train with 2 worker processes
+
 TINY = ["backbone=small_cnn", "backbone_params={width: 8}", "image_size=16", "batch_size=32", "workers=2",
         "loader_workers=0", "log_every=2", "knn_bank=100", "knn_queries=40", "optimizer=sgd", "lr=0.05",
         "warmup_epochs=0", "view.size=16"]

@@ -15,6 +15,8 @@ from workers.shards import IngestParams, ingest
 from workers.sources import open_source
 from workers.storage import RunLocation
 
+pytestmark = pytest.mark.slow  # a 2-node Ray cluster
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BIN = os.path.dirname(sys.executable)
 

@@ -5,8 +5,12 @@ import pickle
 import subprocess
 import sys
 
+import pytest
+
 from workers.ray_controller import FixedScalingWithoutAutoscaler, LocalTorchConfig
 from workers.ray_local import torch_free_controller_supported
+
+pytestmark = pytest.mark.slow  # subprocesses importing Ray
 
 
 def test_the_pinned_ray_has_what_the_torch_free_backend_calls():

@@ -6,6 +6,8 @@ import pytest
 
 from workers import ray_start
 
+pytestmark = pytest.mark.slow  # a private Ray instance
+
 
 def test_a_failed_early_start_is_raised_by_claim_and_cleared(monkeypatch):
     import ray

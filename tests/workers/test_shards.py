@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from imagegen import write_images
-from workers.shards import IngestError, IngestParams, ingest, open_split, read_manifest
+from workers.shards import IngestError, IngestParams, ingest, read_manifest
+from workers.stream import open_split
 from workers.sources import SourceError, open_source
 from workers.storage import RunLocation, StorageError, check_writable
 

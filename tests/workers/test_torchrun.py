@@ -11,10 +11,14 @@ import shutil
 import subprocess
 import sys
 
+import pytest
+
 from imagegen import write_images
 from workers.shards import IngestParams, ingest
 from workers.sources import open_source
 from workers.storage import RunLocation
+
+pytestmark = pytest.mark.slow  # torchrun with 2 processes
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY = ["--no-progress", "backbone=small_cnn", "backbone_params={width: 8}", "image_size=16", "view.size=16",
@@ -33,13 +37,21 @@ def _env(tmp_path) -> dict:
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
     (site / "sitecustomize.py").write_text(BLOCK)
-    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), ROOT]), OMP_NUM_THREADS="1")
+    # PYTHONFAULTHANDLER: a rank that dies of a signal (seen once in CI: SIGABRT on rank 1 mid-run)
+    # prints its Python stack, which the assertion messages below keep
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(site), ROOT]), OMP_NUM_THREADS="1",
+                PYTHONFAULTHANDLER="1")
 
 
 def _torchrun(tmp_path, run, *args, nproc=2) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(nproc),
            "-m", "workers.torchrun", run, *TINY, f"workers={nproc}", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    done = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=240)
+    if done.returncode != 0:  # the first failing rank's lines come before torchrun's summary: keep them
+        lines = done.stderr.splitlines()
+        first = next((i for i, ln in enumerate(lines) if "Fatal Python error" in ln or "Traceback" in ln), 0)
+        done.stderr = "\n".join(lines[first:first + 60]) + "\n...\n" + "\n".join(lines[-25:])
+    return done
 
 
 def _metrics(run):

@@ -139,6 +139,9 @@ def _run_pretrain(a) -> int:
     from workers.storage import RunLocation
 
     config = load_config(a.config, a.overrides)  # validated before Prefect or Ray start
+    from workers.pretrain import check_buildable
+
+    check_buildable(config)  # parameter values: the objective is built once, here
     run = RunLocation.normalise(a.run)
     status = "start"
     if not a.overwrite:  # a missing manifest or a conflicting earlier run fails here, in a second
@@ -251,6 +254,9 @@ def _run_run(a) -> int:
 
     overrides = list(a.overrides) + ([f"run={a.run}"] if a.run else [])
     cfg = load_pipeline_config(a.config, overrides)  # validated before Prefect, Ray or any stage starts
+    from workers.pretrain import check_buildable
+
+    check_buildable(cfg.pretrain)
 
     prefect_server.wait_ready()
     from flows.pipeline import pipeline_flow

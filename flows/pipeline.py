@@ -27,6 +27,7 @@ from flows.pretrain import pretrain_task
 from workers.config import PretrainConfig, load_model
 from workers.credentials import StorageOptions
 from workers.evaluate import EvalConfig
+from workers.pretrain import check_buildable
 from workers.report import results_table, table_markdown, table_text
 from workers.storage import RunLocation
 
@@ -133,6 +134,7 @@ def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
     log = get_run_logger()
     cfg = config
     run = RunLocation.normalise(cfg.run)
+    check_buildable(cfg.pretrain)  # a parameter value the objective refuses fails before the ingest
     opts = resolve_credentials(cfg.storage_options)
     pre = cfg.pretrain.model_copy(update={"storage_options": opts if opts else
                                           resolve_credentials(cfg.pretrain.storage_options)})

@@ -43,3 +43,16 @@ def test_main_prints_one_line_for_input_errors_and_lets_an_unlogged_bug_raise(mo
     with pytest.raises(ZeroDivisionError):  # Python prints its traceback, once
         cli.main(["doctor"])
     assert not logging.getLogger("prefect.flow_runs").filters  # the filter is removed when the command ends
+
+
+def test_a_bad_parameter_value_fails_in_the_pre_flight_naming_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "flows.cli", "pretrain", "--run", str(tmp_path / "run"), "objective=moco",
+                        "objective_params.queue_size=-5"], capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.returncode == 2
+    assert "objective_params={'queue_size': -5}" in r.stderr and "queue_size must be >= 1" in r.stderr
+    assert "Traceback" not in r.stderr + r.stdout and "Ray" not in r.stdout + r.stderr

@@ -233,3 +233,31 @@ def test_pipeline_config_validates(path):
     assert cfg.pretrain.precision == cfg.evaluate.precision == "auto"  # resolved on the machine it meets
     if path.name == "pipeline_demo.yaml":  # sized to the machine: within 20 minutes on any 2-core x86 CPU
         assert cfg.pretrain.budget_minutes + cfg.evaluate.budget_minutes <= 14
+
+
+def test_a_backbone_brings_its_own_defaults():
+    # before: `backbone=small_cnn` failed with "backbone_params.small_stem: unknown parameter of small_cnn",
+    # the default ResNet's parameters applied to a backbone the user chose
+    assert load_config(None, ["backbone=small_cnn"]).backbone_params == {}
+    assert load_config(None, ["backbone=vit_tiny"]).backbone_params == {}
+    assert load_config(None, []).backbone_params == {"small_stem": True, "width": 32}  # the default network
+    assert load_config(None, ["backbone=resnet18"]).backbone_params == {"small_stem": True, "width": 32}
+    given = load_config(None, ["backbone=resnet18", "backbone_params={width: 64}"])
+    assert given.backbone_params == {"width": 64}  # what the user writes is taken as written
+    # a config written before this change reads back to the same training hash
+    old = load_config(None, []).model_dump(mode="json")
+    assert load_config(None, []).training_hash() == type(load_config(None, []))(**old).training_hash()
+
+
+@pytest.mark.parametrize("override, says", [
+    ("backbone_params.width=0", "width >= 8"),
+    ("objective_params.temperature=hot", "objective_params={'temperature': 'hot'}"),
+    ("backbone_params.patch_size=5", "divisible by patch_size"),
+])
+def test_a_parameter_value_the_objective_refuses_fails_before_any_machinery(override, says):
+    from workers.pretrain import check_buildable
+
+    extra = ["backbone=vit_tiny"] if "patch_size" in override else []
+    config = load_config(None, extra + [override])  # names and types of the fields pass ...
+    with pytest.raises(ConfigError, match=re.escape(says)):  # ... the value is refused when built
+        check_buildable(config)

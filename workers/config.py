@@ -23,6 +23,12 @@ class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key."""
 
 
+DEFAULT_BACKBONE = "resnet18"
+# gelato's default network: a narrow ResNet-18 with a stem for small images (28-32 px). These
+# belong to the default backbone only: choosing another brings that backbone's own defaults.
+DEFAULT_BACKBONE_PARAMS = {"small_stem": True, "width": 32}
+
+
 class PretrainConfig(BaseModel):
     """Everything ``gelato pretrain`` needs. Defaults: SimCLR, narrow ResNet-18, 28 px, CPU."""
 
@@ -31,8 +37,10 @@ class PretrainConfig(BaseModel):
     # what to learn
     objective: str = "simclr"
     objective_params: dict[str, Any] = Field(default_factory=dict)
-    backbone: str = "resnet18"
-    backbone_params: dict[str, Any] = Field(default_factory=lambda: {"small_stem": True, "width": 32})
+    backbone: str = DEFAULT_BACKBONE
+    backbone_params: dict[str, Any] = Field(
+        default_factory=dict, description="the backbone's constructor arguments; when not given, the default "
+                                          "backbone gets gelato's small-image defaults and any other its own")
     image_size: int = Field(28, ge=8)
     view: Optional[dict[str, Any]] = None  # augmentation overrides (ssl_models.augment.ViewConfig fields)
 
@@ -93,6 +101,15 @@ class PretrainConfig(BaseModel):
         raw = dict(raw or {})
         raw["storage_options"] = strip_secrets(raw.get("storage_options"))
         return cls(**raw)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _backbone_brings_its_defaults(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("backbone_params") is None:
+            data = dict(data)
+            default = data.get("backbone", DEFAULT_BACKBONE) == DEFAULT_BACKBONE
+            data["backbone_params"] = dict(DEFAULT_BACKBONE_PARAMS) if default else {}
+        return data
 
     @model_validator(mode="after")
     def _check_names_and_params(self) -> "PretrainConfig":

@@ -62,6 +62,27 @@ def build_objective(config: PretrainConfig, in_channels: int):
                             **config.objective_kwargs())
 
 
+def check_buildable(config: PretrainConfig, in_channels: int = 3) -> None:
+    """Build the objective once, on the driver, before any Ray or Prefect work: a parameter value the
+    constructors refuse fails here, in about a second, naming the config's fields (names were
+    checked by the config itself). On torch's meta device (no memory), or on the CPU for the few
+    objectives whose constructors compute with tensors."""
+    try:
+        try:
+            with torch.device("meta"):
+                build_objective(config, in_channels)
+        except (RuntimeError, NotImplementedError) as e:
+            if "meta" not in str(e):
+                raise
+            build_objective(config, in_channels)
+    except Exception as e:  # noqa: BLE001 - whatever a constructor raises, the user's values caused it
+        given = {k: v for k, v in (("backbone_params", config.backbone_params),
+                                   ("objective_params", config.objective_params), ("view", config.view)) if v}
+        raise ConfigError(f"{config.objective} / {config.backbone} cannot be built with "
+                          f"{', '.join(f'{k}={v}' for k, v in given.items()) or 'these settings'} "
+                          f"(image_size={config.image_size}): {type(e).__name__}: {e}") from None
+
+
 def schedule_length(config: PretrainConfig, manifest: dict) -> tuple[int, int]:
     """(steps per epoch, total optimizer steps) of a run: ``steps`` if set, else ``epochs`` worth.
 
@@ -530,6 +551,8 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     run = RunLocation.normalise(run)  # Ray workers run in their own working directory
     loc = RunLocation(run, config.storage_options)
     manifest, status = prepare_run(loc, config, overwrite)
+    if status != "finished":
+        check_buildable(config, manifest["channels"])  # before Ray: a bad parameter value fails here
     if status == "finished":
         log(f"{run}: pretraining already finished ({FINAL_DIR}/backbone.pt); nothing to do")
         return read_json(loc, f"{FINAL_DIR}/summary.json")

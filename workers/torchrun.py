@@ -22,7 +22,7 @@ from typing import Optional
 
 from workers.config import ConfigError, PretrainConfig, load_config
 from workers.integrity import CorruptShard
-from workers.pretrain import run_loop, schedule_length, watch_progress
+from workers.pretrain import check_buildable, run_loop, schedule_length, watch_progress
 from workers.pretrain_run import FINAL_DIR, prepare_run, read_json
 from workers.storage import RunLocation
 from workers.train_session import TorchrunSession, check_resumable_by
@@ -50,6 +50,7 @@ def pretrain(run: str, config: PretrainConfig, overwrite: bool = False, progress
                 if status == "resume":
                     check_resumable_by(loc, "torchrun")
                 if status != "finished":
+                    check_buildable(config, manifest["channels"])  # a bad parameter value fails on every rank
                     loc.write_atomic("config.yaml", config.to_yaml().encode())
                 state = [(manifest, status, None)]
             except Exception as e:  # every rank must learn of it, or the others wait forever

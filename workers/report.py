@@ -50,8 +50,11 @@ def results_table(report: dict) -> list[dict]:
     cells = {(r["protocol"], r["metric"], r.get("via"), r["features"]): r["value"] for r in report["results"]}
     shown = table_rows(report["multilabel"], len(report["classes"] or []), report["eval_config"]["knn_k"],
                        report["eval_config"]["knn_t"])
+    asked = set(report["eval_config"].get("protocols") or ("probe", "knn", "finetune", "fewshot"))
     rows = []
     for proto, metric, via, label in shown:
+        if proto.split("_")[0] not in asked:  # a protocol nobody asked for gets no row of "not run"
+            continue
         vals = {col: cells.get((proto, metric, via, col)) for col, _ in COLUMNS}
         rows.append({"protocol": label} | {c: None if v is None else round(100 * v, 2) for c, v in vals.items()})
     return rows

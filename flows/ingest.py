@@ -83,8 +83,8 @@ def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str
     reused = sum(r.reused for r in results)
     if done is not None:
         rewritten = sorted(r.name for r in results if not r.reused)
-        changed = [n for n in rewritten if integrity.shard_entries(done).get(n, {}).get("sha256")
-                   != integrity.shard_entries(manifest)[n]["sha256"]]
+        before, after = integrity.shard_entries(done), integrity.shard_entries(manifest)
+        changed = [n for n in rewritten if before.get(n, {}).get("sha256") != after[n]["sha256"]]
         integrity.clear(loc, [s.name for s in targets])
         log.info("repair: rewrote %d damaged shard(s)%s in %.1f s; the other %d checked are intact",
                  len(rewritten), f" ({', '.join(rewritten[:10])})" if rewritten else "", dt,

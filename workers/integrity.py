@@ -1,7 +1,7 @@
 """Shard integrity: every shard's sha256 checked as its bytes stream, damage named with its fix.
 
 ``manifest.json`` holds each shard's size and sha256. Reading a shard (``workers.stream``) takes
-its bytes in one read through a :class:`HashingReader`, so the checksum costs no second read; the
+its bytes in one read and hashes them in memory, so the checksum costs no second read; the
 digest is compared with the manifest's, and only then are its samples released to the decoders
 (one shard in memory per loader worker): no damaged byte reaches a decoder, some of which crash
 the process on damaged images. A shard that fails the comparison, or cannot be parsed (a tar
@@ -22,7 +22,6 @@ What happens then is the reader's ``on_corrupt``:
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shlex
@@ -39,38 +38,6 @@ class CorruptShard(ValueError):
 
     Built from its message alone: DataLoader workers hand exceptions to the main process as their
     type and message."""
-
-
-class HashingReader:
-    """A read-only stream that hashes and counts the bytes read through it."""
-
-    def __init__(self, f):
-        self.f, self.sha, self.n = f, hashlib.sha256(), 0
-
-    def read(self, n: int = -1) -> bytes:
-        b = self.f.read(n)
-        self.sha.update(b)
-        self.n += len(b)
-        return b
-
-    def drain(self) -> None:
-        """Read what is left (the end-of-archive blocks, or the rest of a damaged shard)."""
-        while True:
-            b = self.read(1 << 20)
-            if not b:
-                return
-
-    def hexdigest(self) -> str:
-        return self.sha.hexdigest()
-
-
-def sha256_of(fs, url: str) -> str:
-    """A shard's sha256 from a read of its own (for tests and tools; the reader hashes as it streams)."""
-    h = hashlib.sha256()
-    with fs.open(url, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def shard_entries(manifest: dict) -> dict[str, dict]:

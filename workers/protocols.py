@@ -12,7 +12,7 @@ import hashlib
 import io
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Optional
+from typing import Any, Literal, Optional
 
 import torch
 
@@ -22,8 +22,9 @@ from workers.knn import knn_predict, knn_scores_multilabel
 from workers.metrics import multilabel_ap, topk_accuracy
 from workers.probe import Standardizer, linear_probe
 
-if TYPE_CHECKING:
-    from workers.evaluate import Evaluation
+# A ``workers.evaluate.Evaluation``. Not imported, not even for type checkers: that module imports
+# this one, and the protocols only read its attributes.
+Evaluation = Any
 
 FEWSHOT = {"fewshot_1pct": 0.01, "fewshot_10pct": 0.10}
 

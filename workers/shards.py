@@ -166,7 +166,8 @@ def _state_path(loc: RunLocation, spec: ShardSpec) -> str:
     return loc.join(STATE_DIR, spec.name + ".json")
 
 
-def _sha256_of(fs, path: str) -> str:
+def sha256_of(fs, path: str) -> str:
+    """A file's sha256 from a read of its own (the shard reader hashes as it streams instead)."""
     h = hashlib.sha256()
     with fs.open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -174,19 +175,25 @@ def _sha256_of(fs, path: str) -> str:
     return h.hexdigest()
 
 
-def _reusable(loc: RunLocation, fs, spec: ShardSpec) -> Optional[ShardResult]:
-    """The stored result of a shard published by an earlier run, if it is still valid."""
+def _stored_result(loc: RunLocation, fs, spec: ShardSpec) -> Optional[ShardResult]:
+    """A published shard's result from its state file, trusted without reading the shard."""
     try:
         with fs.open(_state_path(loc, spec), "r") as f:
             state = json.load(f)
     except (FileNotFoundError, json.JSONDecodeError, OSError):
         return None
-    path = loc.join(SHARD_DIR, spec.name)
-    if state.get("digest") != spec.digest or not fs.exists(path):
-        return None
-    if fs.size(path) != state["result"]["bytes"] or _sha256_of(fs, path) != state["result"]["sha256"]:
+    if state.get("digest") != spec.digest or not fs.exists(loc.join(SHARD_DIR, spec.name)):
         return None
     return ShardResult(**(state["result"] | {"reused": True}))
+
+
+def _reusable(loc: RunLocation, fs, spec: ShardSpec) -> Optional[ShardResult]:
+    """The stored result of a shard published by an earlier run, if the shard still matches it."""
+    stored = _stored_result(loc, fs, spec)
+    path = loc.join(SHARD_DIR, spec.name)
+    if stored is None or fs.size(path) != stored.bytes or sha256_of(fs, path) != stored.sha256:
+        return None
+    return stored
 
 
 def write_shard(loc: RunLocation, source: Source, spec: ShardSpec, image_format: str,
@@ -297,18 +304,6 @@ def plan_repair(loc: RunLocation, plan: IngestPlan, manifest: dict,
         else:
             kept.append(stored)
     return targets, kept
-
-
-def _stored_result(loc: RunLocation, fs, spec: ShardSpec) -> Optional[ShardResult]:
-    """A published shard's result from its state file, trusted without reading the shard."""
-    try:
-        with fs.open(_state_path(loc, spec), "r") as f:
-            state = json.load(f)
-    except (FileNotFoundError, json.JSONDecodeError, OSError):
-        return None
-    if state.get("digest") != spec.digest or not fs.exists(loc.join(SHARD_DIR, spec.name)):
-        return None
-    return ShardResult(**(state["result"] | {"reused": True}))
 
 
 def read_manifest(loc: RunLocation) -> Optional[dict]:

@@ -150,7 +150,7 @@ def _gelato(*args, timeout=300, env=None):
 
 
 def test_disk_full_during_ingest_is_one_clear_error_nothing_half_published_and_the_rerun_goes_on(tmp_path, small_disk):
-    from workers.integrity import sha256_of
+    from workers.shards import sha256_of
     from workers.storage import RunLocation
 
     write_images(tmp_path / "src", n_classes=4, per_class=60, size=40, mode="RGB")  # ~1.2 MB of PNG shards

@@ -19,6 +19,7 @@ from evalrun import ingest_folder
 from imagegen import write_images
 from workers import integrity
 from workers.integrity import CorruptShard
+from workers.shards import sha256_of
 from workers.storage import RunLocation
 from workers.stream import open_split
 from workers.tarformat import TarFormatError, add_member, header_checksum_ok, iter_members, ustar_header
@@ -98,7 +99,7 @@ def test_damaged_image_bytes_are_named_with_both_checksums_and_the_repair_comman
     msg = str(e.value)
     assert "train-000002.tar is damaged" in msg
     assert f"expected {entry['sha256']}" in msg
-    actual = integrity.sha256_of(RunLocation(run).fs(), _shard(run))
+    actual = sha256_of(RunLocation(run).fs(), _shard(run))
     assert f"actual {actual}" in msg and actual != entry["sha256"]
     assert "--repair train-000002.tar" in msg
     rec = integrity.damaged(RunLocation(run))

@@ -2,7 +2,7 @@
 
 What CPUs cannot show: NCCL (a world-1 process group on a one-GPU machine), bf16 and fp16 autocast
 (fp16 with the grad scaler), channels_last, ``torch.compile``, and the ImageNet-scale configs
-(ResNet-50 / ViT-S at 224 px). Each variant runs the real loop (``workers.pretrain.run_loop``)
+(ResNet-50 / ViT-S at 224 px). Each variant runs the real loop (``workers.pretrain.loop.run_loop``)
 through ``python -m workers.torchrun`` in its own process: the GPU machine has PyTorch but no Ray
 (Ray's wheel alone is over the 64 MiB that travels there), and torchrun's session is the loop's
 other launcher. For every variant it records images/s (median of the logged intervals after the
@@ -98,8 +98,8 @@ def make_data(kind: str, work: str, data: str | None, cpu: bool) -> str:
     import numpy as np
     from PIL import Image
 
-    from workers.shards import IngestParams, ingest
-    from workers.sources import open_source
+    from workers.ingest.shards import IngestParams, ingest
+    from workers.ingest.sources import open_source
     from workers.storage import RunLocation
 
     base = os.path.join(work, f"data_{kind}")
@@ -112,7 +112,7 @@ def make_data(kind: str, work: str, data: str | None, cpu: bool) -> str:
             ingest(RunLocation(base), open_source("fashion-mnist", data_root=data), IngestParams(shard_size=1000),
                    progress_bar=False)
             return base
-        from workers.sources import FashionMNIST
+        from workers.ingest.sources import FashionMNIST
 
         src = FashionMNIST(data)
         arrays, labels = src._images["train"], src._labels["train"]

@@ -2,7 +2,7 @@
 or the shard stream. Run by bench/pretrain.py in the main environment.
 
 W processes (torch.multiprocessing, spawn) × ``--threads`` torch threads each, gloo on 127.0.0.1,
-in-memory uint8 Fashion-MNIST, gelato's objective (``workers.pretrain.build_objective``, so
+in-memory uint8 Fashion-MNIST, gelato's objective (``workers.model.build_objective``, so
 NT-Xent gathers negatives from every rank), LARS, bf16 autocast and channels_last. Rank r takes
 rows [r·B/W, (r+1)·B/W) of each global batch of B. Prints one JSON line: {"pairs_per_s": ...}
 (global image pairs per second over the timed steps, measured on rank 0 between two barriers).
@@ -36,9 +36,9 @@ def _rank(rank: int, a: argparse.Namespace, port: int, out) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=a.world)
     from pretrain import common, train_step
     from workers.config import load_config
-    from workers.optim import build_optimizer
-    from workers.pretrain import build_objective
-    from workers.sources import FashionMNIST
+    from workers.ingest.sources import FashionMNIST
+    from workers.model import build_objective
+    from workers.pretrain.optim import build_optimizer
 
     images = torch.from_numpy(FashionMNIST()._images["train"].copy()).unsqueeze(1)   # (60000, 1, 28, 28) uint8
     cfg = load_config(None, common(a.width) + [f"workers={a.world}"])

@@ -1,7 +1,7 @@
 """Which frozen features to probe: global pool vs feature maps pooled to a grid, side by side.
 
 For one checkpoint (default: the demo's) and the random-init baseline, extracts frozen features
-once per view (``workers.features.FrozenView``: input size, grid, stages) through the evaluation
+once per view (``workers.evaluate.features.FrozenView``: input size, grid, stages) through the evaluation
 stage's own code, then runs the stage's linear probe (λ chosen on ``val``, reported on ``test``)
 and kNN (k=200, T=0.1) on each, and prints one table. Run it on a finished run:
 
@@ -24,11 +24,12 @@ sys.path.insert(0, REPO)
 
 import torch  # noqa: E402
 
-from workers import features  # noqa: E402
-from workers.evaluate import Evaluation, eval_config  # noqa: E402
+from workers.evaluate import features  # noqa: E402
+from workers.evaluate.config import eval_config  # noqa: E402
+from workers.evaluate.evaluation import Evaluation  # noqa: E402
+from workers.evaluate.probe import linear_probe  # noqa: E402
+from workers.evaluate.protocols import _Wrapped  # noqa: E402
 from workers.knn import knn_accuracy  # noqa: E402
-from workers.probe import linear_probe  # noqa: E402
-from workers.protocols import _Wrapped  # noqa: E402
 
 SUPERVISED = "eval/supervised/backbone.pt"
 

@@ -2,7 +2,7 @@
 
 Ingest: ``gelato ingest`` (the Prefect flow, parallel shard tasks, atomic publish, sha256) against a
 plain single-process loop writing the same shards with ``webdataset.ShardWriter``.
-Read: decoded samples/s of gelato's shard stream (``workers.stream.open_split``) against
+Read: decoded samples/s of gelato's shard stream (``workers.data.stream.open_split``) against
 torchvision's ``FashionMNIST`` dataset, both through a ``DataLoader`` with the same number of
 loader workers and batch size.
 
@@ -76,8 +76,8 @@ def main() -> None:
     a = ap.parse_args()
     from prefect import flow
 
-    from workers.stream import open_split
-    from workers.sources import FashionMNIST
+    from workers.data.stream import open_split
+    from workers.ingest.sources import FashionMNIST
 
     src = FashionMNIST()
     tmp = tempfile.mkdtemp(prefix="gelato-bench-")

@@ -111,7 +111,7 @@ def main() -> None:
     from torchvision import datasets
 
     from ssl_models.backbones import build as build_backbone
-    from workers.optim import build_optimizer, lr_schedule
+    from workers.pretrain.optim import build_optimizer, lr_schedule
 
     torch.manual_seed(0)
     backbone = build_backbone("resnet18", in_channels=1, small_stem=True, width=a.width)

@@ -7,7 +7,7 @@ Same backbone (ResNet-18, small-image stem, base width 64 and 32), batch 256, 28
 - bare DDP (``bench/ddp_simclr.py``): the same step in 2 processes × 1 thread with in-memory data,
   no Ray and no shard stream, which splits gelato's distance to the plain loop into what data
   parallelism itself costs and what the orchestration adds;
-- the same loop under ``torchrun`` (``workers/torchrun.py``), 2 ranks, no Ray: what Ray Train's
+- the same loop under ``torchrun`` (``workers/pretrain/torchrun.py``), 2 ranks, no Ray: what Ray Train's
   orchestration costs against a launcher that does nothing else;
 - the practical ceiling: a plain single-process PyTorch loop over in-memory uint8 tensors with the
   same model, the same batched augmentation (``objective.make_views``), the same precision and
@@ -48,9 +48,10 @@ import torch  # noqa: E402
 
 from quality import tv_root  # noqa: E402
 from workers.config import load_config  # noqa: E402
-from workers.pretrain import build_objective, launch  # noqa: E402
-from workers.shards import IngestParams, ingest  # noqa: E402
-from workers.sources import FashionMNIST  # noqa: E402
+from workers.ingest.shards import IngestParams, ingest  # noqa: E402
+from workers.ingest.sources import FashionMNIST  # noqa: E402
+from workers.model import build_objective  # noqa: E402
+from workers.pretrain.launch import launch
 from workers.storage import RunLocation  # noqa: E402
 
 
@@ -65,7 +66,7 @@ def common(width: int, precision: str = "") -> list[str]:
 
 def plain_loop(width: int, images: torch.Tensor, warmup: int, steps: int) -> float:
     """Single process, in-memory tensors, batched augmentation, the precision under test, channels_last."""
-    from workers.optim import build_optimizer
+    from workers.pretrain.optim import build_optimizer
 
     torch.set_num_threads(os.cpu_count() or 1)
     cfg = load_config(None, common(width) + ["workers=1"])
@@ -124,7 +125,7 @@ def gelato(width: int, run: str, workers: int, warmup: int, steps: int) -> tuple
 
 
 def gelato_torchrun(width: int, run: str, warmup: int, steps: int) -> tuple[float, float]:
-    """The same loop under ``torchrun`` with 2 ranks (workers/torchrun.py, no Ray): (pairs/s after
+    """The same loop under ``torchrun`` with 2 ranks (workers/pretrain/torchrun.py, no Ray): (pairs/s after
     warm-up, seconds from starting the command to the first step)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m",
            "workers.torchrun", run, "--overwrite", "--no-progress"] + gelato_overrides(width, 2, warmup, steps)

@@ -35,9 +35,9 @@ import torch  # noqa: E402
 
 from recipe_proxy import features, splits  # noqa: E402
 from workers.config import load_config  # noqa: E402
+from workers.evaluate.probe import linear_probe  # noqa: E402
 from workers.knn import knn_accuracy  # noqa: E402
-from workers.pretrain import build_objective, load_backbone  # noqa: E402
-from workers.probe import linear_probe  # noqa: E402
+from workers.model import build_objective, load_backbone  # noqa: E402
 
 LIGHTLY = {"simclr", "moco", "byol", "swav"}
 
@@ -52,7 +52,7 @@ def score(backbone, preprocess, data) -> dict:
 
 def tv_root(tmp: str) -> str:
     """torchvision's FashionMNIST layout (uncompressed idx files) for lightly's DataLoader."""
-    from workers.sources import FashionMNIST
+    from workers.ingest.sources import FashionMNIST
 
     src = FashionMNIST()
     raw = os.path.join(tmp, "FashionMNIST", "raw")
@@ -116,7 +116,7 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     # the supervised reference: the same architecture from scratch, first on as many images as one
     # SSL run saw, then (--supervised-seconds) on as many as its measured speed fits in that time
-    from workers.finetune import train_classifier
+    from workers.evaluate.finetune import train_classifier
 
     cfg = load_config(os.path.join(REPO, "configs", "fashion_mnist_simclr.yaml"), [])
     n_train = len(data["train"]["image"])

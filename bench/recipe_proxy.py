@@ -26,13 +26,13 @@ sys.path.insert(0, REPO)
 import torch  # noqa: E402
 
 from workers.config import load_config  # noqa: E402
-from workers.data import load_split  # noqa: E402
-from workers.features import FeatureSource  # noqa: E402
+from workers.data.loader import load_split  # noqa: E402
+from workers.data.manifest import read_manifest  # noqa: E402
+from workers.evaluate.features import FeatureSource  # noqa: E402
+from workers.evaluate.probe import linear_probe  # noqa: E402
 from workers.knn import extract_features, knn_accuracy  # noqa: E402
-from workers.optim import build_optimizer, lr_schedule  # noqa: E402
-from workers.pretrain import build_objective  # noqa: E402
-from workers.probe import linear_probe  # noqa: E402
-from workers.shards import read_manifest  # noqa: E402
+from workers.model import build_objective  # noqa: E402
+from workers.pretrain.optim import build_optimizer, lr_schedule  # noqa: E402
 from workers.storage import RunLocation  # noqa: E402
 
 DEMO = os.path.join(REPO, "configs", "pipeline_demo.yaml")

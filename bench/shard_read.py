@@ -19,9 +19,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
-from workers.shards import read_manifest  # noqa: E402
+from workers.data.manifest import read_manifest  # noqa: E402
+from workers.data.stream import SampleDecoder, group_samples, open_split, shard_urls  # noqa: E402
 from workers.storage import RunLocation  # noqa: E402
-from workers.stream import SampleDecoder, group_samples, open_split, shard_urls  # noqa: E402
 
 
 def _unverified_members(stream):

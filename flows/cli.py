@@ -86,8 +86,8 @@ def _add_ingest(sub) -> None:
 
 
 def _run_ingest(a) -> int:
-    from workers.shards import IngestParams
-    from workers.sources import SourceError
+    from workers.ingest.shards import IngestParams
+    from workers.ingest.sources import SourceError
     from workers.storage import RunLocation, check_writable
 
     IngestParams(a.shard_size, a.image_format, a.val_fraction, a.seed)  # fails here, before Prefect starts
@@ -135,11 +135,11 @@ def _add_pretrain(sub) -> None:
 
 def _run_pretrain(a) -> int:
     from workers.config import load_config
-    from workers.pretrain_run import prepare_run
+    from workers.pretrain.run_dir import prepare_run
     from workers.storage import RunLocation
 
     config = load_config(a.config, a.overrides)  # validated before Prefect or Ray start
-    from workers.pretrain import check_buildable
+    from workers.model import check_buildable
 
     check_buildable(config)  # parameter values: the objective is built once, here
     run = RunLocation.normalise(a.run)
@@ -150,8 +150,8 @@ def _run_pretrain(a) -> int:
         _, status = prepare_run(loc, config)
     if status != "finished" and not (a.address or os.environ.get("RAY_ADDRESS")):
         # the private Ray instance comes up on a thread while Prefect starts its temporary server
-        from workers import ray_start
-        from workers.pretrain import local_ray_cpus
+        from workers.pretrain.launch import local_ray_cpus
+        from workers.pretrain.ray_internals import ray_start
 
         ray_start.start_early(local_ray_cpus(config), dashboard=a.ray_dashboard)
 
@@ -208,8 +208,9 @@ def _csv(value: str, allowed: tuple, flag: str) -> tuple:
 
 
 def _run_evaluate(a) -> int:
-    from workers.evaluate import BASELINES, PROTOCOLS, Evaluation, eval_config
-    from workers.report import results_table, table_markdown
+    from workers.evaluate.config import BASELINES, PROTOCOLS, eval_config
+    from workers.evaluate.evaluation import Evaluation
+    from workers.evaluate.report import results_table, table_markdown
 
     protocols = _csv(a.protocols, PROTOCOLS, "--protocols")
     if not protocols:
@@ -250,11 +251,11 @@ def _add_run(sub) -> None:
 
 def _run_run(a) -> int:
     from flows.pipeline import load_pipeline_config
-    from workers.report import results_table, table_text
+    from workers.evaluate.report import results_table, table_text
 
     overrides = list(a.overrides) + ([f"run={a.run}"] if a.run else [])
     cfg = load_pipeline_config(a.config, overrides)  # validated before Prefect, Ray or any stage starts
-    from workers.pretrain import check_buildable
+    from workers.model import check_buildable
 
     check_buildable(cfg.pretrain)
 
@@ -330,9 +331,9 @@ RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "run": _run_run, "d
 def expected_errors() -> tuple[type[BaseException], ...]:
     """Errors about the user's input or data: one line each, never a traceback."""
     from workers.config import ConfigError
-    from workers.integrity import CorruptShard
-    from workers.shards import IngestError
-    from workers.sources import SourceError
+    from workers.data.integrity import CorruptShard
+    from workers.ingest.shards import IngestError
+    from workers.ingest.sources import SourceError
     from workers.storage import StorageError
 
     return (ConfigError, SourceError, StorageError, IngestError, CorruptShard, ValueError, FileNotFoundError)

@@ -5,8 +5,8 @@ probe / kNN / few-label probe task waits for the features it reads; fine-tuning 
 supervised reference need only the images and start at once; the supervised backbone's probe and
 kNN wait for its training; the report task waits for everything. Tasks run in threads
 (``ThreadPoolTaskRunner``): they share the splits and features held by one
-``workers.evaluate.Evaluation``, and torch releases the GIL in its kernels. All logic lives in
-``workers/evaluate.py``; each task here is a line or two.
+``workers.evaluate.evaluation.Evaluation``, and torch releases the GIL in its kernels. All logic lives in
+``workers/evaluate/evaluation.py``; each task here is a line or two.
 """
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.credentials import resolve as resolve_credentials
 from workers.credentials import StorageOptions
-from workers.evaluate import (NEEDS, Evaluation, Result, eval_config, frozen_sources, run_fewshot, run_finetune,
-                              run_knn, run_probe, run_supervised)
-from workers.report import render_markdown, write_report
+from workers.evaluate.config import eval_config
+from workers.evaluate.evaluation import NEEDS, Evaluation, frozen_sources
+from workers.evaluate.protocols import Result, run_fewshot, run_finetune, run_knn, run_probe, run_supervised
+from workers.evaluate.report import render_markdown, write_report
 
 # Two task threads; each task computes inside one of ``Evaluation.compute_slots``: one at a time on
 # a CPU (torch already spreads one protocol over every core, and two at once oversubscribe them),
@@ -77,7 +78,7 @@ def report_task(ev: Evaluation, results: list[Result], started: float) -> dict:
 @flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=THREADS), log_prints=False)
 def evaluate_flow(run: str, config: Optional[dict[str, Any]] = None,
                   storage_options: Optional[StorageOptions] = None, progress_bar: bool = False) -> dict:
-    """Evaluate ``run``'s checkpoint (``config``: fields of ``workers.evaluate.EvalConfig``); returns report.json."""
+    """Evaluate ``run``'s checkpoint (``config``: fields of ``workers.evaluate.config.EvalConfig``); returns report.json."""
     log = get_run_logger()
     started = time.perf_counter()
     ev = Evaluation(run, eval_config(**(config or {})), resolve_credentials(storage_options), log=log.info,

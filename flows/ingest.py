@@ -2,7 +2,7 @@
 
 The flow plans on the driver, fans out one task per group of shards (threads: image decoding and
 PNG/zlib encoding release the GIL), and writes the manifest last. All logic lives in
-``workers/shards.py``; the tasks here are a few lines each.
+``workers/ingest/shards.py``; the tasks here are a few lines each.
 """
 from __future__ import annotations
 
@@ -18,11 +18,11 @@ from prefect.tasks import exponential_backoff
 
 from flows.credentials import resolve as resolve_credentials
 from flows.retries import retry_on_io
-from workers import integrity
 from workers.credentials import StorageOptions
-from workers.shards import (IngestParams, Progress, ShardResult, ShardSpec, finalize,
-                            plan_ingest, plan_repair, prepare_run, write_shard)
-from workers.sources import Source, open_source
+from workers.data import integrity
+from workers.ingest.shards import (IngestParams, Progress, ShardResult, ShardSpec, finalize, plan_ingest, plan_repair,
+                                   prepare_run, write_shard)
+from workers.ingest.sources import Source, open_source
 from workers.storage import RunLocation, check_writable
 
 DEFAULT_THREADS = max(2, os.cpu_count() or 2)

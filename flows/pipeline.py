@@ -26,9 +26,9 @@ from flows.ingest import ingest_flow
 from flows.pretrain import pretrain_task
 from workers.config import PretrainConfig, load_model
 from workers.credentials import StorageOptions
-from workers.evaluate import EvalConfig
-from workers.pretrain import check_buildable
-from workers.report import results_table, table_markdown, table_text
+from workers.evaluate.config import EvalConfig
+from workers.evaluate.report import results_table, table_markdown, table_text
+from workers.model import check_buildable
 from workers.storage import RunLocation
 
 
@@ -92,8 +92,8 @@ def reusable_report(loc: RunLocation, evaluation: EvalConfig) -> Optional[dict]:
 
 def expectations(run: str, pretrain: PretrainConfig, evaluation: EvalConfig, opts: dict) -> list[str]:
     """What the stages will do and how long they should take, from steps measured here."""
-    from workers.evaluate import expected_evaluation
-    from workers.pretrain import expected_pretraining
+    from workers.evaluate.evaluation import expected_evaluation
+    from workers.pretrain.launch import expected_pretraining
 
     loc = RunLocation(run, opts)
     lines = [expected_pretraining(loc, pretrain)]

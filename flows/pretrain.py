@@ -12,7 +12,7 @@ from prefect.cache_policies import NONE
 
 from flows.credentials import resolve as resolve_credentials
 from workers.config import PretrainConfig
-from workers.pretrain import launch
+from workers.pretrain.launch import launch
 
 
 @task(cache_policy=NONE, task_run_name="pretrain-{config.objective}")

@@ -1,7 +1,7 @@
 """Tiny runs for the evaluation tests: ingested shards, a briefly pretrained checkpoint and its metrics.
 
 The checkpoint comes from a few SimCLR steps taken by hand (no Ray) and exported with
-``workers.pretrain.export_final``; the steps' real losses and a real kNN figure go to
+``workers.pretrain.export.export_final``; the steps' real losses and a real kNN figure go to
 ``metrics.jsonl`` through ``MetricsLog``, in the format the Ray loop writes.
 """
 from __future__ import annotations
@@ -9,10 +9,12 @@ from __future__ import annotations
 import torch
 
 from workers.config import load_config
+from workers.ingest.shards import IngestParams, ingest
+from workers.ingest.sources import open_source
 from workers.knn import extract_features, knn_accuracy
-from workers.pretrain import MetricsLog, build_objective, export_final
-from workers.shards import IngestParams, ingest
-from workers.sources import open_source
+from workers.model import build_objective
+from workers.pretrain.export import export_final
+from workers.pretrain.run_log import MetricsLog
 from workers.storage import RunLocation
 
 TINY = ["backbone=small_cnn", "backbone_params={width: 8}", "image_size=8", "view.size=8", "batch_size=16",
@@ -26,7 +28,7 @@ def ingest_folder(src: str, run: str, val_fraction: float = 0.2, shard_size: int
 
 def pretrain_by_hand(run: str, manifest: dict, steps: int = 4, overrides: tuple = (), write_config: bool = True):
     """A few SimCLR steps on the run's train split; exports checkpoints/final/backbone.pt. Returns the config."""
-    from workers.data import in_memory_split
+    from workers.data.loader import in_memory_split
 
     loc = RunLocation(run)
     config = load_config(None, TINY + list(overrides))

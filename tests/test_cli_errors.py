@@ -7,7 +7,7 @@ import logging
 import pytest
 
 from flows import cli
-from workers.integrity import CorruptShard
+from workers.data.integrity import CorruptShard
 
 
 def _record(logger: str, msg: str, exc: BaseException | None = None) -> logging.LogRecord:

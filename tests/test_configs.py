@@ -18,7 +18,7 @@ import yaml
 from ssl_models.objectives import OBJECTIVES
 from workers.config import ConfigError, load_config
 from workers.hardware import resolve_here
-from workers.pretrain import build_objective
+from workers.model import build_objective
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PIPELINE_CONFIGS = sorted((ROOT / "configs").glob("pipeline_*.yaml"))  # whole-pipeline configs, checked below
@@ -255,7 +255,7 @@ def test_a_backbone_brings_its_own_defaults():
     ("backbone_params.patch_size=5", "divisible by patch_size"),
 ])
 def test_a_parameter_value_the_objective_refuses_fails_before_any_machinery(override, says):
-    from workers.pretrain import check_buildable
+    from workers.model import check_buildable
 
     extra = ["backbone=vit_tiny"] if "patch_size" in override else []
     config = load_config(None, extra + [override])  # names and types of the fields pass ...

@@ -51,7 +51,7 @@ class PretrainConfig(BaseModel):
     budget_minutes: Optional[float] = Field(
         None, gt=0, description="train for as many steps as fit in this many minutes of the training loop, measured on "
                                 "the first steps; replaces epochs (which is then not used) and excludes steps; the "
-                                "schedule is laid over those steps (workers.pretrain_budget)")
+                                "schedule is laid over those steps (workers.pretrain.budget)")
     grad_accum: int = Field(1, ge=1)
 
     # optimisation
@@ -85,7 +85,7 @@ class PretrainConfig(BaseModel):
     max_failures: int = Field(2, ge=0)
     on_corrupt: Literal["fail", "skip"] = Field(
         "fail", description="a shard that fails its sha256 or cannot be parsed: fail (stop, naming it and the fix) or "
-                            "skip it (counted in metrics.jsonl and summary.json; workers.integrity)")
+                            "skip it (counted in metrics.jsonl and summary.json; workers.data.integrity)")
     knn_monitor: bool = True
     knn_k: int = Field(20, ge=1)
     knn_bank: int = Field(5000, ge=10, description="train samples in the online kNN feature bank")

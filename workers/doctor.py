@@ -53,7 +53,7 @@ def measure_step(precision: str, batch: int = 32, steps: int = 2, threads: int =
     """
     import torch
 
-    from workers.pretrain import build_objective
+    from workers.model import build_objective
 
     config = config or _demo_pretrain_config()
     old = torch.get_num_threads()
@@ -86,7 +86,7 @@ def measure_step(precision: str, batch: int = 32, steps: int = 2, threads: int =
 
 
 def fashion_mnist_status() -> str:
-    from workers.sources import FASHION_MNIST_DIRS, find_fashion_mnist
+    from workers.ingest.sources import FASHION_MNIST_DIRS, find_fashion_mnist
 
     try:
         return f"installed ({find_fashion_mnist(download=False)})"

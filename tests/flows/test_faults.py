@@ -150,7 +150,7 @@ def _gelato(*args, timeout=300, env=None):
 
 
 def test_disk_full_during_ingest_is_one_clear_error_nothing_half_published_and_the_rerun_goes_on(tmp_path, small_disk):
-    from workers.shards import sha256_of
+    from workers.ingest.shards import sha256_of
     from workers.storage import RunLocation
 
     write_images(tmp_path / "src", n_classes=4, per_class=60, size=40, mode="RGB")  # ~1.2 MB of PNG shards
@@ -197,8 +197,8 @@ def _ray_sessions() -> set[str]:
 
 
 def test_pretrain_driver_killed_mid_run_then_the_same_command_resumes_to_the_exact_step(tmp_path):
-    from workers.shards import IngestParams, ingest
-    from workers.sources import open_source
+    from workers.ingest.shards import IngestParams, ingest
+    from workers.ingest.sources import open_source
     from workers.storage import RunLocation
 
     write_images(tmp_path / "src", n_classes=3, per_class=40, size=16)

@@ -4,16 +4,13 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 import sys
-
-import numpy as np
-import pytest
+import time
 
 from flows.ingest import ingest_flow
 from flows.retries import is_io_error
 from imagegen import write_images
-from workers.stream import open_split
+from workers.data.stream import open_split
 
 
 def test_ingest_flow_local(tmp_path):

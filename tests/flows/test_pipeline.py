@@ -7,7 +7,7 @@ import os
 import pytest
 
 from flows.pipeline import PipelineConfig, load_pipeline_config, pipeline_flow
-from workers.report import results_table, table_text
+from workers.evaluate.report import results_table, table_text
 from imagegen import write_images
 from workers.config import ConfigError
 

@@ -1,5 +1,5 @@
-"""Time budgets: the pretraining steps that fit (``workers.pretrain_budget``) and the evaluation
-sized to its budget from measured costs (``workers.eval_budget``), on stated costs and on a real run."""
+"""Time budgets: the pretraining steps that fit (``workers.pretrain.budget``) and the evaluation
+sized to its budget from measured costs (``workers.evaluate.budget``), on stated costs and on a real run."""
 from __future__ import annotations
 
 import json
@@ -12,10 +12,11 @@ import torch
 from evalrun import ingest_folder, pretrain_by_hand
 from imagegen import write_separable
 from workers.config import ConfigError, load_config
-from workers.eval_budget import Costs, Counts, estimate, plan
-from workers.evaluate import EvalConfig, Evaluation, eval_config, evaluate
+from workers.evaluate.budget import Costs, Counts, estimate, plan
+from workers.evaluate.config import EvalConfig, eval_config
+from workers.evaluate.evaluation import Evaluation, evaluate
 from workers.hardware import resolve_here
-from workers.pretrain_budget import CHECKPOINT_S, EPOCH_TURNOVER_S, EXPORT_S, StepClock, epoch_ends, fit_steps
+from workers.pretrain.budget import CHECKPOINT_S, EPOCH_TURNOVER_S, EXPORT_S, StepClock, epoch_ends, fit_steps
 
 # ----------------------------------------------------------------------------- pretraining
 
@@ -115,7 +116,7 @@ def test_frozen_train_subset_is_balanced_contains_the_fewshot_subsets_and_is_cac
     sub = ev.frozen_train_index()
     assert len(sub) == 120 and torch.bincount(labels[sub]).tolist() == [12] * 10
     assert len(ev.features("pretrained", "train")) == 120 and len(ev.frozen_targets("train")[0]) == 120
-    from workers.protocols import fewshot_indices, run_fewshot
+    from workers.evaluate.protocols import fewshot_indices, run_fewshot
 
     for idx in fewshot_indices(ev).values():  # every few-label subset is inside the frozen one
         assert torch.equal(sub[ev.frozen_positions(idx)], idx)

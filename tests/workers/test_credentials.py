@@ -52,8 +52,8 @@ def test_configs_serialise_without_credentials_and_say_where_they_came_from():
 def test_a_secret_in_an_old_checkpoint_is_stripped_on_load(tmp_path):
     """backbone.pt written before this change held the config's secret in plain text."""
     from evalrun import TINY
-    from workers import checkpoint as ckpt
-    from workers.pretrain import build_objective
+    from workers.evaluate import checkpoint as ckpt
+    from workers.model import build_objective
     from workers.storage import RunLocation
 
     config = load_config(None, TINY)

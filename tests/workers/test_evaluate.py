@@ -11,14 +11,16 @@ import torch
 
 from evalrun import ingest_folder, pretrain_by_hand
 from imagegen import write_images, write_separable
-from workers.checkpoint import CheckpointMismatch
 from workers.config import ConfigError, load_config
-from workers.evaluate import Evaluation, eval_config, evaluate, fewshot_subset
-from workers.metrics import (average_precision, confusion_matrix, multilabel_ap, per_class_accuracy, topk_accuracy,
-                             voc07_average_precision)
-from workers.pretrain import build_objective, export_final
-from workers.probe import linear_probe
-from workers.report import PNG_SIGNATURE
+from workers.evaluate.checkpoint import CheckpointMismatch
+from workers.evaluate.config import eval_config
+from workers.evaluate.evaluation import Evaluation, evaluate, fewshot_subset
+from workers.evaluate.metrics import (average_precision, confusion_matrix, multilabel_ap, per_class_accuracy,
+                                      topk_accuracy, voc07_average_precision)
+from workers.evaluate.probe import linear_probe
+from workers.model import build_objective
+from workers.plots import PNG_SIGNATURE
+from workers.pretrain.export import export_final
 from workers.storage import RunLocation
 
 ROW_KEYS = {"protocol", "features", "metric", "split", "value"}
@@ -112,7 +114,7 @@ def test_probe_one_vs_rest_on_separable_multilabel_features():
 
 
 def test_warm_started_probe_path_reaches_the_cold_start_optimum():
-    from workers.probe import fit_linear, select_and_fit
+    from workers.evaluate.probe import fit_linear, select_and_fit
 
     g = torch.Generator().manual_seed(1)
     y = torch.randint(0, 4, (400,), generator=g)
@@ -205,12 +207,12 @@ def test_features_are_cached_and_reused(labelled_run, tmp_path, monkeypatch):
     path = os.path.join(run, "eval", "features", key, "test.pt")
     mtime = os.stat(path).st_mtime_ns
 
-    import workers.features
+    import workers.evaluate.features
 
     def no_extraction(*a, **k):
         raise AssertionError("features were recomputed instead of read from the cache")
 
-    monkeypatch.setattr(workers.features, "extract_features", no_extraction)
+    monkeypatch.setattr(workers.evaluate.features, "extract_features", no_extraction)
     ev2 = Evaluation(run, cfg)
     assert torch.equal(ev2.features("pretrained", "test"), first) and ev2.computed == []
     assert os.stat(path).st_mtime_ns == mtime
@@ -412,7 +414,7 @@ def test_evaluate_on_s3(s3_bucket, tmp_path):
 
 
 def test_a_damaged_test_shard_is_named_or_skipped_and_counted_in_the_report(labelled_run, tmp_path):
-    from workers.integrity import CorruptShard
+    from workers.data.integrity import CorruptShard
 
     run = _copy(labelled_run, tmp_path)
     shard = os.path.join(run, "shards", "test-000000.tar")
@@ -430,7 +432,7 @@ def test_a_damaged_test_shard_is_named_or_skipped_and_counted_in_the_report(labe
 
 
 def test_few_label_rows_via_probe_and_via_finetune_stay_apart_in_every_table():
-    from workers.report import results_table, table_markdown, table_text
+    from workers.evaluate.report import results_table, table_markdown, table_text
 
     def row(protocol, features, value, via=None):
         return {"protocol": protocol, "features": features, "metric": "top1", "split": "test", "value": value} | (

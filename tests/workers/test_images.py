@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from workers.images import RejectedImage, decode_bytes, encode
+from workers.data.images import RejectedImage, decode_bytes, encode
 
 
 def _png(arr, mode, **kw):
@@ -83,7 +83,7 @@ def test_native_decoder_loads_without_torchvision_and_matches_torchvision_io():
     import subprocess
     import sys
 
-    code = ("import sys; from workers.images import native_decoder; "
+    code = ("import sys; from workers.data.images import native_decoder; "
             "print(native_decoder() is not None, 'torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["True", "False"]
@@ -91,7 +91,7 @@ def test_native_decoder_loads_without_torchvision_and_matches_torchvision_io():
     import torch
     from torchvision.io import ImageReadMode, decode_image
 
-    from workers.images import native_decoder
+    from workers.data.images import native_decoder
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)
@@ -109,7 +109,7 @@ def test_native_decoder_loads_without_torchvision_and_matches_torchvision_io():
 @pytest.mark.parametrize("fmt,ext", [("PNG", "png"), ("JPEG", "jpg"), ("WEBP", "webp")])
 def test_stream_decoder_gives_the_manifest_channels(fmt, ext):
     """A gray run stored as WebP (which torchvision cannot decode to gray) still yields (1, H, W)."""
-    from workers.stream import SampleDecoder
+    from workers.data.stream import SampleDecoder
 
     rgb = np.random.default_rng(1).integers(0, 256, (12, 10, 3), dtype=np.uint8)
     buf = io.BytesIO()

@@ -17,12 +17,12 @@ import pytest
 
 from evalrun import ingest_folder
 from imagegen import write_images
-from workers import integrity
-from workers.integrity import CorruptShard
-from workers.shards import sha256_of
+from workers.data import integrity
+from workers.data.integrity import CorruptShard
+from workers.data.stream import open_split
+from workers.data.tarformat import TarFormatError, add_member, header_checksum_ok, iter_members, ustar_header
+from workers.ingest.shards import sha256_of
 from workers.storage import RunLocation
-from workers.stream import open_split
-from workers.tarformat import TarFormatError, add_member, header_checksum_ok, iter_members, ustar_header
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

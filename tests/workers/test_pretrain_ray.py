@@ -13,9 +13,10 @@ import torch
 from imagegen import write_images
 from workers.config import load_config
 from workers.hardware import resolve_here
-from workers.pretrain import launch, load_backbone
-from workers.shards import IngestParams, ingest
-from workers.sources import open_source
+from workers.ingest.shards import IngestParams, ingest
+from workers.ingest.sources import open_source
+from workers.model import load_backbone
+from workers.pretrain.launch import launch
 from workers.storage import RunLocation
 
 pytestmark = pytest.mark.slow  # Ray Train with 2 worker processes
@@ -224,7 +225,7 @@ def _damage(run, name="train-000003.tar", at=3000):
 
 
 def test_a_damaged_shard_stops_every_rank_in_seconds_naming_it_and_is_not_retried(tmp_path, tiny_source):
-    from workers.integrity import CorruptShard
+    from workers.data.integrity import CorruptShard
 
     run = _fresh_run(tmp_path, tiny_source)
     _damage(run)

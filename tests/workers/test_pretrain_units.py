@@ -8,11 +8,11 @@ import torch
 
 from imagegen import write_images
 from workers.config import ConfigError, load_config
-from workers.data import epoch_batches, steps_per_epoch
+from workers.data.loader import epoch_batches, steps_per_epoch
+from workers.ingest.shards import IngestParams, ingest
+from workers.ingest.sources import open_source
 from workers.knn import knn_accuracy, knn_predict
-from workers.optim import LARS, build_optimizer, lr_schedule, param_groups
-from workers.shards import IngestParams, ingest
-from workers.sources import open_source
+from workers.pretrain.optim import LARS, build_optimizer, lr_schedule, param_groups
 from workers.storage import RunLocation
 
 
@@ -114,7 +114,7 @@ def test_knn_on_separable_features():
 
 
 def test_loader_fits_mixed_sizes_to_image_size():
-    from workers.data import Collate
+    from workers.data.loader import Collate
 
     batch = Collate(16)([{"image": torch.randint(0, 255, (3, 40, 60), dtype=torch.uint8), "label": 1, "key": "a"},
                          {"image": torch.randint(0, 255, (3, 20, 16), dtype=torch.uint8), "label": 2, "key": "b"}])
@@ -125,7 +125,7 @@ def test_loader_fits_mixed_sizes_to_image_size():
 
 
 def test_colorization_backbone_takes_the_l_channel():
-    from workers.pretrain import build_objective
+    from workers.model import build_objective
 
     cfg = load_config(None, ["objective=colorization", "backbone=small_cnn", "backbone_params={width: 8}",
                              "image_size=16"])
@@ -139,7 +139,7 @@ def test_colorization_backbone_takes_the_l_channel():
 def test_metrics_tail_feeds_the_progress_bar_new_lines_only(where, tmp_path, request):
     """The driver's progress bar tails metrics.jsonl (local or S3): lines already there are skipped,
     half-written lines wait, and a file that shrinks (a resume drops lines) is read from the start."""
-    from workers.pretrain import MetricsLog, MetricsTail
+    from workers.pretrain.run_log import MetricsLog, MetricsTail
 
     uri = str(tmp_path / "run") if where == "local" else f"s3://{request.getfixturevalue('s3_bucket')}/run"
     loc = RunLocation(uri)
@@ -163,9 +163,9 @@ def test_metrics_tail_feeds_the_progress_bar_new_lines_only(where, tmp_path, req
 
 
 def test_pretrain_figure_draws_what_the_metrics_hold_and_a_broken_one_costs_nothing(tmp_path, capsys):
-    from workers.pretrain import write_pretrain_plot
-    from workers.pretrain_run import PRETRAIN_PLOT
-    from workers.report import PNG_SIGNATURE, pretrain_figure
+    from workers.plots import PNG_SIGNATURE, pretrain_figure
+    from workers.pretrain.export import write_pretrain_plot
+    from workers.pretrain.run_dir import PRETRAIN_PLOT
 
     rows = [{"event": "first_step", "step": 1, "time": 0.0}]
     rows += [{"step": s, "epoch": s / 4, "loss": 5.0 - 0.1 * s, "lr": 0.01 * s, "momentum": 0.99 + 0.001 * s,
@@ -186,7 +186,7 @@ def test_pretrain_figure_draws_what_the_metrics_hold_and_a_broken_one_costs_noth
 
 
 def test_overwrite_leaves_nothing_of_the_old_training(tmp_path):
-    from workers.pretrain_run import PRETRAIN_PLOT, prepare_run
+    from workers.pretrain.run_dir import PRETRAIN_PLOT, prepare_run
 
     write_images(tmp_path / "src", n_classes=2, per_class=6, size=8)
     loc = RunLocation(str(tmp_path / "run"))

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import free_port
 from imagegen import write_images
-from workers.shards import IngestParams, ingest
-from workers.sources import open_source
+from workers.ingest.shards import IngestParams, ingest
+from workers.ingest.sources import open_source
 from workers.storage import RunLocation
 
 pytestmark = pytest.mark.slow  # a 2-node Ray cluster

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from workers.ray_controller import FixedScalingWithoutAutoscaler, LocalTorchConfig
-from workers.ray_local import torch_free_controller_supported
+from workers.pretrain.ray_internals.ray_controller import FixedScalingWithoutAutoscaler, LocalTorchConfig
+from workers.pretrain.ray_internals.ray_local import torch_free_controller_supported
 
 pytestmark = pytest.mark.slow  # subprocesses importing Ray
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from workers import ray_start
+from workers.pretrain.ray_internals import ray_start
 
 pytestmark = pytest.mark.slow  # a private Ray instance
 

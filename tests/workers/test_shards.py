@@ -17,9 +17,10 @@ import torch
 from PIL import Image
 
 from imagegen import write_images
-from workers.shards import IngestError, IngestParams, ingest, read_manifest
-from workers.stream import open_split
-from workers.sources import SourceError, open_source
+from workers.data.manifest import read_manifest
+from workers.data.stream import open_split
+from workers.ingest.shards import IngestError, IngestParams, ingest
+from workers.ingest.sources import SourceError, open_source
 from workers.storage import RunLocation, StorageError, check_writable
 
 
@@ -205,8 +206,8 @@ def test_reader_splits_ranks_and_workers_disjointly(tmp_path):
 
 RESUME_SCRIPT = textwrap.dedent("""
     import sys
-    from workers.shards import ingest, IngestParams
-    from workers.sources import open_source
+    from workers.ingest.shards import ingest, IngestParams
+    from workers.ingest.sources import open_source
     from workers.storage import RunLocation
     ingest(RunLocation(sys.argv[2]), open_source(sys.argv[1]), IngestParams(shard_size=40, val_fraction=0.1, seed=3),
            threads=2, progress_bar=False)

@@ -14,8 +14,8 @@ import sys
 import pytest
 
 from imagegen import write_images
-from workers.shards import IngestParams, ingest
-from workers.sources import open_source
+from workers.ingest.shards import IngestParams, ingest
+from workers.ingest.sources import open_source
 from workers.storage import RunLocation
 
 pytestmark = pytest.mark.slow  # torchrun with 2 processes
@@ -137,7 +137,7 @@ def test_each_launcher_refuses_to_silently_restart_the_others_checkpoints(tmp_pa
     import pytest
 
     from workers.config import ConfigError
-    from workers.train_session import check_resumable_by
+    from workers.pretrain.sessions import check_resumable_by
 
     loc = RunLocation(str(tmp_path))
     check_resumable_by(loc, "ray")  # no checkpoints at all: a fresh start is right for both

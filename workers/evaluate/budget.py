@@ -106,7 +106,7 @@ def _timed(fn, repeats: int = 2) -> float:
 
 @torch.no_grad()
 def _embed_costs(module, preprocess, images, execution, device, sizes, pools) -> tuple[dict, dict]:
-    from workers.features import FeatureSource, FrozenView, at_size
+    from workers.evaluate.features import FeatureSource, FrozenView, at_size
 
     embed, dims = {}, {}
     module = copy.deepcopy(module).to(device).eval()
@@ -121,7 +121,7 @@ def _embed_costs(module, preprocess, images, execution, device, sizes, pools) ->
 
 
 def _finetune_step(backbone, preprocess, images, execution, device, image_size: int, batch: int) -> float:
-    from workers.finetune import train_classifier
+    from workers.evaluate.finetune import train_classifier
 
     marks: list[float] = []
     n = min(len(images), batch)

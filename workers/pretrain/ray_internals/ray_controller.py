@@ -3,7 +3,7 @@
 When ``gelato pretrain`` runs with no cluster address it starts a Ray instance of its own, which
 lives and dies with the command. On a two-core laptop every second the controller spends before it
 asks for the workers is a second added to the first step, with the other core idle. Two things in
-the stock set-up cost it most of that time, and are replaced here (``workers.ray_local`` wires them
+the stock set-up cost it most of that time, and are replaced here (``workers.pretrain.ray_internals.ray_local`` wires them
 in):
 
 - the scaling policy calls the autoscaling coordinator, an actor the controller waits for before it
@@ -45,7 +45,7 @@ try:  # Ray Train V2's failure policy (private module path)
 except ImportError:  # another Ray: keep the stock policy
     DefaultFailurePolicy = None
 
-DAMAGED_DATA_ERROR = "CorruptShard"  # workers.integrity's exception, by name: no torch or fsspec here
+DAMAGED_DATA_ERROR = "CorruptShard"  # workers.data.integrity's exception, by name: no torch or fsspec here
 
 
 if DefaultFailurePolicy is not None:

@@ -2,7 +2,7 @@
 
 Two kinds are accepted:
 
-* ``checkpoints/final/backbone.pt`` (the default), written by ``workers.pretrain.export_final``:
+* ``checkpoints/final/backbone.pt`` (the default), written by ``workers.pretrain.export.export_final``:
   backbone weights plus the pretraining config;
 * a Ray Train checkpoint ``checkpoints/checkpoint_*/state.pt`` (or its folder): the whole
   objective's state dict; its config is the ``config.yaml`` saved beside it, else the run's.
@@ -24,8 +24,8 @@ import torch
 import yaml
 
 from workers.config import ConfigError, PretrainConfig
-from workers.pretrain import build_objective
-from workers.pretrain_run import FINAL_DIR
+from workers.model import build_objective
+from workers.model import FINAL_DIR
 from workers.storage import RunLocation
 
 

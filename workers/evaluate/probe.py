@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from workers.metrics import confusion_matrix, multilabel_ap, per_class_accuracy, topk_accuracy
+from workers.evaluate.metrics import confusion_matrix, multilabel_ap, per_class_accuracy, topk_accuracy
 
 DEFAULT_WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 

@@ -1,7 +1,7 @@
 """The run directory of pretraining, checked before any Ray or torch work (this module imports neither).
 
 :func:`prepare_run` reads the manifest, checks that every shard pretraining reads is there with
-its size (``workers.integrity.check_shards``: one listing), compares the configuration with the
+its size (``workers.data.integrity.check_shards``: one listing), compares the configuration with the
 one the run was started with, and says whether the run is fresh, to be resumed, or finished.
 ``gelato pretrain`` calls it first, so a wrong run fails in about a second, before Prefect's
 server or Ray are waited for.
@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from workers import integrity
 from workers.config import ConfigError, PretrainConfig
+from workers.data import integrity
+from workers.model import FINAL_DIR
 from workers.storage import RunLocation
 
-FINAL_DIR = "checkpoints/final"
 PRETRAIN_PLOT = "plots/pretrain.png"
 
 
@@ -30,7 +30,7 @@ def read_json(loc: RunLocation, rel: str) -> Optional[dict]:
 def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = False) -> tuple[dict, str]:
     """Check the run before any Ray work. Returns (manifest, status) with status "fresh",
     "resume" or "finished"."""
-    from workers.shards import read_manifest
+    from workers.data.manifest import read_manifest
 
     manifest = read_manifest(loc)
     if manifest is None:

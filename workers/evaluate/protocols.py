@@ -16,13 +16,13 @@ from typing import Any, Literal, Optional
 
 import torch
 
-from workers import features
-from workers.finetune import classifier_metrics, predict, train_classifier
+from workers.evaluate import features
+from workers.evaluate.finetune import classifier_metrics, predict, train_classifier
+from workers.evaluate.metrics import multilabel_ap, topk_accuracy
+from workers.evaluate.probe import Standardizer, linear_probe
 from workers.knn import knn_predict, knn_scores_multilabel
-from workers.metrics import multilabel_ap, topk_accuracy
-from workers.probe import Standardizer, linear_probe
 
-# A ``workers.evaluate.Evaluation``. Not imported, not even for type checkers: that module imports
+# A ``workers.evaluate.evaluation.Evaluation``. Not imported, not even for type checkers: that module imports
 # this one, and the protocols only read its attributes.
 Evaluation = Any
 

@@ -13,11 +13,11 @@ import json
 import random
 from typing import Iterator, Optional
 
-from workers import integrity
-from workers.images import decode_bytes, native_decoder
-from workers.shards import MANIFEST, SHARD_DIR, read_manifest
+from workers.data import integrity
+from workers.data.images import decode_bytes, native_decoder
+from workers.data.manifest import MANIFEST, SHARD_DIR, read_manifest
+from workers.data.tarformat import TarFormatError, iter_members
 from workers.storage import RunLocation
-from workers.tarformat import TarFormatError, iter_members
 
 ON_CORRUPT = ("fail", "skip")
 
@@ -33,9 +33,9 @@ def open_split(run: str | RunLocation, split: str, *, rank: int = 0, world_size:
                shuffle_buffer: int = 1000, manifest: Optional[dict] = None, on_corrupt: str = "fail"):
     """A split of a run as an ``IterableDataset`` of ``{"key", "image" (C,H,W) uint8, "label"}``.
 
-    Every shard's sha256 is checked against the manifest as its bytes stream (``workers.integrity``),
+    Every shard's sha256 is checked against the manifest as its bytes stream (``workers.data.integrity``),
     and its samples are released only once it passed; a damaged shard raises
-    :class:`~workers.integrity.CorruptShard`, or with ``on_corrupt="skip"`` is left out and recorded.
+    :class:`~workers.data.integrity.CorruptShard`, or with ``on_corrupt="skip"`` is left out and recorded.
 
     Node splitting is explicit (``rank``/``world_size``, not discovered), DataLoader-worker
     splitting happens inside each worker; with ``shuffle`` the shard order is permuted with
@@ -149,7 +149,7 @@ class _VerifiedSamples:
     decoder crashes the process on some damaged images, where no exception could name the shard).
     The cost is one shard in memory per loader worker. An intact shard is parsed without checking
     its tar headers (its bytes are the ones ingest wrote); a damaged one is parsed with the checks,
-    to say where the damage is. A damaged shard raises :class:`~workers.integrity.CorruptShard`
+    to say where the damage is. A damaged shard raises :class:`~workers.data.integrity.CorruptShard`
     (``fail``) or yields nothing (``skip``)."""
 
     def __init__(self, loc: RunLocation, manifest: dict, on_corrupt: str):

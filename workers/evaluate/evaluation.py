@@ -5,11 +5,11 @@ Plain functions, no Prefect (``flows/evaluate.py`` wraps them in tasks). The pie
 * :class:`EvalConfig` — what to run, typed and validated before any work;
 * :class:`Evaluation` — one run being evaluated: its manifest, the checkpoint (checked against the
   run), the splits held in memory and the feature sources, with features extracted once per
-  source and split (``workers/features.py``, cached under ``RUN/eval/features/``);
+  source and split (``workers/evaluate/features.py``, cached under ``RUN/eval/features/``);
 * ``run_probe`` / ``run_knn`` / ``run_finetune`` / ``run_fewshot`` / ``run_supervised``
-  (``workers/protocols.py``, re-exported here) — one protocol on one feature source each,
+  (``workers/evaluate/protocols.py``) — one protocol on one feature source each,
   returning a ``Result`` whose ``rows`` are the cells of the report's table;
-* :func:`evaluate` — everything in order, then the report (``workers/report.py``).
+* :func:`evaluate` — everything in order, then the report (``workers/evaluate/report.py``).
 
 Every protocol is reported on ``test``. The same splits, samples and protocol serve the
 pretrained backbone and every baseline: ``raw_pixels`` (flattened, standardised pixels),
@@ -19,92 +19,27 @@ that cannot run (unlabelled source, missing split) is refused with its reason, a
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import threading
 import time
-from typing import Literal, Optional, Union
+from typing import Optional
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from workers import checkpoint as ckpt
-from workers import features, integrity
 from workers.config import ConfigError
-from workers.data import load_split
+from workers.data import integrity
+from workers.data.loader import load_split
+from workers.data.manifest import read_manifest
+from workers.evaluate import checkpoint as ckpt
+from workers.evaluate import features
+from workers.evaluate.config import EvalConfig
+from workers.evaluate.protocols import (fewshot_subset, run_fewshot, run_finetune, run_knn,
+                                        run_probe, run_supervised)
 from workers.hardware import cap_torch_threads, resolve_here
-from workers.probe import DEFAULT_WEIGHT_DECAYS
-from workers.protocols import (FEWSHOT, Result, fewshot_subset, run_fewshot, run_finetune, run_knn,
-                               run_probe, run_supervised)
-from workers.shards import read_manifest
 from workers.storage import RunLocation
 
-PROTOCOLS = ("probe", "knn", "finetune", "fewshot")
-BASELINES = ("raw_pixels", "random_init", "supervised")
 NEEDS = {"probe": ("train", "val", "test"), "knn": ("train", "test"), "finetune": ("train", "test"),
          "fewshot": ("train", "val", "test"), "supervised": ("train", "test")}
-
-
-class EvalConfig(BaseModel):
-    """Everything ``gelato evaluate`` needs; defaults follow the protocols of the literature."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    protocols: tuple[Literal["probe", "knn", "finetune", "fewshot"], ...] = PROTOCOLS
-    baselines: tuple[Literal["raw_pixels", "random_init", "supervised"], ...] = ("raw_pixels", "random_init")
-    checkpoint: Optional[str] = None          # default: RUN/checkpoints/final/backbone.pt
-    seed: int = 0
-    knn_k: int = Field(200, ge=1)             # InstDisc's protocol
-    knn_t: float = Field(0.1, gt=0)
-    probe_weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS
-    probe_max_iter: int = Field(100, ge=1)
-    finetune_epochs: float = Field(5, gt=0, description="fine-tuning epochs (a fraction of one is allowed)")
-    # AdamW; 1e-2 for the head (behind a parameter-free batch norm) and 1e-3 for the backbone fine-tuned
-    # small CNNs/ResNets best in short schedules on Fashion-MNIST; lower it for ViTs.
-    finetune_lr: float = Field(1e-2, gt=0, description="head learning rate (AdamW); also the supervised reference's")
-    finetune_backbone_lr_ratio: float = Field(0.1, gt=0, le=1, description="backbone lr = ratio × head lr")
-    finetune_weight_decay: float = Field(1e-4, ge=0)
-    finetune_batch_size: int = Field(128, ge=2)
-    fewshot_epochs: Optional[int] = Field(None, ge=1, description="default: 4 × finetune_epochs")
-    supervised_epochs: Optional[int] = Field(None, ge=1, description="default: the pretraining's epochs")
-    batch_size: int = Field(256, ge=1, description="feature extraction batch")
-    frozen_input_size: Optional[int] = Field(
-        None, ge=8, description="resolution the frozen backbones see (probe, kNN, few-label probe); default: "
-                                "the pretraining image_size. Fine-tuning stays at image_size. Pick it on val "
-                                "(see workers.features.at_size)")
-    frozen_grid: int = Field(
-        1, ge=1, le=4, description="frozen features (probe, kNN, few-label probe): each of the last frozen_stages "
-                                   "feature maps average-pooled to a grid × grid grid and concatenated (Goyal et "
-                                   "al. 2019); 1 with frozen_stages 1 is the backbone's own output (global pool)")
-    frozen_stages: int = Field(1, ge=1, le=2, description="how many of the last stages frozen_grid pools (1 or 2)")
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="feature extraction and fine-tuning: auto resolves per device (workers.hardware): bf16 "
-                            "where the GPU or CPU has it natively, fp16 on older GPUs, else fp32")
-    channels_last: Union[bool, Literal["auto"]] = Field("auto", description="auto: on CPU, and on GPU at bf16/fp16")
-    limit: Optional[int] = Field(None, ge=2, description="at most this many samples per split (quick runs)")
-    frozen_train_samples: Optional[int] = Field(
-        None, ge=10, description="probe and kNN on a class-balanced, seeded subset of this many train samples "
-                                 "(it contains the few-label subsets); default: all of train")
-    budget_minutes: Optional[float] = Field(
-        None, gt=0, description="size the evaluation to fit this many minutes on this machine, from measured costs "
-                                "(workers.eval_budget): fine-tuning length, frozen input size, probe iterations, train "
-                                "subset, pooling, in that order; the plan is in report.json")
-    device: str = "auto"
-    on_corrupt: Literal["fail", "skip"] = Field(
-        "fail", description="a damaged shard: fail (stop, naming it and the fix) or skip it (counted in the report)")
-
-    def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def eval_config(**kwargs) -> EvalConfig:
-    """Build an :class:`EvalConfig`; an invalid value fails with a ConfigError naming the key."""
-    try:
-        return EvalConfig(**kwargs)
-    except ValidationError as e:
-        msgs = [f"{'.'.join(str(x) for x in err['loc'][:1])}: {err['msg']}" for err in e.errors()]
-        raise ConfigError("evaluate: " + "; ".join(msgs)) from None
 
 
 def plan(manifest: dict, config: EvalConfig) -> tuple[list[str], dict[str, str]]:
@@ -191,7 +126,7 @@ class Evaluation:
         self._frozen_train: Optional[torch.Tensor] = None
 
     def _plan_budget(self, config: EvalConfig):
-        """Measure this machine's costs on the checkpoint's network and size the evaluation (``workers.eval_budget``)."""
+        """Measure this machine's costs on the checkpoint's network and size the evaluation (``workers.evaluate.budget``)."""
         sup = self.supervised_epochs() if "supervised" in config.baselines and "supervised" not in self.refused else 0
         return plan_budget(self.loc, self.manifest, config, self.checkpoint.objective, self.image_size, self.execution,
                            self.device, tuple(self.protocols), sup)
@@ -318,7 +253,7 @@ def plan_budget(loc: RunLocation, manifest: dict, config: EvalConfig, objective,
                 device: str, protocols: tuple[str, ...], supervised_epochs: float = 0):
     """Measure this machine's costs with ``objective``'s network (the checkpoint's, or the same
     architecture before it exists) and size the evaluation to ``config.budget_minutes``."""
-    from workers import eval_budget
+    from workers.evaluate import budget as eval_budget
 
     t0 = time.perf_counter()
     sample = load_split(loc, manifest, "train", max(config.batch_size, config.finetune_batch_size), image_size,
@@ -340,7 +275,7 @@ def expected_evaluation(run: str, pretrain_config, config: EvalConfig, storage_o
     same work). None without a budget."""
     if not config.budget_minutes:
         return None
-    from workers.pretrain import build_objective
+    from workers.model import build_objective
 
     loc = RunLocation(run, storage_options or {})
     manifest = read_manifest(loc)
@@ -371,7 +306,7 @@ def evaluate(run: str, config: EvalConfig, storage_options: Optional[dict] = Non
 
     ``flows/evaluate.py`` runs the same functions as dependent Prefect tasks, concurrently.
     """
-    from workers.report import write_report
+    from workers.evaluate.report import write_report
 
     t0 = time.perf_counter()
     ev = Evaluation(run, config, storage_options, log=log, show_progress=show_progress)
@@ -405,7 +340,3 @@ def run_protocols(ev: Evaluation):
         if "fewshot" in ev.protocols:
             yield run_fewshot(ev, "supervised", "finetune")
 
-
-__all__ = ["BASELINES", "FEWSHOT", "NEEDS", "PROTOCOLS", "EvalConfig", "Evaluation", "Result", "eval_config",
-           "evaluate", "fewshot_subset", "frozen_sources", "plan", "run_fewshot", "run_finetune", "run_knn",
-           "run_probe", "run_protocols", "run_supervised"]

@@ -1,10 +1,13 @@
-"""Optimizers and schedules for pretraining: SGD, AdamW, LARS; warm-up + cosine computed up front."""
+"""Optimizers and schedules for pretraining: SGD, AdamW, LARS; how many steps a run takes; warm-up +
+cosine computed up front."""
 from __future__ import annotations
 
 import math
 
 import torch
 from torch import nn
+
+from workers.config import PretrainConfig
 
 
 class LARS(torch.optim.Optimizer):
@@ -83,3 +86,15 @@ def lr_schedule(base_lr: float, total_steps: int, warmup_steps: int, min_ratio: 
             t = (s - warmup_steps) / max(1, total_steps - warmup_steps)
             out.append(base_lr * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * t))))
     return out
+
+
+def schedule_length(config: PretrainConfig, manifest: dict) -> tuple[int, int]:
+    """(steps per epoch, total optimizer steps) of a run: ``steps`` if set, else ``epochs`` worth.
+
+    With ``budget_minutes`` the total is provisional: the loop replaces it with the steps that fit
+    (:func:`workers.pretrain.budget.fit_steps`) after measuring its first steps."""
+    from workers.data.loader import steps_per_epoch
+
+    spe = steps_per_epoch(manifest["splits"]["train"]["count"], config.batch_size)
+    return spe, config.steps or max(1, math.ceil(config.epochs * spe))
+

@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from workers.images import Encoded, encode
+from workers.data.images import Encoded, encode
 
 FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist"]
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

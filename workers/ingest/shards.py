@@ -1,7 +1,5 @@
-"""Sharded WebDataset archives: planning, writing (resumable, atomic), the manifest, and reading.
+"""Ingest's writing of sharded WebDataset archives: planning, writing (resumable, atomic), repair.
 
-Writing side
-------------
 :func:`plan_ingest` lists the source and cuts every split into shards of ``shard_size`` records
 (deterministically: the same source and parameters give the same plan). :func:`write_shard`
 writes one shard: each record is decoded in full (a bad file is rejected with its reason, never
@@ -12,10 +10,8 @@ its sha256 and the digest of its plan, so a killed ingest rerun with the same ar
 the published shards whose sha256 still match and writes the rest. :func:`finalize` writes
 ``manifest.json`` last; an ingest is complete exactly when the manifest exists.
 
-Reading side
-------------
-:func:`workers.stream.open_split` opens a split as a WebDataset stream with explicit node and
-worker splitting, per-epoch shard shuffling and each shard's checksum verified.
+Reading them back is ``workers/data/stream.py``; the manifest's name and reader are in
+``workers/data/manifest.py``.
 """
 from __future__ import annotations
 
@@ -32,15 +28,13 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Optional
 
-from workers.images import GRAY_MODES, IMAGE_FORMATS, RejectedImage
-from workers.tarformat import add_member
-from workers.sources import Record, Source
+from workers.data.images import GRAY_MODES, IMAGE_FORMATS, RejectedImage
+from workers.data.manifest import FORMAT, MANIFEST, SHARD_DIR, read_manifest
+from workers.data.tarformat import add_member
+from workers.ingest.sources import Record, Source
 from workers.storage import RunLocation
 
-MANIFEST = "manifest.json"
-SHARD_DIR = "shards"
 STATE_DIR = ".ingest"
-FORMAT = "gelato-shards/1"
 
 
 class IngestError(RuntimeError):
@@ -304,15 +298,6 @@ def plan_repair(loc: RunLocation, plan: IngestPlan, manifest: dict,
         else:
             kept.append(stored)
     return targets, kept
-
-
-def read_manifest(loc: RunLocation) -> Optional[dict]:
-    fs = loc.fs()
-    try:
-        with fs.open(loc.join(MANIFEST), "r") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return None
 
 
 def prepare_run(loc: RunLocation, plan: IngestPlan, overwrite: bool = False) -> Optional[dict]:

@@ -1,7 +1,7 @@
 """Ray Train on a private local Ray instance: the stock ``TorchTrainer`` minus what only a shared
 cluster needs, so that the first training step comes sooner on a laptop.
 
-Driver side; what the controller actor unpickles lives in ``workers.ray_controller``, which imports
+Driver side; what the controller actor unpickles lives in ``workers.pretrain.ray_internals.ray_controller``, which imports
 no torch. Left out, on a private instance only:
 
 - the autoscaling coordinator (``FixedScalingWithoutAutoscaler``): the controller waits for this
@@ -22,8 +22,8 @@ from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 
-from workers.ray_controller import (COORDINATOR_METHODS, TORCH_CONFIG_FUNCTIONS, DefaultFailurePolicy,
-                                    FixedScalingPolicy)
+from workers.pretrain.ray_internals.ray_controller import (COORDINATOR_METHODS, TORCH_CONFIG_FUNCTIONS,
+                                                           DefaultFailurePolicy, FixedScalingPolicy)
 
 _DROPPED_CALLBACKS = ("DatasetsCallback", "PlacementGroupCleanerCallback")
 
@@ -46,12 +46,12 @@ class PrivateRayTorchTrainer(TorchTrainer):
         policy = kwargs.get("scaling_policy")
         if FixedScalingPolicy is not None and type(policy) is FixedScalingPolicy \
                 and all(hasattr(policy, m) for m in COORDINATOR_METHODS):
-            from workers.ray_controller import FixedScalingWithoutAutoscaler
+            from workers.pretrain.ray_internals.ray_controller import FixedScalingWithoutAutoscaler
 
             policy.__class__ = FixedScalingWithoutAutoscaler
         failure = kwargs.get("failure_policy")
         if DefaultFailurePolicy is not None and type(failure) is DefaultFailurePolicy:
-            from workers.ray_controller import StopOnDamagedData
+            from workers.pretrain.ray_internals.ray_controller import StopOnDamagedData
 
             failure.__class__ = StopOnDamagedData
         return super()._initialize_and_run_controller(**kwargs)

@@ -1,6 +1,6 @@
 """The per-worker data stream for pretraining: equal steps on every rank, seeded, resumable.
 
-Each rank reads its own slice of the train shards (``workers.stream.open_split`` splits by rank
+Each rank reads its own slice of the train shards (``workers.data.stream.open_split`` splits by rank
 and by DataLoader worker, shard order permuted per epoch with the seed). Ranks may hold different
 numbers of samples when shards are uneven, so the stream of every rank wraps around within an
 epoch until it has produced exactly ``steps_per_epoch × grad_accum`` batches: all ranks take the
@@ -17,8 +17,8 @@ from typing import Iterator, Optional
 import torch
 from torch.utils.data import DataLoader
 
+from workers.data.stream import open_split
 from workers.storage import RunLocation
-from workers.stream import open_split
 
 
 def fit_size(image: torch.Tensor, size: Optional[int]) -> torch.Tensor:

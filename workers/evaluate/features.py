@@ -24,7 +24,7 @@ from torch import nn
 
 from workers.hardware import Execution, as_execution
 from workers.knn import extract_features
-from workers.pretrain import build_objective
+from workers.model import build_objective
 from workers.storage import RunLocation
 
 FEATURE_DIR = "eval/features"
@@ -181,7 +181,7 @@ def keys_digest(keys: list[str]) -> str:
 def cached_features(loc: RunLocation, source: FeatureSource, split: str, data: dict, device: str,
                     batch_size: int = 256, fs=None, execution: Execution | str = "fp32",
                     progress=None) -> tuple[torch.Tensor, bool]:
-    """Features of ``data`` (a :func:`workers.data.load_split` dict) from the cache, or computed and stored.
+    """Features of ``data`` (a :func:`workers.data.loader.load_split` dict) from the cache, or computed and stored.
 
     A cached entry is used only when it holds the same samples and was computed at the same
     precision. ``progress(n)`` is called with the images of each batch embedded. Returns

@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_models.augment import horizontal_flip, random_resized_crop, to_float
-from workers.features import SEED_LOCK, autocast, to_layout
+from workers.evaluate.features import SEED_LOCK, autocast, to_layout
+from workers.evaluate.metrics import multilabel_ap
+from workers.evaluate.probe import classification_report
 from workers.hardware import Execution, as_execution
-from workers.metrics import multilabel_ap
-from workers.probe import classification_report
 
 
 class Classifier(nn.Module):

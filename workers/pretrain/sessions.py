@@ -1,6 +1,6 @@
 """What the pretraining loop needs from whoever started it, and the two launchers that provide it.
 
-The loop (``workers.pretrain.run_loop``) asks five things of its launcher: its rank, the world
+The loop (``workers.pretrain.loop.run_loop``) asks five things of its launcher: its rank, the world
 size, its device, the latest checkpoint to resume from, and a way to hand over metrics and a new
 checkpoint. Two sessions answer them:
 
@@ -9,7 +9,7 @@ checkpoint. Two sessions answer them:
   once it is fully persisted.
 - :class:`TorchrunSession`: plain ``torch.distributed`` with ``env://`` rendezvous, as ``torchrun``
   sets it up (or one process with none). For machines or schedulers without Ray (``torchrun``
-  under Slurm, a single GPU box with PyTorch only); ``workers/torchrun.py`` is its entry point.
+  under Slurm, a single GPU box with PyTorch only); ``workers/pretrain/torchrun.py`` is its entry point.
   Rank 0 writes checkpoints to ``RUN/checkpoints/torchrun/step_<N>/``: the files first, then a
   ``COMPLETE`` marker, and only directories with the marker are ever read, so a checkpoint is
   whole or ignored, on local disk and on S3 alike.

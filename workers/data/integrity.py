@@ -1,6 +1,6 @@
 """Shard integrity: every shard's sha256 checked as its bytes stream, damage named with its fix.
 
-``manifest.json`` holds each shard's size and sha256. Reading a shard (``workers.stream``) takes
+``manifest.json`` holds each shard's size and sha256. Reading a shard (``workers.data.stream``) takes
 its bytes in one read and hashes them in memory, so the checksum costs no second read; the
 digest is compared with the manifest's, and only then are its samples released to the decoders
 (one shard in memory per loader worker): no damaged byte reaches a decoder, some of which crash
@@ -112,7 +112,7 @@ def check_shards(loc: RunLocation, manifest: dict, splits: Optional[list[str]] =
 
     One listing of the shard folder (local or S3), no reads; raises :class:`CorruptShard` naming
     the missing or resized shards and the command that rewrites them."""
-    from workers.shards import SHARD_DIR
+    from workers.data.manifest import SHARD_DIR
 
     fs = loc.fs()
     try:

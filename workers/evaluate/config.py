@@ -1,0 +1,83 @@
+"""What ``gelato evaluate`` runs, typed and validated before any work: :class:`EvalConfig`.
+
+The ``evaluate:`` section of a pipeline YAML, or ``gelato evaluate``'s options. Defaults follow the
+protocols of the literature; ``budget_minutes`` sizes the evaluation to the machine it meets
+(``workers/evaluate/budget.py``).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from workers.config import ConfigError
+from workers.evaluate.probe import DEFAULT_WEIGHT_DECAYS
+
+PROTOCOLS = ("probe", "knn", "finetune", "fewshot")
+
+
+BASELINES = ("raw_pixels", "random_init", "supervised")
+
+
+class EvalConfig(BaseModel):
+    """Everything ``gelato evaluate`` needs; defaults follow the protocols of the literature."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    protocols: tuple[Literal["probe", "knn", "finetune", "fewshot"], ...] = PROTOCOLS
+    baselines: tuple[Literal["raw_pixels", "random_init", "supervised"], ...] = ("raw_pixels", "random_init")
+    checkpoint: Optional[str] = None          # default: RUN/checkpoints/final/backbone.pt
+    seed: int = 0
+    knn_k: int = Field(200, ge=1)             # InstDisc's protocol
+    knn_t: float = Field(0.1, gt=0)
+    probe_weight_decays: tuple[float, ...] = DEFAULT_WEIGHT_DECAYS
+    probe_max_iter: int = Field(100, ge=1)
+    finetune_epochs: float = Field(5, gt=0, description="fine-tuning epochs (a fraction of one is allowed)")
+    # AdamW; 1e-2 for the head (behind a parameter-free batch norm) and 1e-3 for the backbone fine-tuned
+    # small CNNs/ResNets best in short schedules on Fashion-MNIST; lower it for ViTs.
+    finetune_lr: float = Field(1e-2, gt=0, description="head learning rate (AdamW); also the supervised reference's")
+    finetune_backbone_lr_ratio: float = Field(0.1, gt=0, le=1, description="backbone lr = ratio × head lr")
+    finetune_weight_decay: float = Field(1e-4, ge=0)
+    finetune_batch_size: int = Field(128, ge=2)
+    fewshot_epochs: Optional[int] = Field(None, ge=1, description="default: 4 × finetune_epochs")
+    supervised_epochs: Optional[int] = Field(None, ge=1, description="default: the pretraining's epochs")
+    batch_size: int = Field(256, ge=1, description="feature extraction batch")
+    frozen_input_size: Optional[int] = Field(
+        None, ge=8, description="resolution the frozen backbones see (probe, kNN, few-label probe); default: "
+                                "the pretraining image_size. Fine-tuning stays at image_size. Pick it on val "
+                                "(see workers.evaluate.features.at_size)")
+    frozen_grid: int = Field(
+        1, ge=1, le=4, description="frozen features (probe, kNN, few-label probe): each of the last frozen_stages "
+                                   "feature maps average-pooled to a grid × grid grid and concatenated (Goyal et "
+                                   "al. 2019); 1 with frozen_stages 1 is the backbone's own output (global pool)")
+    frozen_stages: int = Field(1, ge=1, le=2, description="how many of the last stages frozen_grid pools (1 or 2)")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="feature extraction and fine-tuning: auto resolves per device (workers.hardware): bf16 "
+                            "where the GPU or CPU has it natively, fp16 on older GPUs, else fp32")
+    channels_last: Union[bool, Literal["auto"]] = Field("auto", description="auto: on CPU, and on GPU at bf16/fp16")
+    limit: Optional[int] = Field(None, ge=2, description="at most this many samples per split (quick runs)")
+    frozen_train_samples: Optional[int] = Field(
+        None, ge=10, description="probe and kNN on a class-balanced, seeded subset of this many train samples "
+                                 "(it contains the few-label subsets); default: all of train")
+    budget_minutes: Optional[float] = Field(
+        None, gt=0, description="size the evaluation to fit this many minutes on this machine, from measured costs "
+                                "(workers.evaluate.budget): fine-tuning length, frozen input size, probe iterations, train "
+                                "subset, pooling, in that order; the plan is in report.json")
+    device: str = "auto"
+    on_corrupt: Literal["fail", "skip"] = Field(
+        "fail", description="a damaged shard: fail (stop, naming it and the fix) or skip it (counted in the report)")
+
+    def config_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def eval_config(**kwargs) -> EvalConfig:
+    """Build an :class:`EvalConfig`; an invalid value fails with a ConfigError naming the key."""
+    try:
+        return EvalConfig(**kwargs)
+    except ValidationError as e:
+        msgs = [f"{'.'.join(str(x) for x in err['loc'][:1])}: {err['msg']}" for err in e.errors()]
+        raise ConfigError("evaluate: " + "; ".join(msgs)) from None
+

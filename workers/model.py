@@ -1,0 +1,71 @@
+"""Backbones as the configs name them: built for training, checked before any run starts, loaded back.
+
+* :func:`build_objective` — backbone + objective exactly as a :class:`~workers.config.PretrainConfig`
+  says; the same call on every rank, at export, and for the evaluation's random-init baseline.
+* :func:`check_buildable` — that call once on the driver (torch's meta device), so a parameter value
+  the constructors refuse fails in about a second, naming the config's fields.
+* :func:`load_backbone` — the exported ``checkpoints/final/backbone.pt`` rebuilt as a module.
+
+torch is imported inside the functions: the run's file names below are read by torch-free code
+(``workers/pretrain/run_dir.py``, the command line's checks).
+"""
+from __future__ import annotations
+
+import io
+from typing import Optional
+
+from workers.config import ConfigError, PretrainConfig
+
+FINAL_DIR = "checkpoints/final"                  # what pretraining exports and evaluation loads
+BACKBONE_FILE = f"{FINAL_DIR}/backbone.pt"
+
+
+def build_objective(config: PretrainConfig, in_channels: int):
+    """Backbone + objective exactly as the config says (the same call on every rank and at export)."""
+    from ssl_models import backbones, objectives
+
+    backbone_kw = dict(config.backbone_params)
+    if config.backbone.startswith("vit"):
+        backbone_kw.setdefault("image_size", config.image_size)
+    channels = objectives.OBJECTIVES[config.objective].backbone_channels(in_channels)
+    backbone = backbones.build(config.backbone, in_channels=channels, **backbone_kw)
+    return objectives.build(config.objective, backbone=backbone, image_size=config.image_size,
+                            **config.objective_kwargs())
+
+
+def check_buildable(config: PretrainConfig, in_channels: int = 3) -> None:
+    """Build the objective once, on the driver, before any Ray or Prefect work: a parameter value the
+    constructors refuse fails here, in about a second, naming the config's fields (names were
+    checked by the config itself). On torch's meta device (no memory), or on the CPU for the few
+    objectives whose constructors compute with tensors."""
+    import torch
+
+    try:
+        try:
+            with torch.device("meta"):
+                build_objective(config, in_channels)
+        except (RuntimeError, NotImplementedError) as e:
+            if "meta" not in str(e):
+                raise
+            build_objective(config, in_channels)
+    except Exception as e:  # noqa: BLE001 - whatever a constructor raises, the user's values caused it
+        given = {k: v for k, v in (("backbone_params", config.backbone_params),
+                                   ("objective_params", config.objective_params), ("view", config.view)) if v}
+        raise ConfigError(f"{config.objective} / {config.backbone} cannot be built with "
+                          f"{', '.join(f'{k}={v}' for k, v in given.items()) or 'these settings'} "
+                          f"(image_size={config.image_size}): {type(e).__name__}: {e}") from None
+
+
+def load_backbone(path_or_uri: str, storage_options: Optional[dict] = None):
+    """Rebuild the exported backbone (weights_only load). Returns (backbone, payload)."""
+    import torch
+
+    from ssl_models import backbones
+    from workers.storage import filesystem
+
+    with filesystem(path_or_uri, storage_options).open(path_or_uri, "rb") as f:
+        payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    model = backbones.build(payload["backbone_name"], in_channels=payload["in_channels"], **payload["backbone_params"])
+    model.load_state_dict(payload["backbone"])
+    return model, payload
+

@@ -120,9 +120,9 @@ def test_imagenet_config_is_set_for_gpus(path):
     if config.backbone == "resnet50":
         assert config.backbone_params.get("small_stem") is False
     # views that normalise use ImageNet's statistics
-    views = [config.view] + [v for k, v in config.objective_params.items() if k.endswith("view") or k in ("view1", "view2")]
+    views = [config.view and config.view.given()] + [v for k, v in config.objective_params.items() if k.endswith("view") or k in ("view1", "view2")]
     for v in filter(None, views):
-        assert v["mean"] == IMAGENET_MEAN and v["std"] == IMAGENET_STD
+        assert list(v["mean"]) == list(IMAGENET_MEAN) and list(v["std"]) == list(IMAGENET_STD)
 
 
 # --------------------------------------------------------------------------- the header's command
@@ -261,3 +261,32 @@ def test_a_parameter_value_the_objective_refuses_fails_before_any_machinery(over
     config = load_config(None, extra + [override])  # names and types of the fields pass ...
     with pytest.raises(ConfigError, match=re.escape(says)):  # ... the value is refused when built
         check_buildable(config)
+
+
+def test_the_typed_names_and_view_are_those_of_the_registries():
+    """objective/backbone are Literals spelled out in workers/config.py (so configs load without torch)
+    and view is a typed model of ViewConfig's fields: each must match what ssl_models holds."""
+    import dataclasses
+    import typing
+
+    from ssl_models import backbones, objectives
+    from ssl_models.augment import ViewConfig
+    from workers.config import BackboneName, ObjectiveName, ViewParams
+
+    assert set(typing.get_args(ObjectiveName)) == set(objectives.OBJECTIVES)
+    assert set(typing.get_args(BackboneName)) == set(backbones.BACKBONES)
+    assert set(ViewParams.model_fields) == {f.name for f in dataclasses.fields(ViewConfig)}
+    # every default of ViewConfig is a valid override, and the typed view reaches the objective as given
+    defaults = ViewParams(**dataclasses.asdict(ViewConfig()))
+    assert dataclasses.replace(ViewConfig(), **defaults.given()) == ViewConfig()
+
+
+def test_colorization_on_grayscale_images_fails_on_the_driver_naming_the_reason():
+    """The objective's own check (ssl_models), reached through check_buildable before any Ray work."""
+    from workers.config import ConfigError, load_config
+    from workers.model import check_buildable
+
+    config = load_config(None, ["objective=colorization", "backbone=small_cnn"])
+    check_buildable(config, 3)
+    with pytest.raises(ConfigError, match=r"colorization needs colour images \(3 channels\) but these have 1"):
+        check_buildable(config, 1)

@@ -14,13 +14,50 @@ import json
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
 
 from workers.credentials import StorageOptions, strip_secrets
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the key."""
+
+
+# The registries' names (ssl_models.objectives.OBJECTIVES, ssl_models.backbones.BACKBONES), spelled
+# out so that a config is typed without importing torch; tests/test_configs.py checks they match.
+ObjectiveName = Literal["contrastive", "triplet", "simclr", "moco", "byol", "swav", "cpc", "autoencoder",
+                        "denoising_autoencoder", "mae", "rotation", "relative_position", "jigsaw", "colorization"]
+BackboneName = Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small"]
+
+
+class ViewParams(BaseModel):
+    """Augmentation overrides: the fields of ``ssl_models.augment.ViewConfig`` one wants to change.
+
+    A field left out keeps the objective's own default (each objective has its own views, e.g. BYOL's
+    two); tests/test_configs.py checks these fields against ViewConfig's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: Optional[int] = Field(None, ge=1, description="output side, pixels")
+    scale: Optional[tuple[float, float]] = Field(None, description="crop area fraction (min, max)")
+    ratio: Optional[tuple[float, float]] = Field(None, description="crop aspect ratio (min, max)")
+    flip_p: Optional[float] = Field(None, ge=0, le=1)
+    brightness: Optional[float] = Field(None, ge=0)
+    contrast: Optional[float] = Field(None, ge=0)
+    saturation: Optional[float] = Field(None, ge=0)
+    hue: Optional[float] = Field(None, ge=0, le=0.5)
+    jitter_p: Optional[float] = Field(None, ge=0, le=1)
+    grayscale_p: Optional[float] = Field(None, ge=0, le=1)
+    blur_p: Optional[float] = Field(None, ge=0, le=1)
+    sigma: Optional[tuple[float, float]] = None
+    solarize_p: Optional[float] = Field(None, ge=0, le=1)
+    solarize_threshold: Optional[float] = None
+    mean: Optional[tuple[float, ...]] = None
+    std: Optional[tuple[float, ...]] = None
+
+    def given(self) -> dict[str, Any]:
+        """The overrides as given (what the objective's ``view`` argument takes)."""
+        return self.model_dump(exclude_none=True)
 
 
 DEFAULT_BACKBONE = "resnet18"
@@ -35,14 +72,15 @@ class PretrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     # what to learn
-    objective: str = "simclr"
+    objective: ObjectiveName = "simclr"
     objective_params: dict[str, Any] = Field(default_factory=dict)
-    backbone: str = DEFAULT_BACKBONE
+    backbone: BackboneName = DEFAULT_BACKBONE
     backbone_params: dict[str, Any] = Field(
         default_factory=dict, description="the backbone's constructor arguments; when not given, the default "
                                           "backbone gets gelato's small-image defaults and any other its own")
     image_size: int = Field(28, ge=8)
-    view: Optional[dict[str, Any]] = None  # augmentation overrides (ssl_models.augment.ViewConfig fields)
+    view: Optional[ViewParams] = Field(None, description="augmentation overrides (ssl_models.augment.ViewConfig "
+                                                        "fields); the rest keep the objective's defaults")
 
     # how long and how big
     batch_size: int = Field(256, ge=2, description="global batch size, all workers together")
@@ -111,26 +149,21 @@ class PretrainConfig(BaseModel):
             data["backbone_params"] = dict(DEFAULT_BACKBONE_PARAMS) if default else {}
         return data
 
+    @field_serializer("view")
+    def _view_as_given(self, view: Optional[ViewParams], info) -> Optional[dict[str, Any]]:
+        # only the fields given, as before the view was typed: config.yaml and training_hash unchanged
+        return None if view is None else view.model_dump(mode=info.mode, exclude_none=True)
+
     @model_validator(mode="after")
-    def _check_names_and_params(self) -> "PretrainConfig":
+    def _check_params(self) -> "PretrainConfig":
         from ssl_models import backbones, objectives
 
-        if self.objective not in objectives.OBJECTIVES:
-            raise ValueError(f"objective: unknown {self.objective!r}; choose one of {sorted(objectives.OBJECTIVES)}")
-        if self.backbone not in backbones.BACKBONES:
-            raise ValueError(f"backbone: unknown {self.backbone!r}; choose one of {sorted(backbones.BACKBONES)}")
         _check_kwargs("objective_params", objectives.OBJECTIVES[self.objective].__init__, self.objective_params,
                       reserved={"self", "backbone", "image_size", "in_channels", "view"})
         _check_kwargs("backbone_params", backbones.BACKBONES[self.backbone], self.backbone_params,
                       reserved={"in_channels"})
-        if self.view is not None:
-            from ssl_models.augment import ViewConfig
-
-            if "view" not in inspect.signature(objectives.OBJECTIVES[self.objective].__init__).parameters:
-                raise ValueError(f"view: objective {self.objective!r} takes no augmentation options")
-            unknown = set(self.view) - set(ViewConfig.__dataclass_fields__)
-            if unknown:
-                raise ValueError(f"view: unknown key(s) {sorted(unknown)}; valid: {sorted(ViewConfig.__dataclass_fields__)}")
+        if self.view is not None and "view" not in inspect.signature(objectives.OBJECTIVES[self.objective].__init__).parameters:
+            raise ValueError(f"view: objective {self.objective!r} takes no augmentation options")
         if self.precision == "fp16" and not self.use_gpu:
             raise ValueError("precision: fp16 needs use_gpu=true (on CPU use auto, bf16 or fp32)")
         if self.budget_minutes is not None and self.steps is not None:
@@ -158,7 +191,7 @@ class PretrainConfig(BaseModel):
     def objective_kwargs(self) -> dict[str, Any]:
         kw = dict(self.objective_params)
         if self.view is not None:
-            kw["view"] = dict(self.view)
+            kw["view"] = self.view.given()
         return kw
 
     def training_hash(self) -> str:
@@ -235,8 +268,23 @@ def load_model(model: type[BaseModel], path: Optional[str] = None, overrides: Op
         for err in e.errors():
             loc = ".".join(str(x) for x in err["loc"]) or "config"
             msg = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                msg = f"unknown key; valid: {_valid_keys(model, err['loc'][:-1])}"
             msgs.append(msg if loc == "config" else f"{loc}: {msg}")
         raise ConfigError(f"{path or 'config'}: " + "; ".join(msgs)) from None
+
+
+def _valid_keys(model: type[BaseModel], path: tuple) -> list[str]:
+    """The field names of the (possibly nested, possibly Optional) model at ``path`` of ``model``."""
+    import typing
+
+    for part in path:
+        ann = model.model_fields[part].annotation if part in model.model_fields else None
+        inner = [a for a in (typing.get_args(ann) or (ann,)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        if not inner:
+            return []
+        model = inner[0]
+    return sorted(model.model_fields)
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,

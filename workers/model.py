@@ -50,7 +50,8 @@ def check_buildable(config: PretrainConfig, in_channels: int = 3) -> None:
             build_objective(config, in_channels)
     except Exception as e:  # noqa: BLE001 - whatever a constructor raises, the user's values caused it
         given = {k: v for k, v in (("backbone_params", config.backbone_params),
-                                   ("objective_params", config.objective_params), ("view", config.view)) if v}
+                                   ("objective_params", config.objective_params),
+                                   ("view", config.view and config.view.given())) if v}
         raise ConfigError(f"{config.objective} / {config.backbone} cannot be built with "
                           f"{', '.join(f'{k}={v}' for k, v in given.items()) or 'these settings'} "
                           f"(image_size={config.image_size}): {type(e).__name__}: {e}") from None

@@ -88,7 +88,12 @@ class Colorization(Objective):
 
     @classmethod
     def backbone_channels(cls, image_channels: int) -> int:
-        return 1  # the backbone sees the lightness L only
+        """1: the backbone sees the lightness L only. Refuses images without colour, before anything is built."""
+        if image_channels != 3:
+            raise ValueError(f"colorization needs colour images (3 channels) but these have {image_channels}: it "
+                             f"predicts the colour (ab) of Lab from the lightness L; use an RGB dataset, or another "
+                             f"objective for grayscale data such as Fashion-MNIST")
+        return 1
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone sees the lightness channel only: L/50 − 1 of the un-augmented image.

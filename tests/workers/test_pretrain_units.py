@@ -26,8 +26,12 @@ def test_config_errors_name_the_key(tmp_path):
         load_config(str(bad))
     with pytest.raises(ConfigError, match="objective_params.tau"):
         load_config(None, ["objective_params.tau=0.1"])
-    with pytest.raises(ConfigError, match="view: unknown key"):
+    with pytest.raises(ConfigError, match=r"view\.zoom: unknown key; valid: \['blur_p', 'brightness'"):
         load_config(None, ["view.zoom=2"])
+    with pytest.raises(ConfigError, match=r"view\.hue: Input should be less than or equal to 0\.5"):
+        load_config(None, ["view.hue=0.9"])  # a typed value, checked on the driver
+    with pytest.raises(ConfigError, match=r"objective: Input should be 'contrastive', .*'colorization'"):
+        load_config(None, ["objective=simclrr"])
     no_space = r"small_stem:true: unknown parameter .* space after the colon: \{small_stem: true\}"
     with pytest.raises(ConfigError, match=no_space):
         load_config(None, ["backbone=resnet18", "backbone_params={small_stem:true}"])
@@ -36,7 +40,8 @@ def test_config_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(str(tmp_path / "missing.yaml"))
     c = load_config(None, ["workers=4", "batch_size=512", "objective_params.temperature=0.2", "view.scale=[0.3,1.0]"])
-    assert c.local_batch == 128 and c.scaled_lr == pytest.approx(0.3 * 2) and c.view["scale"] == [0.3, 1.0]
+    assert c.local_batch == 128 and c.scaled_lr == pytest.approx(0.3 * 2) and c.view.scale == (0.3, 1.0)
+    assert c.model_dump(mode="json")["view"] == {"scale": [0.3, 1.0]}  # written as given
 
 
 def test_training_hash_ignores_bookkeeping_only():

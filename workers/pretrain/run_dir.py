@@ -37,9 +37,6 @@ def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = Fals
         raise ConfigError(f"{loc.uri}: no manifest.json; run `gelato ingest SOURCE --out {loc.uri}` first")
     if "train" not in manifest["splits"]:
         raise ConfigError(f"{loc.uri}: the manifest has no train split")
-    if config.objective == "colorization" and manifest["channels"] != 3:
-        raise ConfigError(f"objective: colorization needs colour images but {loc.uri} holds "
-                          f"{manifest['channels']}-channel images")
     # every shard pretraining reads is there, with the manifest's size (one listing, no reads)
     integrity.check_shards(loc, manifest, ["train", "val"] if config.knn_monitor else ["train"])
     fs = loc.fs()

@@ -209,7 +209,7 @@ def _csv(value: str, allowed: tuple, flag: str) -> tuple:
 
 def _run_evaluate(a) -> int:
     from workers.evaluate.config import BASELINES, PROTOCOLS, eval_config
-    from workers.evaluate.evaluation import Evaluation
+    from workers.evaluate.evaluation import check_run
     from workers.evaluate.report import results_table, table_markdown
 
     protocols = _csv(a.protocols, PROTOCOLS, "--protocols")
@@ -225,10 +225,9 @@ def _run_evaluate(a) -> int:
     run = RunLocation.normalise(a.run)
     opts = _storage_options(a.config)
     _check_s3(RunLocation(run, opts))
-    # The manifest, the checkpoint and its match with the run are checked here, before Prefect starts
-    # (the time budget, if any, is planned once, by the flow).
-    ev = Evaluation(run, config.model_copy(update={"budget_minutes": None}), opts)
-    for p, why in ev.refused.items():
+    # The manifest, the checkpoint and its match with the run are checked here, before Prefect starts;
+    # the Evaluation itself (models, feature sources, the time budget's plan) is built once, by the flow.
+    for p, why in check_run(run, config, opts).items():
         print(f"gelato evaluate: not running {p}: {why}", file=sys.stderr)
 
     prefect_server.wait_ready()

@@ -4,11 +4,11 @@ Every op takes a float batch ``x`` of shape (B, C, H, W) with values in [0, 1] a
 batch; nothing loops over images in Python and nothing goes through PIL, so a batch of 256 images
 is augmented by a handful of tensor ops (on the GPU when the batch is there).
 
-Randomness: each op draws its per-sample parameters *on the CPU* from the optional
-``torch.Generator`` (or from torch's default CPU generator when it is ``None``) and then moves
+Randomness: each op draws its per-sample parameters on the CPU from the optional
+``torch.Generator`` (``ssl_models.rng``: the one convention of every batched op) and then moves
 them to the batch's device. The same seed therefore reproduces the same batch exactly, on any
 device, whatever else the device's own generator has been used for. Following torchvision's v2
-transforms, drawing the parameters (``_uniform``, ``_coin``) is kept apart from applying them.
+transforms, drawing the parameters (``rng.uniform``, ``rng.coin``) is kept apart from applying them.
 
 The ops (SimCLR's chain, Chen et al. 2020, Appendix A, in that order):
 
@@ -41,30 +41,10 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from ssl_models.rng import coin, uniform
+
 # ITU-R 601-2 luma, the weights torchvision and PIL use for RGB → L.
 _LUMA = (0.299, 0.587, 0.114)
-
-
-# --------------------------------------------------------------------------- parameter drawing
-def _rand(n: int, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """n samples of U[0, 1) from ``generator`` on its own device, returned on the CPU.
-
-    A CPU generator (the intended use) costs nothing extra; a CUDA generator is accepted too, at
-    the price of one small device-to-host copy per draw. Shape: (n,).
-    """
-    if generator is None or generator.device.type == "cpu":
-        return torch.rand(n, generator=generator)
-    return torch.rand(n, generator=generator, device=generator.device).cpu()
-
-
-def _uniform(n: int, low: float, high: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """n samples of U[low, high), returned on the CPU. Shape: (n,)."""
-    return _rand(n, generator) * (high - low) + low
-
-
-def _coin(n: int, p: float, generator: Optional[torch.Generator]) -> torch.Tensor:
-    """n Bernoulli(p) draws, as bool on the CPU. Shape: (n,)."""
-    return _rand(n, generator) < p
 
 
 def _check_batch(x: torch.Tensor, what: str) -> None:
@@ -137,13 +117,13 @@ def random_resized_crop(x: torch.Tensor, size: int, scale: tuple[float, float] =
     if not (0 < ratio[0] <= ratio[1]):
         raise ValueError(f"random_resized_crop: ratio must satisfy 0 < min <= max, got {ratio}")
     B, C, H, W = x.shape
-    area = _uniform(B, scale[0], scale[1], generator) * (H * W)               # (B,) pixels²
-    log_r = _uniform(B, math.log(ratio[0]), math.log(ratio[1]), generator)    # (B,)
+    area = uniform(B, scale[0], scale[1], generator) * (H * W)               # (B,) pixels²
+    log_r = uniform(B, math.log(ratio[0]), math.log(ratio[1]), generator)    # (B,)
     aspect = torch.exp(log_r)
     w = torch.sqrt(area * aspect).clamp(1.0, W)                                # (B,) pixels
     h = torch.sqrt(area / aspect).clamp(1.0, H)
-    x0 = _uniform(B, 0.0, 1.0, generator) * (W - w)                            # left edge
-    y0 = _uniform(B, 0.0, 1.0, generator) * (H - h)                            # top edge
+    x0 = uniform(B, 0.0, 1.0, generator) * (W - w)                            # left edge
+    y0 = uniform(B, 0.0, 1.0, generator) * (H - h)                            # top edge
     # Box in grid_sample's normalised coordinates (align_corners=False: -1/+1 are the outer
     # edges of the first/last pixel): centre c and half-extent w/W.
     theta = torch.zeros(B, 2, 3)
@@ -163,7 +143,7 @@ def horizontal_flip(x: torch.Tensor, p: float = 0.5, generator: Optional[torch.G
     """
     _check_batch(x, "horizontal_flip")
     _check_p(p, "horizontal_flip")
-    flip = _coin(x.shape[0], p, generator)
+    flip = coin(x.shape[0], p, generator)
     return torch.where(_mask(flip, x), x.flip(-1), x)
 
 
@@ -232,11 +212,11 @@ def color_jitter(x: torch.Tensor, brightness: float = 0.4, contrast: float = 0.4
     if not 0 <= hue <= 0.5:
         raise ValueError(f"color_jitter: hue must be in [0, 0.5], got {hue}")
     B, C = x.shape[:2]
-    apply = _coin(B, p, generator)
-    bf = _uniform(B, max(0.0, 1 - brightness), 1 + brightness, generator)
-    cf = _uniform(B, max(0.0, 1 - contrast), 1 + contrast, generator)
-    sf = _uniform(B, max(0.0, 1 - saturation), 1 + saturation, generator)
-    hf = _uniform(B, -hue, hue, generator)
+    apply = coin(B, p, generator)
+    bf = uniform(B, max(0.0, 1 - brightness), 1 + brightness, generator)
+    cf = uniform(B, max(0.0, 1 - contrast), 1 + contrast, generator)
+    sf = uniform(B, max(0.0, 1 - saturation), 1 + saturation, generator)
+    hf = uniform(B, -hue, hue, generator)
     out = x
     if brightness > 0:
         out = (out * _per_sample(bf, x)).clamp(0.0, 1.0)
@@ -264,7 +244,7 @@ def random_grayscale(x: torch.Tensor, p: float = 0.2, generator: Optional[torch.
     """
     _check_batch(x, "random_grayscale")
     _check_p(p, "random_grayscale")
-    gray = _coin(x.shape[0], p, generator)
+    gray = coin(x.shape[0], p, generator)
     if x.shape[1] == 1:
         return x
     g = _gray(x).expand_as(x)                                 # (B, C, H, W)
@@ -295,8 +275,8 @@ def gaussian_blur(x: torch.Tensor, p: float = 0.5, sigma: tuple[float, float] = 
     k = kernel_size if kernel_size is not None else blur_kernel_size(H, W)
     if k < 1 or k % 2 == 0:
         raise ValueError(f"gaussian_blur: kernel_size must be odd and positive, got {k}")
-    apply = _coin(B, p, generator)
-    sig = _uniform(B, sigma[0], sigma[1], generator)
+    apply = coin(B, p, generator)
+    sig = uniform(B, sigma[0], sigma[1], generator)
     half = k // 2
     if half >= min(H, W):
         half = min(H, W) - 1                                  # reflect padding needs pad < side
@@ -322,7 +302,7 @@ def solarize(x: torch.Tensor, p: float = 0.2, threshold: float = 0.5,
     """
     _check_batch(x, "solarize")
     _check_p(p, "solarize")
-    apply = _coin(x.shape[0], p, generator)
+    apply = coin(x.shape[0], p, generator)
     return torch.where(_mask(apply, x) & (x >= threshold), 1.0 - x, x)
 
 
@@ -465,8 +445,39 @@ def multi_crop(images: torch.Tensor, global_cfg: ViewConfig, local_cfg: ViewConf
             + [view(images, local_cfg, generator) for _ in range(n_local)])
 
 
+# --------------------------------------------------------------------------- the predictive objectives' light view
+
+def prepare_images(images: torch.Tensor, size: int, crop_scale: tuple[float, float] = (1.0, 1.0),
+                   flip_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """The light view of the predictive objectives: float in [0, 1], ``size``×``size``.
+
+    With ``crop_scale`` = (1, 1) the whole image is resized (only if its size differs); otherwise a
+    random resized crop of that area range is taken. Then a horizontal flip with probability ``flip_p``.
+
+    Shape: images (B, C, H, W) uint8 (or float in [0, 1]) → (B, C, size, size) float32.
+    """
+    x = to_float(images)
+    if not 0 < crop_scale[0] <= crop_scale[1] <= 1:
+        raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {crop_scale}")
+    if crop_scale[0] < 1.0:
+        x = random_resized_crop(x, size, scale=crop_scale, generator=generator)
+    else:
+        x = resize(x, size)
+    if flip_p > 0:
+        x = horizontal_flip(x, flip_p, generator=generator)
+    return x
+
+
+def normalize_input(x: torch.Tensor) -> torch.Tensor:
+    """Map a [0, 1] batch to what backbones are fed: (x − mean) / std with the contrastive views'
+    defaults (``augment.ViewConfig``: 0.5 / 0.5, so [−1, 1]).
+
+    Shape: x (B, C, H, W) → (B, C, H, W).
+    """
+    return normalize(x, ViewConfig.mean, ViewConfig.std)
+
 __all__ = [
     "ViewConfig", "to_float", "random_resized_crop", "horizontal_flip", "color_jitter", "random_grayscale",
     "rgb_to_grayscale", "gaussian_blur", "blur_kernel_size", "solarize", "normalize", "view", "two_views",
-    "multi_crop", "resolve_view_config", "check_images",
+    "multi_crop", "resolve_view_config", "check_images", "prepare_images", "normalize_input",
 ]

@@ -18,7 +18,36 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_models.patches import random_masking
+from ssl_models.rng import rand
+
+
+def random_masking(B: int, N: int, ratio: float, generator: torch.Generator | None = None, device=None,
+                   noise: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MAE's random masking: shuffle the N patches of each sample, keep the first N_keep.
+
+    N_keep = ⌊N · (1 − ratio)⌋ (as in MAE; with a 1e−6 tolerance so 10 · (1 − 0.9) keeps 1), at least
+    1, the same for every sample (so the kept tokens batch).
+    The patches with the lowest ``noise`` are kept; ``noise`` is drawn uniformly if not given.
+
+    Shape:
+        noise: (B, N), optional.
+        Returns ids_keep (B, N_keep), the indices of the visible patches; mask (B, N) float with
+        1 = masked, 0 = visible; ids_restore (B, N), the inverse of the shuffle.
+    """
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"mask ratio must be in [0, 1), got {ratio}; MAE uses 0.75")
+    n_keep = max(1, int(N * (1.0 - ratio) + 1e-6))
+    if noise is None:
+        noise = rand((B, N), generator, device)
+    elif tuple(noise.shape) != (B, N):
+        raise ValueError(f"noise must have shape (B, N) = {(B, N)}, got {tuple(noise.shape)}")
+    ids_shuffle = torch.argsort(noise, dim=1)                  # (B, N) ascending: kept first
+    ids_restore = torch.argsort(ids_shuffle, dim=1)            # (B, N)
+    ids_keep = ids_shuffle[:, :n_keep]                         # (B, N_keep)
+    mask = torch.ones(B, N, device=noise.device)
+    mask[:, :n_keep] = 0
+    mask = torch.gather(mask, 1, ids_restore)                  # (B, N) back in patch order
+    return ids_keep, mask, ids_restore
 
 
 def sincos_pos_embed_2d(dim: int, grid_h: int, grid_w: int, cls_token: bool = True) -> torch.Tensor:

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_models.augment import normalize_input, prepare_images
 from ssl_models.heads import ConvDecoder
 from ssl_models.objectives.base import Objective
-from ssl_models.patches import normalize_input, prepare_images
 
 
 class Autoencoder(Objective):
@@ -20,7 +20,7 @@ class Autoencoder(Objective):
         L = (1 / (B·C·H·W)) Σ ‖g(f(x)) − x‖²,
 
     the mean squared error to the clean input x in [0, 1]. The backbone sees x normalised like
-    every other view (``patches.normalize_input``); the target stays in [0, 1].
+    every other view (``augment.normalize_input``); the target stays in [0, 1].
 
     Args:
         backbone: any backbone with ``feature_dim``.

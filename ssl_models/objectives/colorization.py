@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_models.augment import prepare_images
 from ssl_models.color import ABQuantizer, rebalancing_weights, rgb_to_lab
 from ssl_models.heads import ConvDecoder
 from ssl_models.objectives.base import Objective
-from ssl_models.patches import prepare_images
 
 
 class Colorization(Objective):

@@ -7,9 +7,42 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_models.augment import normalize_input, prepare_images
 from ssl_models.heads import ConvDecoder
 from ssl_models.objectives.base import Objective
-from ssl_models.patches import gaussian_noise, masking_noise, normalize_input, prepare_images
+from ssl_models.rng import rand, randn
+
+
+def gaussian_noise(x: torch.Tensor, std: float, generator: torch.Generator | None = None,
+                   clamp: bool = False) -> torch.Tensor:
+    """Additive isotropic Gaussian noise x̃ = x + ε, ε ~ N(0, std²) (Vincent et al. 2010).
+
+    Shape: x (B, C, H, W) → (B, C, H, W); clipped to [0, 1] if ``clamp``.
+    """
+    if std < 0:
+        raise ValueError(f"noise std must be >= 0, got {std}")
+    out = x + std * randn(x.shape, generator, x.device).to(x.dtype)
+    return out.clamp(0, 1) if clamp else out
+
+
+def masking_noise(x: torch.Tensor, fraction: float, generator: torch.Generator | None = None,
+                  return_mask: bool = False):
+    """Masking noise (Vincent et al. 2008): set a random ``fraction`` of each image's pixels to 0.
+
+    Exactly round(fraction · H · W) pixel positions per image are zeroed, across all channels.
+
+    Shape: x (B, C, H, W) → (B, C, H, W), and with ``return_mask`` the mask (B, 1, H, W), True = zeroed.
+    """
+    if not 0.0 <= fraction <= 1.0:
+        raise ValueError(f"masking fraction must be in [0, 1], got {fraction}")
+    B, C, H, W = x.shape
+    k = int(round(fraction * H * W))
+    scores = rand((B, H * W), generator, x.device)                   # (B, H·W)
+    idx = scores.topk(k, dim=1, largest=False).indices               # (B, k) the k lowest
+    mask = torch.zeros(B, H * W, dtype=torch.bool, device=x.device).scatter_(1, idx, True)
+    mask = mask.view(B, 1, H, W)                                      # (B, 1, H, W)
+    out = x.masked_fill(mask, 0.0)
+    return (out, mask) if return_mask else out
 
 
 class DenoisingAutoencoder(Objective):

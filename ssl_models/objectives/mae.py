@@ -6,9 +6,43 @@ from typing import Any
 import torch
 from torch import nn
 
+from ssl_models.augment import normalize_input, prepare_images
 from ssl_models.objectives.base import Objective
-from ssl_models.patches import normalize_input, patchify, prepare_images, rand
+from ssl_models.rng import rand
 from ssl_models.vit import Block, VisionTransformer, init_transformer_weights, sincos_pos_embed_2d
+
+
+def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Cut images into non-overlapping p×p patches, each flattened in (row, column, channel) order.
+
+    Shape: x (B, C, H, W) with H, W divisible by p → (B, N, p·p·C), N = (H/p)·(W/p), patches row-major.
+    """
+    B, C, H, W = x.shape
+    if H % p or W % p:
+        raise ValueError(f"image size {H}×{W} is not divisible by the patch size {p}; resize or change p")
+    h, w = H // p, W // p
+    x = x.reshape(B, C, h, p, w, p)                  # (B, C, h, p, w, p)
+    x = torch.einsum("bchpwq->bhwpqc", x)            # (B, h, w, p, p, C)
+    return x.reshape(B, h * w, p * p * C)            # (B, N, p·p·C)
+
+
+def unpatchify(x: torch.Tensor, p: int, channels: int, grid: tuple[int, int] | None = None) -> torch.Tensor:
+    """Inverse of :func:`patchify`. ``grid`` = (h, w) patches; square if omitted.
+
+    Shape: x (B, N, p·p·C) → (B, C, h·p, w·p).
+    """
+    B, N, D = x.shape
+    if D != p * p * channels:
+        raise ValueError(f"last dimension {D} != p·p·channels = {p * p * channels}; check p and channels")
+    if grid is None:
+        h = w = int(round(N ** 0.5))
+        if h * w != N:
+            raise ValueError(f"{N} patches do not form a square grid; pass grid=(h, w)")
+    else:
+        h, w = grid
+    x = x.reshape(B, h, w, p, p, channels)           # (B, h, w, p, p, C)
+    x = torch.einsum("bhwpqc->bchpwq", x)            # (B, C, h, p, w, p)
+    return x.reshape(B, channels, h * p, w * p)      # (B, C, H, W)
 
 
 def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor,
@@ -19,7 +53,7 @@ def masked_patch_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tens
 
     Shape:
         pred: (B, N, D) predicted patches.
-        target: (B, N, D) patchified images (see :func:`~ssl_models.patches.patchify`).
+        target: (B, N, D) patchified images (see :func:`~ssl_models.objectives.mae.patchify`).
         mask: (B, N), 1 = masked (counted), 0 = visible (ignored).
     """
     if norm_pix_loss:

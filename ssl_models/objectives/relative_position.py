@@ -7,10 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_models.augment import normalize_input, prepare_images
 from ssl_models.heads import ClassifierHead
 from ssl_models.objectives.base import Objective
-from ssl_models.patches import (normalize_input, patch_grid, prepare_images, randint, resolve_grid,
-                                resize_tiles, tile_input_size)
+from ssl_models.rng import randint
+from ssl_models.tiles import patch_grid, resize_tiles, resolve_grid, tile_input_size
 
 
 class RelativePosition(Objective):
@@ -25,7 +26,7 @@ class RelativePosition(Objective):
 
         L = −log softmax(h([f(centre); f(neighbour)]))_y,   averaged over the batch.
 
-    Tiles are resized to :func:`~ssl_models.patches.tile_input_size` (at least 16 px, or a ViT's
+    Tiles are resized to :func:`~ssl_models.tiles.tile_input_size` (at least 16 px, or a ViT's
     image size) so that every backbone accepts them. The paper's defence against chromatic
     aberration (colour dropping/projection) is not implemented.
 
@@ -33,7 +34,7 @@ class RelativePosition(Objective):
         backbone: any backbone with ``feature_dim``.
         image_size: side of the square image the grid is cut from.
         patch, gap, jitter: tile side, gap and jitter in pixels; by default from
-            :func:`~ssl_models.patches.grid_geometry` (28 px → 7, 2, 1).
+            :func:`~ssl_models.tiles.grid_geometry` (28 px → 7, 2, 1).
         tile_size: side the tiles are resized to before the backbone (default: see above).
         head_hidden_dim: hidden width of the classifier on the concatenated pair (the paper's fc7).
         flip_p: probability of a horizontal flip of the whole image (before cutting; labels

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ssl_models.augment import normalize_input, prepare_images
 from ssl_models.heads import ClassifierHead
 from ssl_models.objectives.base import Objective
-from ssl_models.patches import normalize_input, prepare_images, randint
+from ssl_models.rng import randint
 
 
 class Rotation(Objective):

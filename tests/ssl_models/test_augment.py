@@ -4,6 +4,7 @@ import torch
 import torchvision.transforms.v2.functional as TF
 
 from ssl_models import augment as A
+from ssl_models.rng import coin, uniform
 
 torch.set_num_threads(1)
 
@@ -99,8 +100,8 @@ def test_color_jitter_is_grayscale_safe():
 def _factors(seed, b, ranges):
     """Replay color_jitter's draws: the apply coin, then one U(range) per factor, in order."""
     g = _gen(seed)
-    A._coin(b, 1.0, g)
-    return [A._uniform(b, lo, hi, g) for lo, hi in ranges]
+    coin(b, 1.0, g)
+    return [uniform(b, lo, hi, g) for lo, hi in ranges]
 
 
 def test_color_jitter_agrees_with_torchvision_per_sample():

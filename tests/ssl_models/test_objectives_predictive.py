@@ -13,14 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from ssl_models import backbones
+from ssl_models.augment import normalize_input
 from ssl_models.objectives.autoencoder import Autoencoder
 from ssl_models.objectives.colorization import Colorization
 from ssl_models.objectives.denoising_autoencoder import DenoisingAutoencoder
 from ssl_models.objectives.jigsaw import Jigsaw
 from ssl_models.objectives.mae import MAE, masked_patch_loss
+from ssl_models.objectives.mae import unpatchify
 from ssl_models.objectives.relative_position import RelativePosition
 from ssl_models.objectives.rotation import Rotation
-from ssl_models.patches import normalize_input, patchify, unpatchify
 from ssl_models.vit import VisionTransformer
 
 torch.set_num_threads(1)

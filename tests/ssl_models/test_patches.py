@@ -1,4 +1,5 @@
-"""ssl_models.patches and ssl_models.color: the ops the predictive objectives are built on.
+"""The ops the predictive objectives are built on (ssl_models.tiles, rng, augment's light view, MAE's
+patches and masking, jigsaw's permutations, the denoising corruptions) and ssl_models.color.
 
 References are written plainly here (slicing, loops, textbook formulas), not with the vectorised
 code under test.
@@ -9,8 +10,10 @@ import random
 import pytest
 import torch
 
+from ssl_models import augment, vit
+from ssl_models import tiles as T
 from ssl_models import color as C
-from ssl_models import patches as P
+from ssl_models.objectives import denoising_autoencoder, jigsaw, mae
 
 torch.set_num_threads(1)
 
@@ -23,38 +26,38 @@ def _gen(seed=0):
 
 def test_patchify_matches_slicing_and_round_trips():
     x = torch.rand(2, 3, 8, 12, generator=_gen())
-    seq = P.patchify(x, 4)
+    seq = mae.patchify(x, 4)
     assert seq.shape == (2, 6, 4 * 4 * 3)
     # patch 4 = grid row 1, column 1 (3 columns); flattened as (row, column, channel)
     plain = x[1, :, 4:8, 4:8].permute(1, 2, 0).reshape(-1)
     assert torch.equal(seq[1, 4], plain)
-    assert torch.equal(P.unpatchify(seq, 4, 3, grid=(2, 3)), x)
+    assert torch.equal(mae.unpatchify(seq, 4, 3, grid=(2, 3)), x)
     sq = torch.rand(2, 1, 8, 8, generator=_gen(1))
-    assert torch.equal(P.unpatchify(P.patchify(sq, 2), 2, 1), sq)
+    assert torch.equal(mae.unpatchify(mae.patchify(sq, 2), 2, 1), sq)
     with pytest.raises(ValueError, match="divisible"):
-        P.patchify(x, 5)
+        mae.patchify(x, 5)
 
 
 @pytest.mark.parametrize("N,ratio,masked", [(49, 0.75, 37), (64, 0.75, 48), (10, 0.9, 9), (16, 0.5, 8)])
 def test_random_masking_exact_ratio(N, ratio, masked):
-    ids_keep, mask, ids_restore = P.random_masking(5, N, ratio, generator=_gen())
+    ids_keep, mask, ids_restore = vit.random_masking(5, N, ratio, generator=_gen())
     assert mask.shape == (5, N) and ids_keep.shape == (5, N - masked)
     assert (mask.sum(dim=1) == masked).all()
     for b in range(5):
         assert (mask[b, ids_keep[b]] == 0).all()                       # kept patches are visible
         assert sorted(ids_restore[b].tolist()) == list(range(N))       # a permutation
-    again = P.random_masking(5, N, ratio, generator=_gen())
+    again = vit.random_masking(5, N, ratio, generator=_gen())
     assert torch.equal(again[1], mask)                                  # seeded → same mask
     noise = torch.rand(5, N, generator=_gen(3))
-    keep_from_noise = P.random_masking(5, N, ratio, noise=noise)[0]
+    keep_from_noise = vit.random_masking(5, N, ratio, noise=noise)[0]
     assert torch.equal(keep_from_noise.sort(dim=1).values, noise.argsort(dim=1)[:, : N - masked].sort(dim=1).values)
     with pytest.raises(ValueError, match="mask ratio"):
-        P.random_masking(2, 4, 1.0)
+        vit.random_masking(2, 4, 1.0)
 
 
 def test_patch_grid_tiles_are_the_plain_crops_without_jitter():
     x = torch.rand(3, 2, 28, 28, generator=_gen())
-    tiles, coords = P.patch_grid(x, grid=3, patch=7, gap=2, jitter=0, generator=_gen(1), return_coords=True)
+    tiles, coords = T.patch_grid(x, grid=3, patch=7, gap=2, jitter=0, generator=_gen(1), return_coords=True)
     assert tiles.shape == (3, 9, 2, 7, 7) and coords.shape == (3, 9, 2)
     for b in range(3):
         r0, c0 = coords[b, 0].tolist()
@@ -68,7 +71,7 @@ def test_patch_grid_tiles_are_the_plain_crops_without_jitter():
 
 def test_patch_grid_jitter_stays_in_bounds_and_crops_match():
     x = torch.rand(4, 1, 32, 32, generator=_gen())
-    tiles, coords = P.patch_grid(x, grid=3, patch=8, gap=2, jitter=2, generator=_gen(2), return_coords=True)
+    tiles, coords = T.patch_grid(x, grid=3, patch=8, gap=2, jitter=2, generator=_gen(2), return_coords=True)
     assert coords.min() >= 0 and coords.max() <= 32 - 8
     for b in range(4):
         for t in range(9):
@@ -77,10 +80,10 @@ def test_patch_grid_jitter_stays_in_bounds_and_crops_match():
         # neighbours along a row are one step (patch + gap = 10) apart, give or take 2·jitter
         steps = (coords[b].view(3, 3, 2)[:, 1:, 1] - coords[b].view(3, 3, 2)[:, :-1, 1]).flatten()
         assert ((steps >= 10 - 4) & (steps <= 10 + 4)).all()
-    jittered = P.patch_grid(x, 3, 8, 2, 2, generator=_gen(2))
+    jittered = T.patch_grid(x, 3, 8, 2, 2, generator=_gen(2))
     assert torch.equal(jittered, tiles)                                          # seeded
     with pytest.raises(ValueError, match="needs"):
-        P.patch_grid(x, grid=3, patch=10, gap=2, jitter=1)
+        T.patch_grid(x, grid=3, patch=10, gap=2, jitter=1)
 
 
 # --------------------------------------------------------------------------- Hamming permutations
@@ -91,11 +94,11 @@ def _pairwise_hamming(perms):
 
 
 def test_hamming_set_is_valid_distinct_deterministic_and_spread():
-    perms = P.hamming_permutations(100, 9, seed=0)
+    perms = jigsaw.hamming_permutations(100, 9, seed=0)
     assert perms.shape == (100, 9) and perms.dtype == torch.long
     assert all(sorted(p) == list(range(9)) for p in perms.tolist())
     assert len({tuple(p) for p in perms.tolist()}) == 100
-    assert torch.equal(perms, P.hamming_permutations(100, 9, seed=0))
+    assert torch.equal(perms, jigsaw.hamming_permutations(100, 9, seed=0))
     rng = random.Random(0)
     random_set = torch.tensor([rng.sample(range(9), 9) for _ in range(100)])
     d_greedy, d_random = _pairwise_hamming(perms), _pairwise_hamming(random_set)
@@ -122,7 +125,7 @@ def _greedy_reference(n_perms, n_tiles, first, criterion):
 
 @pytest.mark.parametrize("criterion", ["maximin", "mean"])
 def test_hamming_greedy_matches_loop_reference(criterion):
-    perms = P.hamming_permutations(12, 5, seed=3, criterion=criterion)
+    perms = jigsaw.hamming_permutations(12, 5, seed=3, criterion=criterion)
     every = list(itertools.permutations(range(5)))
     first = every.index(tuple(perms[0].tolist()))
     assert perms.tolist() == _greedy_reference(12, 5, first, criterion)
@@ -130,37 +133,37 @@ def test_hamming_greedy_matches_loop_reference(criterion):
 
 def test_hamming_rejects_bad_sizes():
     with pytest.raises(ValueError, match="n_perms"):
-        P.hamming_permutations(200, 5)          # 5! = 120
+        jigsaw.hamming_permutations(200, 5)          # 5! = 120
     with pytest.raises(ValueError, match="criterion"):
-        P.hamming_permutations(10, 5, criterion="max")
+        jigsaw.hamming_permutations(10, 5, criterion="max")
 
 
 # --------------------------------------------------------------------------- DAE corruptions
 
 def test_masking_noise_zeroes_exact_fraction_of_pixels():
     x = torch.rand(4, 3, 10, 10, generator=_gen()) + 0.1          # no zeros to begin with
-    out, mask = P.masking_noise(x, 0.3, generator=_gen(1), return_mask=True)
+    out, mask = denoising_autoencoder.masking_noise(x, 0.3, generator=_gen(1), return_mask=True)
     assert (mask.flatten(1).sum(dim=1) == 30).all()
     assert (out[mask.expand_as(out)] == 0).all()
     assert torch.equal(out[~mask.expand_as(out)], x[~mask.expand_as(x)])
-    assert torch.equal(out, P.masking_noise(x, 0.3, generator=_gen(1)))
+    assert torch.equal(out, denoising_autoencoder.masking_noise(x, 0.3, generator=_gen(1)))
 
 
 def test_gaussian_noise_statistics():
     x = torch.full((2, 1, 64, 64), 0.5)
-    out = P.gaussian_noise(x, 0.1, generator=_gen())
+    out = denoising_autoencoder.gaussian_noise(x, 0.1, generator=_gen())
     assert abs((out - x).mean().item()) < 0.01 and abs((out - x).std().item() - 0.1) < 0.01
-    assert P.gaussian_noise(x, 2.0, generator=_gen(), clamp=True).min() >= 0
+    assert denoising_autoencoder.gaussian_noise(x, 2.0, generator=_gen(), clamp=True).min() >= 0
 
 
 def test_light_view_and_tile_helpers():
     images = torch.randint(0, 256, (2, 3, 20, 20), dtype=torch.uint8, generator=_gen())
-    x = P.prepare_images(images, 16)
+    x = augment.prepare_images(images, 16)
     assert x.shape == (2, 3, 16, 16) and 0 <= x.min() and x.max() <= 1
-    same = P.prepare_images(images, 20)
+    same = augment.prepare_images(images, 20)
     assert torch.equal(same, images.float() / 255)
-    assert P.normalize_input(torch.ones(1, 1, 2, 2)).eq(1).all()
-    assert P.resize_tiles(torch.rand(2, 9, 1, 7, 7), 16).shape == (2, 9, 1, 16, 16)
+    assert augment.normalize_input(torch.ones(1, 1, 2, 2)).eq(1).all()
+    assert T.resize_tiles(torch.rand(2, 9, 1, 7, 7), 16).shape == (2, 9, 1, 16, 16)
 
 
 # --------------------------------------------------------------------------- colour

@@ -70,6 +70,35 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_run(run: str, config: EvalConfig, storage_options: Optional[dict] = None) -> dict[str, str]:
+    """What ``gelato evaluate`` checks before Prefect starts, without building anything: the manifest,
+    the shards' presence, the checkpoint and its match with the run, the frozen input size. Returns
+    the protocols that cannot run, with the reason (:func:`plan`)."""
+    loc = RunLocation(run, storage_options or {})
+    manifest, checkpoint = _manifest_and_checkpoint(loc, config, loc.fs())
+    _frozen_input_size(config, checkpoint)
+    return plan(manifest, config)[1]
+
+
+def _manifest_and_checkpoint(loc: RunLocation, config: EvalConfig, fs) -> tuple[dict, "ckpt.Checkpoint"]:
+    manifest = read_manifest(loc)
+    if manifest is None:
+        raise FileNotFoundError(f"{loc.uri}: no manifest.json; run `gelato ingest SOURCE --out {loc.uri}` first")
+    # every shard is there with the manifest's size (one listing, no reads: sha256 is checked as they stream)
+    integrity.check_shards(loc, manifest)
+    return manifest, ckpt.load(loc, manifest, config.checkpoint, fs)
+
+
+def _frozen_input_size(config: EvalConfig, checkpoint) -> Optional[int]:
+    """The size the frozen backbones see when it differs from the checkpoint's image_size, else None."""
+    image_size = checkpoint.config.image_size
+    size = config.frozen_input_size if config.frozen_input_size not in (None, image_size) else None
+    if size is not None and checkpoint.config.backbone.startswith("vit"):
+        raise ConfigError(f"evaluate: frozen_input_size {size} differs from the ViT's image_size "
+                          f"{image_size}; its position embeddings are fixed, leave frozen_input_size unset")
+    return size
+
+
 class Evaluation:
     """One run under evaluation. Thread-safe: protocols may run concurrently (Prefect threads)."""
 
@@ -78,14 +107,9 @@ class Evaluation:
         self.loc = RunLocation(run, storage_options or {})
         self.requested = config                    # as asked (its hash keys report reuse); self.config: as run
         self.config = config
-        manifest = read_manifest(self.loc)
-        if manifest is None:
-            raise FileNotFoundError(f"{run}: no manifest.json; run `gelato ingest SOURCE --out {run}` first")
-        self.manifest = manifest
-        # every shard is there with the manifest's size (one listing, no reads: sha256 is checked as they stream)
-        integrity.check_shards(self.loc, manifest)
         self.fs = self.loc.fs()  # one instance for the whole evaluation (threads share it)
-        self.checkpoint = ckpt.load(self.loc, manifest, config.checkpoint, self.fs)
+        manifest, self.checkpoint = _manifest_and_checkpoint(self.loc, config, self.fs)
+        self.manifest = manifest
         self.device = resolve_device(config.device)
         self.execution = resolve_here(config.precision, self.device,
                                       None if config.channels_last == "auto" else bool(config.channels_last))
@@ -106,10 +130,7 @@ class Evaluation:
             config = self.config = config.model_copy(update=self.budget.settings)
             if log is not None:
                 log(self.budget.describe())
-        size = config.frozen_input_size if config.frozen_input_size not in (None, self.image_size) else None
-        if size is not None and self.checkpoint.config.backbone.startswith("vit"):
-            raise ConfigError(f"evaluate: frozen_input_size {size} differs from the ViT's image_size "
-                              f"{self.image_size}; its position embeddings are fixed, leave frozen_input_size unset")
+        size = _frozen_input_size(config, self.checkpoint)
         self.frozen_input_size = size               # None: the frozen backbones see image_size
         self.frozen_view = features.FrozenView(size, config.frozen_grid, config.frozen_stages)
         self.sources: dict[str, features.FeatureSource] = {

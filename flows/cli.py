@@ -233,7 +233,7 @@ def _run_evaluate(a) -> int:
     prefect_server.wait_ready()
     from flows.evaluate import evaluate_flow
 
-    report = evaluate_flow(run, config.model_dump(mode="json"), storage_options=opts, progress_bar=True)
+    report = evaluate_flow(run, config, storage_options=opts, progress_bar=True)
     print(f"\n{run}/report.md (checkpoint {report['checkpoint']}):\n")
     print(table_markdown(results_table(report)))
     return 0

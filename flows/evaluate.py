@@ -11,7 +11,7 @@ kNN wait for its training; the report task waits for everything. Tasks run in th
 from __future__ import annotations
 
 import time
-from typing import Any, Optional
+from typing import Optional
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -20,7 +20,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 
 from flows.credentials import resolve as resolve_credentials
 from workers.credentials import StorageOptions
-from workers.evaluate.config import eval_config
+from workers.evaluate.config import EvalConfig
 from workers.evaluate.evaluation import NEEDS, Evaluation, frozen_sources
 from workers.evaluate.protocols import Result, run_fewshot, run_finetune, run_knn, run_probe, run_supervised
 from workers.evaluate.report import render_markdown, write_report
@@ -76,12 +76,13 @@ def report_task(ev: Evaluation, results: list[Result], started: float) -> dict:
 
 
 @flow(name="evaluate", task_runner=ThreadPoolTaskRunner(max_workers=THREADS), log_prints=False)
-def evaluate_flow(run: str, config: Optional[dict[str, Any]] = None,
+def evaluate_flow(run: str, config: Optional[EvalConfig] = None,
                   storage_options: Optional[StorageOptions] = None, progress_bar: bool = False) -> dict:
-    """Evaluate ``run``'s checkpoint (``config``: fields of ``workers.evaluate.config.EvalConfig``); returns report.json."""
+    """Evaluate ``run``'s checkpoint with ``config`` (an ``EvalConfig``; a deployment's mapping of its
+    fields is validated into one by Prefect); returns report.json."""
     log = get_run_logger()
     started = time.perf_counter()
-    ev = Evaluation(run, eval_config(**(config or {})), resolve_credentials(storage_options), log=log.info,
+    ev = Evaluation(run, config or EvalConfig(), resolve_credentials(storage_options), log=log.info,
                     show_progress=progress_bar)
     for p, why in ev.refused.items():
         log.warning("not running %s: %s", p, why)

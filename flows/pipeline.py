@@ -149,7 +149,7 @@ def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
     if report is not None:
         log.info("evaluation of this checkpoint with these settings is already in %s/report.json", run)
     else:
-        report = evaluate_flow(run, cfg.evaluate.model_dump(mode="json"), opts, progress_bar)
+        report = evaluate_flow(run, cfg.evaluate, opts, progress_bar)
     rows = publish(cfg, run, loc, report)
     log.info("results (%%, test split):\n%s", table_text(rows))
     return report

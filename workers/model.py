@@ -25,12 +25,22 @@ def build_objective(config: PretrainConfig, in_channels: int):
     from ssl_models import backbones, objectives
 
     backbone_kw = dict(config.backbone_params)
-    if config.backbone.startswith("vit"):
+    if fixed_input_size(config.backbone):
         backbone_kw.setdefault("image_size", config.image_size)
     channels = objectives.OBJECTIVES[config.objective].backbone_channels(in_channels)
     backbone = backbones.build(config.backbone, in_channels=channels, **backbone_kw)
     return objectives.build(config.objective, backbone=backbone, image_size=config.image_size,
                             **config.objective_kwargs())
+
+
+def fixed_input_size(backbone: str) -> bool:
+    """Whether the backbone is built for one input size (a ViT's position embeddings): its builder
+    takes ``image_size``, which it gets from the config."""
+    import inspect
+
+    from ssl_models import backbones
+
+    return "image_size" in inspect.signature(backbones.BACKBONES[backbone]).parameters
 
 
 def check_buildable(config: PretrainConfig, in_channels: int = 3) -> None:

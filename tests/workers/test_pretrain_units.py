@@ -140,6 +140,25 @@ def test_colorization_backbone_takes_the_l_channel():
     assert torch.isfinite(out["loss"])
 
 
+def test_a_fixed_size_backbone_gets_image_size_and_exports_what_was_built(tmp_path):
+    """A ViT (its builder takes image_size) is built for the config's image_size; backbone.pt records
+    the arguments it was built with, so load_backbone rebuilds it; a ResNet gets no image_size."""
+    from workers.model import build_objective, fixed_input_size, load_backbone
+    from workers.pretrain.export import export_final
+
+    assert fixed_input_size("vit_tiny") and not fixed_input_size("resnet18")
+    cfg = load_config(None, ["objective=simclr", "backbone=vit_tiny", "backbone_params={patch_size: 4}",
+                             "image_size=16"])
+    obj = build_objective(cfg, in_channels=1)
+    assert obj.backbone.image_size == 16
+    export_final(RunLocation(str(tmp_path)), cfg, {"channels": 1}, obj, 0, 0)
+    model, payload = load_backbone(str(tmp_path / "checkpoints/final/backbone.pt"))
+    assert payload["backbone_params"] == {"patch_size": 4, "image_size": 16}
+    assert model(torch.zeros(2, 1, 16, 16)).shape == (2, obj.backbone.feature_dim)
+    resnet = build_objective(load_config(None, ["backbone=resnet18"]), in_channels=1)
+    assert "image_size" not in resnet.backbone.build_args
+
+
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_metrics_tail_feeds_the_progress_bar_new_lines_only(where, tmp_path, request):
     """The driver's progress bar tails metrics.jsonl (local or S3): lines already there are skipped,

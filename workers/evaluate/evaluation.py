@@ -36,6 +36,7 @@ from workers.evaluate.config import EvalConfig
 from workers.evaluate.protocols import (fewshot_subset, run_fewshot, run_finetune, run_knn,
                                         run_probe, run_supervised)
 from workers.hardware import cap_torch_threads, resolve_here
+from workers.model import fixed_input_size
 from workers.storage import RunLocation
 
 NEEDS = {"probe": ("train", "val", "test"), "knn": ("train", "test"), "finetune": ("train", "test"),
@@ -93,9 +94,10 @@ def _frozen_input_size(config: EvalConfig, checkpoint) -> Optional[int]:
     """The size the frozen backbones see when it differs from the checkpoint's image_size, else None."""
     image_size = checkpoint.config.image_size
     size = config.frozen_input_size if config.frozen_input_size not in (None, image_size) else None
-    if size is not None and checkpoint.config.backbone.startswith("vit"):
-        raise ConfigError(f"evaluate: frozen_input_size {size} differs from the ViT's image_size "
-                          f"{image_size}; its position embeddings are fixed, leave frozen_input_size unset")
+    if size is not None and fixed_input_size(checkpoint.config.backbone):
+        raise ConfigError(f"evaluate: frozen_input_size {size} differs from the {checkpoint.config.backbone}'s "
+                          f"image_size {image_size}; its input size is fixed (a ViT's position embeddings), "
+                          f"leave frozen_input_size unset")
     return size
 
 

@@ -30,8 +30,8 @@ def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objec
     payload = {
         "backbone": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
         "backbone_name": config.backbone,
-        "backbone_params": dict(config.backbone_params) | ({"image_size": config.image_size}
-                                                          if config.backbone.startswith("vit") else {}),
+        # as built (the config's backbone_params, and image_size for a fixed-size backbone)
+        "backbone_params": {k: v for k, v in backbone.build_args.items() if k not in ("name", "in_channels")},
         "in_channels": int(backbone.in_channels),        # what the backbone takes
         "image_channels": int(manifest["channels"]),     # what the run's images have
         "feature_dim": int(backbone.feature_dim),

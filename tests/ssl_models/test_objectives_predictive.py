@@ -18,8 +18,7 @@ from ssl_models.objectives.autoencoder import Autoencoder
 from ssl_models.objectives.colorization import Colorization
 from ssl_models.objectives.denoising_autoencoder import DenoisingAutoencoder
 from ssl_models.objectives.jigsaw import Jigsaw
-from ssl_models.objectives.mae import MAE, masked_patch_loss
-from ssl_models.objectives.mae import unpatchify
+from ssl_models.objectives.mae import MAE, masked_patch_loss, unpatchify
 from ssl_models.objectives.relative_position import RelativePosition
 from ssl_models.objectives.rotation import Rotation
 from ssl_models.vit import VisionTransformer

@@ -10,9 +10,7 @@ import random
 import pytest
 import torch
 
-from ssl_models import augment, vit
-from ssl_models import tiles as T
-from ssl_models import color as C
+from ssl_models import augment, color as C, tiles as T, vit
 from ssl_models.objectives import denoising_autoencoder, jigsaw, mae
 
 torch.set_num_threads(1)

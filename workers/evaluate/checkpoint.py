@@ -24,8 +24,7 @@ import torch
 import yaml
 
 from workers.config import ConfigError, PretrainConfig
-from workers.model import build_objective
-from workers.model import FINAL_DIR
+from workers.model import FINAL_DIR, build_objective
 from workers.storage import RunLocation
 
 

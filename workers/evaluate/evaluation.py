@@ -30,8 +30,7 @@ from workers.config import ConfigError
 from workers.data import integrity
 from workers.data.loader import load_split
 from workers.data.manifest import read_manifest
-from workers.evaluate import checkpoint as ckpt
-from workers.evaluate import features
+from workers.evaluate import checkpoint as ckpt, features
 from workers.evaluate.config import EvalConfig
 from workers.evaluate.protocols import (fewshot_subset, run_fewshot, run_finetune, run_knn,
                                         run_probe, run_supervised)

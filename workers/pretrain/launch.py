@@ -17,8 +17,7 @@ from typing import Optional
 
 from workers.config import ConfigError, PretrainConfig
 from workers.data import integrity
-from workers.model import check_buildable
-from workers.model import FINAL_DIR
+from workers.model import FINAL_DIR, check_buildable
 from workers.pretrain.loop import train_loop_per_worker
 from workers.pretrain.optim import schedule_length
 from workers.pretrain.run_dir import prepare_run, read_json

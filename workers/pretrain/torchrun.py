@@ -22,8 +22,7 @@ from typing import Optional
 
 from workers.config import ConfigError, PretrainConfig, load_config
 from workers.data.integrity import CorruptShard
-from workers.model import check_buildable
-from workers.model import FINAL_DIR
+from workers.model import FINAL_DIR, check_buildable
 from workers.pretrain.loop import run_loop
 from workers.pretrain.optim import schedule_length
 from workers.pretrain.run_dir import prepare_run, read_json

@@ -28,7 +28,7 @@ from workers.config import PretrainConfig, load_model
 from workers.credentials import StorageOptions
 from workers.evaluate.config import EvalConfig
 from workers.evaluate.report import results_table, table_markdown, table_text
-from workers.model import check_buildable
+from workers.model import BACKBONE_FILE, check_buildable
 from workers.storage import RunLocation
 
 
@@ -85,8 +85,7 @@ def reusable_report(loc: RunLocation, evaluation: EvalConfig) -> Optional[dict]:
             report = json.load(f)
     except FileNotFoundError:
         return None
-    ckpt_rel = "checkpoints/final/backbone.pt"
-    same_ckpt = evaluation.checkpoint is None and report.get("checkpoint_sha256") == _sha256(loc, ckpt_rel)
+    same_ckpt = evaluation.checkpoint is None and report.get("checkpoint_sha256") == _sha256(loc, BACKBONE_FILE)
     return report if same_ckpt and report.get("eval_config_hash") == evaluation.config_hash() else None
 
 

@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from workers.config import ConfigError, PretrainConfig
-from workers.model import FINAL_DIR, build_objective
+from workers.model import BACKBONE_FILE, build_objective
 from workers.storage import RunLocation
 
 
@@ -59,9 +59,9 @@ def resolve(loc: RunLocation, path: Optional[str] = None, fs=None) -> str:
     """
     fs = fs or loc.fs()
     if path is None:
-        uri = loc.join(FINAL_DIR, "backbone.pt")
+        uri = loc.join(BACKBONE_FILE)
         if not fs.exists(uri):
-            raise FileNotFoundError(f"{loc.uri}: no {FINAL_DIR}/backbone.pt; run `gelato pretrain --run {loc.uri}` "
+            raise FileNotFoundError(f"{loc.uri}: no {BACKBONE_FILE}; run `gelato pretrain --run {loc.uri}` "
                                     f"first, or pass --checkpoint PATH")
         return uri
     candidates = [path] if ("://" in path or os.path.isabs(path)) else [path, loc.join(path)]

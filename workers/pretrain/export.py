@@ -16,7 +16,7 @@ import torch
 
 from workers.config import PretrainConfig
 from workers.data import integrity
-from workers.model import FINAL_DIR
+from workers.model import BACKBONE_FILE, FINAL_DIR
 from workers.pretrain.run_dir import PRETRAIN_PLOT
 from workers.storage import RunLocation
 
@@ -43,7 +43,7 @@ def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objec
     }
     buf = io.BytesIO()
     torch.save(payload, buf)
-    loc.write_atomic(f"{FINAL_DIR}/backbone.pt", buf.getvalue())
+    loc.write_atomic(BACKBONE_FILE, buf.getvalue())
     plot = write_pretrain_plot(loc, config, metrics_rows or [], (execution or {}).get("precision"))
     summary = {"steps": step, "total_steps": total, "training_hash": config.training_hash(),
                "objective": config.objective, "backbone": config.backbone, "finished": time.time(),

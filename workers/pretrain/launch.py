@@ -17,7 +17,7 @@ from typing import Optional
 
 from workers.config import ConfigError, PretrainConfig
 from workers.data import integrity
-from workers.model import FINAL_DIR, check_buildable
+from workers.model import BACKBONE_FILE, FINAL_DIR, check_buildable
 from workers.pretrain.loop import train_loop_per_worker
 from workers.pretrain.optim import schedule_length
 from workers.pretrain.run_dir import prepare_run, read_json
@@ -111,7 +111,7 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     if status != "finished":
         check_buildable(config, manifest["channels"])  # before Ray: a bad parameter value fails here
     if status == "finished":
-        log(f"{run}: pretraining already finished ({FINAL_DIR}/backbone.pt); nothing to do")
+        log(f"{run}: pretraining already finished ({BACKBONE_FILE}); nothing to do")
         return read_json(loc, f"{FINAL_DIR}/summary.json")
     if status == "resume":
         from workers.pretrain.sessions import check_resumable_by

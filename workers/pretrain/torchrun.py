@@ -22,7 +22,7 @@ from typing import Optional
 
 from workers.config import ConfigError, PretrainConfig, load_config
 from workers.data.integrity import CorruptShard
-from workers.model import FINAL_DIR, check_buildable
+from workers.model import BACKBONE_FILE, FINAL_DIR, check_buildable
 from workers.pretrain.loop import run_loop
 from workers.pretrain.optim import schedule_length
 from workers.pretrain.run_dir import prepare_run, read_json
@@ -65,7 +65,7 @@ def pretrain(run: str, config: PretrainConfig, overwrite: bool = False, progress
             raise error
         if status == "finished":
             if session.rank == 0:
-                log(f"{run}: pretraining already finished ({FINAL_DIR}/backbone.pt); nothing to do")
+                log(f"{run}: pretraining already finished ({BACKBONE_FILE}); nothing to do")
             return read_json(loc, f"{FINAL_DIR}/summary.json")
         stop, watcher = threading.Event(), None
         if session.rank == 0:

@@ -45,7 +45,7 @@ demo: venv data
 	$(BIN)/gelato run --config configs/pipeline_demo.yaml --run $(RUN)
 
 test: venv-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 clean-demo:
 	rm -rf $(RUN)

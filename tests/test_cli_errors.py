@@ -46,6 +46,7 @@ def test_main_prints_one_line_for_input_errors_and_lets_an_unlogged_bug_raise(mo
     assert not [f for f in logging.getLogger("prefect.flow_runs").filters if isinstance(f, cli.OneTraceback)]
 
 
+@pytest.mark.slow  # starts a separate Python process
 def test_a_bad_parameter_value_fails_in_the_pre_flight_naming_it(tmp_path):
     import os
     import subprocess

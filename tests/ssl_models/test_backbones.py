@@ -60,6 +60,7 @@ def test_own_resnet_is_torchvisions_layout_and_init(depth):
         torch.testing.assert_close(ours(x), theirs(x))
 
 
+@pytest.mark.slow  # starts a separate Python process
 def test_building_a_backbone_does_not_import_torchvision():
     import subprocess
     import sys

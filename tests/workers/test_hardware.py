@@ -49,6 +49,7 @@ def test_explicit_choices_are_honoured_and_slow_ones_warned():
         resolve("half", AVX2)
 
 
+@pytest.mark.slow  # starts a separate Python process
 def test_capabilities_of_this_machine_and_the_avx2_emulation():
     caps = capabilities("cpu")
     flags = open("/proc/cpuinfo").read()

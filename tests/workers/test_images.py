@@ -77,6 +77,7 @@ def test_reencode_modes(mode, fmt):
         assert err.max() == 0
 
 
+@pytest.mark.slow  # starts a separate Python process
 def test_native_decoder_loads_without_torchvision_and_matches_torchvision_io():
     """The stream decodes through torchvision's compiled op loaded directly (no 2.5 s package
     import per loader worker); it must give torchvision.io's pixels for PNG/JPEG/WebP, gray and RGB."""

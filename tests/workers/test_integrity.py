@@ -171,6 +171,7 @@ def test_repair_of_a_shard_that_does_not_exist_is_refused(run, tmp_path):
 
 # ----------------------------------------------------------------------------- pre-flight
 
+@pytest.mark.slow  # starts a separate Python process
 def test_pretrain_preflight_names_a_missing_shard_in_about_a_second(run):
     os.remove(_shard(run, "train-000001.tar"))
     t0 = time.perf_counter()
@@ -183,6 +184,7 @@ def test_pretrain_preflight_names_a_missing_shard_in_about_a_second(run):
     assert dt < 15, dt  # the interpreter and imports; the check itself is one listing
 
 
+@pytest.mark.slow  # starts a separate Python process
 def test_evaluate_preflight_names_a_resized_shard(run):
     _overwrite(_shard(run), os.path.getsize(_shard(run)), b"\0" * 512)  # appended: a torn copy
     r = _gelato("evaluate", "--run", run)
@@ -204,6 +206,7 @@ def test_ingest_preflight_refuses_a_file_or_an_empty_folder_before_prefect(tmp_p
     assert "Traceback" not in r.stderr + r.stdout and "Flow run" not in r.stdout + r.stderr
 
 
+@pytest.mark.slow  # starts a separate Python process
 def test_pretrain_and_evaluate_preflight_refuse_wrong_s3_credentials_in_one_line(tmp_path, s3_endpoint_with_auth):
     import yaml
 

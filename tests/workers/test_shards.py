@@ -214,6 +214,7 @@ RESUME_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # starts a separate Python process
 def test_sigkill_mid_ingest_then_rerun_resumes_to_identical_manifest(tmp_path):
     write_images(tmp_path / "src", n_classes=4, per_class=600, size=16)  # 2400 images, 60 shards
     clean, crashed = str(tmp_path / "clean"), str(tmp_path / "crashed")

@@ -24,7 +24,8 @@ class ConfigError(ValueError):
 
 
 # The registries' names (ssl_models.objectives.OBJECTIVES, ssl_models.backbones.BACKBONES), spelled
-# out so that a config is typed without importing torch; tests/test_configs.py checks they match.
+# out so that importing this module does not import torch (validating a config does, to check the
+# parameters against the constructors); tests/test_configs.py checks they match.
 ObjectiveName = Literal["contrastive", "triplet", "simclr", "moco", "byol", "swav", "cpc", "autoencoder",
                         "denoising_autoencoder", "mae", "rotation", "relative_position", "jigsaw", "colorization"]
 BackboneName = Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small"]

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
+import torch.distributed as dist
 
 from workers.config import PretrainConfig
 from workers.data import integrity
@@ -267,8 +268,6 @@ def train_step(rig: Rig, step: int, batches: list[dict], meter: Meter) -> tuple[
     gradient all-reduce on the last only); a non-finite loss stops every rank at the same step; then
     the learning rate of this step, clipping, the optimizer and the objective's own update (momentum
     encoder, queue, prototypes). Returns the last forward's outputs and images."""
-    import torch.distributed as dist
-
     config, core, model, amp_dtype = rig.config, rig.core, rig.model, rig.amp_dtype
     for micro, batch in enumerate(batches):
         images = batch["image"].to(rig.device, non_blocking=True)
@@ -324,8 +323,6 @@ def log_first_step(rig: Rig, step: int, times: dict) -> None:
 def fit_budget(rig: Rig, step: int, images: torch.Tensor, t_enter: float) -> None:
     """The first steps are measured: lay the schedule over the steps that fit the time budget (the
     same number on every rank: rank 0's measurements decide)."""
-    import torch.distributed as dist
-
     from workers.pretrain.budget import fit_steps
 
     embed_s = _embedding_seconds(rig, images) if rig.config.knn_monitor else 0.0
@@ -345,8 +342,6 @@ def fit_budget(rig: Rig, step: int, images: torch.Tensor, t_enter: float) -> Non
 def log_metrics(rig: Rig, step: int, out: dict, meter: Meter, monitor: Optional["KnnMonitor"]) -> dict:
     """The figures since the last log, reduced over ranks; at epoch ends (``monitor`` given) the kNN
     monitor and the damaged shards skipped so far. Rank 0 appends them to ``metrics.jsonl``."""
-    import torch.distributed as dist
-
     dt = meter.seconds()
     stats = torch.tensor([meter.loss_sum / max(1, meter.losses), meter.samples / dt], device=rig.device)
     if rig.world > 1:
@@ -404,8 +399,6 @@ class KnnMonitor:
         self.enabled = bool(c.knn_monitor and m.get("classes") and not m.get("multilabel") and "val" in m["splits"])
 
     def __call__(self) -> Optional[float]:
-        import torch.distributed as dist
-
         from workers.data.loader import in_memory_split
         from workers.knn import extract_features_sharded, knn_accuracy
 

@@ -4,7 +4,7 @@ or the shard stream. Run by bench/pretrain.py in the main environment.
 W processes (torch.multiprocessing, spawn) × ``--threads`` torch threads each, gloo on 127.0.0.1,
 in-memory uint8 Fashion-MNIST, gelato's objective (``workers.model.build_objective``, so
 NT-Xent gathers negatives from every rank), LARS, bf16 autocast and channels_last. Rank r takes
-rows [r·B/W, (r+1)·B/W) of each global batch of B. Prints one JSON line: {"pairs_per_s": ...}
+rows [r·B/W, (r+1)·B/W) of each global batch of B. Prints one JSON line: {"pairs_per_s": ..., "rank0_minor_faults_per_step": ...}
 (global image pairs per second over the timed steps, measured on rank 0 between two barriers).
 
 Set beside gelato's 2-worker run, it splits gelato's distance to the single-process loop into what
@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import queue
+import resource
 import socket
 import sys
 import time
@@ -32,6 +33,10 @@ def _rank(rank: int, a: argparse.Namespace, port: int, out) -> None:
     sys.path.insert(0, REPO)
     sys.path.insert(0, os.path.join(REPO, "bench"))
     torch.set_num_threads(a.threads)
+    if a.keep_freed_memory:
+        from workers.hardware import keep_freed_memory
+
+        keep_freed_memory()
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=a.world)
     from pretrain import common, train_step
@@ -52,12 +57,13 @@ def _rank(rank: int, a: argparse.Namespace, port: int, out) -> None:
     for s in range(a.warmup + a.steps):
         if s == a.warmup:
             dist.barrier()
-            t0 = time.perf_counter()
+            t0, faults0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         first = s * a.batch_size + rank * local
         train_step(obj, model, opt, images[perm[first:first + local]], g)
     dist.barrier()
     if rank == 0:
-        out.put(a.steps * a.batch_size / (time.perf_counter() - t0))
+        out.put((a.steps * a.batch_size / (time.perf_counter() - t0),
+                 resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults0))
     dist.destroy_process_group()
 
 
@@ -69,6 +75,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=256)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--steps", type=int, default=8)
+    ap.add_argument("--keep-freed-memory", action="store_true", help="glibc malloc thresholds as gelato's workers set them")
     a = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -80,7 +87,7 @@ def main() -> None:
         p.start()
     while True:
         try:
-            rate = out.get(timeout=5)
+            rate, faults = out.get(timeout=5)
             break
         except queue.Empty:
             if any(p.exitcode for p in procs):
@@ -91,7 +98,7 @@ def main() -> None:
         p.join()
         if p.exitcode:
             raise SystemExit(f"rank process exited with {p.exitcode}")
-    print(json.dumps({"pairs_per_s": rate}))
+    print(json.dumps({"pairs_per_s": rate, "rank0_minor_faults_per_step": faults / a.steps}))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ never raised, and the exit code is 0.
 from __future__ import annotations
 
 import os
+import platform
 import time
 from importlib import metadata
 from typing import Callable, Optional
@@ -174,6 +175,10 @@ def report(out: Callable[[str], None] = print, measure: bool = True) -> dict:
                 f"set pretrain.workers / cpus_per_worker so that their product is at most {cores}")
         line("evaluation", f"1 process, {cores} torch thread(s), one protocol at a time on CPU "
                            "(two at a time on a GPU)")
+        glibc = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+        line("allocator", "glibc malloc kept from giving each step's memory back (workers/hardware.py: mmap "
+                          "threshold 32 MiB, trim threshold 1 GiB, one arena in a private Ray instance's workers)"
+             if glibc else "not glibc: left as it is", "glibc-tuned" if glibc else "default")
     except Exception as e:  # noqa: BLE001
         line("pretraining", f"cannot read {DEMO_CONFIG}: {type(e).__name__}: {e}")
     out("")

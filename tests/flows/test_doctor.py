@@ -20,7 +20,7 @@ def test_doctor_reports_the_machine_measures_both_precisions_and_never_prints_a_
     assert done.returncode == 0, done.stderr[-2000:]
     out = done.stdout
     for part in ("cpu capability", "cores", "torch threads", "cuda", "precision: auto resolves to", "torch ",
-                 "torchvision", "ray ", "prefect ", "fashion-mnist", "pretraining", "evaluation"):
+                 "torchvision", "ray ", "prefect ", "fashion-mnist", "pretraining", "evaluation", "allocator"):
         assert part in out, part
     rates = dict(re.findall(r"^\s+(fp32|bf16)\s+([\d.]+) pairs/s per worker", out, re.M))
     assert set(rates) == {"fp32", "bf16"} and all(float(v) > 0 for v in rates.values())

@@ -61,3 +61,52 @@ def test_capabilities_of_this_machine_and_the_avx2_emulation():
                          env={"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "PATH": "/usr/bin"},
                          cwd=__file__.rsplit("/tests/", 1)[0]).stdout.split()
     assert out == ["AVX2", "False", "fp32"]
+
+
+# Ten rounds of: allocate 10 blocks of 2 MiB, touch them, free them all. With glibc's defaults the
+# freed heap top (20 MiB) exceeds the trim threshold (raised only to 4 MiB by the first freed
+# mmapped block), so each round gives the pages back and faults them in again; with gelato's
+# thresholds they stay in the process.
+_ROUNDS = """
+import ctypes, json, resource, sys
+sys.path.insert(0, {repo!r})
+libc = ctypes.CDLL("libc.so.6")
+libc.malloc.restype = ctypes.c_void_p
+libc.free.argtypes = [ctypes.c_void_p]
+libc.memset.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_size_t]
+if {tuned}:
+    from workers.hardware import keep_freed_memory
+    print(json.dumps(keep_freed_memory()))
+faults = []
+for _ in range(10):
+    f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [libc.malloc(2 << 20) for _ in range(10)]
+    for b in blocks:
+        libc.memset(b, 1, 2 << 20)
+    for b in blocks:
+        libc.free(b)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
+print(json.dumps(faults))
+"""
+
+
+@pytest.mark.slow  # starts a separate Python process
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's malloc thresholds: Linux only")
+def test_keep_freed_memory_stops_each_round_faulting_its_memory_in_again():
+    import json
+    import os
+
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+    def rounds(tuned: bool) -> list:
+        out = subprocess.run([sys.executable, "-c", _ROUNDS.format(repo=repo, tuned=tuned)], capture_output=True,
+                             text=True, check=True).stdout.split("\n")
+        if tuned:
+            assert json.loads(out[0]) == {"malloc": "glibc", "mmap_threshold": 32 << 20, "trim_threshold": 1 << 30,
+                                        "arena_max": None}
+        return json.loads(out[-2])
+
+    pages = 10 * (2 << 20) // 4096  # 5,120 pages touched per round
+    default, tuned = rounds(False), rounds(True)
+    assert min(default[1:]) > pages // 2, default        # given back and faulted in again, every round
+    assert max(tuned[1:]) < pages // 20, tuned           # reused

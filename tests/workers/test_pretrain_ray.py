@@ -57,6 +57,8 @@ def test_pretrain_end_to_end_then_rerun_is_a_no_op(tmp_path, tiny_source):
     first = next(r for r in m if r.get("event") == "first_step")
     assert first["execution"] == resolve_here("auto", "cpu").as_dict() == summary["execution"]
     assert first["threads"] == cfg.cpus_per_worker == 1
+    assert first["allocator"] == {"malloc": "glibc", "mmap_threshold": 32 << 20, "trim_threshold": 1 << 30,
+                                  "arena_max": "1"}  # the private instance's workers start with MALLOC_ENV
     # epoch end (spe = 144 // 32 = 4): the online kNN monitor ran on val
     assert all(0.0 <= r["knn_top1"] <= 1.0 for r in m if r["step"] in (4, 8)) and "knn_top1" in m[-1]
     backbone, payload = load_backbone(os.path.join(run, "checkpoints/final/backbone.pt"))

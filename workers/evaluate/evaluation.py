@@ -34,7 +34,7 @@ from workers.evaluate import checkpoint as ckpt, features
 from workers.evaluate.config import EvalConfig
 from workers.evaluate.protocols import (fewshot_subset, run_fewshot, run_finetune, run_knn,
                                         run_probe, run_supervised)
-from workers.hardware import cap_torch_threads, resolve_here
+from workers.hardware import cap_torch_threads, keep_freed_memory, resolve_here
 from workers.model import fixed_input_size
 from workers.storage import RunLocation
 
@@ -117,6 +117,8 @@ class Evaluation:
         # On a CPU one protocol at a time gets every core: two at once each spread over all cores
         # oversubscribe them (OpenMP teams spin-wait). A GPU keeps two busy.
         self.threads = cap_torch_threads() if self.device == "cpu" else None
+        if self.device == "cpu":
+            keep_freed_memory()  # the fine-tune's steps reuse their memory (workers/hardware.py)
         self.compute_slots = threading.Semaphore(1 if self.device == "cpu" else 2)
         self.image_size = self.checkpoint.config.image_size
         self._splits: dict[str, dict] = {}

@@ -29,6 +29,7 @@ import torch.distributed as dist
 
 from workers.config import PretrainConfig
 from workers.data import integrity
+from workers.hardware import keep_freed_memory
 from workers.model import build_objective
 from workers.pretrain.export import export_final
 from workers.pretrain.optim import build_optimizer, lr_schedule, schedule_length
@@ -123,6 +124,7 @@ def stop_if_data_damaged(loc: RunLocation, launched_at: Optional[float]) -> None
 
 def size_thread_pool(config: PretrainConfig, device: torch.device) -> None:
     if device.type == "cpu":
+        keep_freed_memory()  # each step's activations reused, not faulted in again (workers/hardware.py)
         # Ray exports OMP_NUM_THREADS for the worker, but torch may have sized its pool before:
         # two workers × all cores each would oversubscribe the machine.
         torch.set_num_threads(config.cpus_per_worker)
@@ -314,6 +316,7 @@ def log_first_step(rig: Rig, step: int, times: dict) -> None:
     """Time-to-first-step and how the workers run, for the benchmark (``bench/startup.py``)."""
     if rig.log is not None:
         rig.log.append({"event": "first_step", "step": step, "time": time.time(), "threads": torch.get_num_threads(),
+                        "allocator": keep_freed_memory() if rig.device.type == "cpu" else None,
                         **times, "wrapped_as": type(rig.model).__name__,
                         "norm_layers": sorted({type(m).__name__ for m in rig.core.modules()
                                                if "Norm" in type(m).__name__}),

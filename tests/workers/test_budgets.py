@@ -84,15 +84,30 @@ def test_plan_keeps_the_protocol_where_it_fits_and_gives_up_in_order():
     p = plan(COSTS, COUNTS, DEMO, (full - 30) / 60)
     assert set(p.settings) == {"finetune_epochs"} and 0.25 <= p.settings["finetune_epochs"] < 1 and p.fits
     assert p.estimate_s["total"] <= (full - 30)
-    # much shorter: the fine-tune at its floor, then native-size features, fewer iterations, a train subset
+    # much shorter: the fine-tune at its floor, then what costs the probe fewest points (POINTS_LOST):
+    # fewer iterations (0.1) and a train subset, not the global pool (3.2)
     tight = plan(COSTS, COUNTS, DEMO, full / 60 / 3)
-    assert tight.settings["finetune_epochs"] == 0.25 and tight.settings["frozen_input_size"] is None
-    assert tight.settings["probe_max_iter"] == 25 and 5400 <= tight.settings["frozen_train_samples"] < 54000
-    assert tight.fits and [n.split()[0] for n in tight.notes] == ["fine-tuning", "frozen", "probe:", "probe"]
+    assert tight.settings["finetune_epochs"] == 0.25 and tight.settings["probe_max_iter"] == 25
+    assert 5400 <= tight.settings["frozen_train_samples"] < 54000 and "frozen_grid" not in tight.settings
+    assert tight.fits and [n.split()[0] for n in tight.notes] == ["fine-tuning", "probe:", "probe"]
+    # ...while a grid on a subset fits; shorter still, the global pool goes too, and the fine-tune below its floor
+    shorter = plan(COSTS, COUNTS, DEMO, full / 60 / 5)
+    assert shorter.fits and shorter.settings["frozen_grid"] == 1 and shorter.settings["finetune_epochs"] < 0.25
+    assert [n.split()[0] for n in shorter.notes].count("fine-tuning") == 1  # one note per setting
+    # where one reduction is enough, only it is taken (no fine-tune, iterations at their floor, a train set
+    # too small to subset: the native input size, not the global pool as well)
+    few = Counts(train=1000, val=6000, test=10000, classes=10, protocols=("probe", "knn"), networks=2, raw_pixels=True)
+    cfg = DEMO.model_copy(update={"probe_max_iter": 25})
+    snug = estimate(COSTS, few, cfg.model_dump() | {"frozen_input_size": None})["total"]
+    p = plan(COSTS, few, cfg, snug / 60)
+    assert p.settings == {"frozen_input_size": None} and p.fits
     # impossible: the smallest plan, and it says so
     tiny = plan(COSTS, COUNTS, DEMO, 0.1)
-    assert not tiny.fits and tiny.settings["frozen_grid"] == 1 and tiny.settings["finetune_epochs"] == 0.1
+    assert not tiny.fits and tiny.settings["finetune_epochs"] == 0.1 and tiny.settings["frozen_train_samples"] == 6000
     assert "does not fit" in tiny.describe()
+    # ...keeping the grid (3.2 points), which would save less than 10 % of the over-budget time
+    pooled = estimate(COSTS, COUNTS, DEMO.model_dump() | tiny.settings | {"frozen_grid": 1, "frozen_stages": 1})
+    assert "frozen_grid" not in tiny.settings and tiny.estimate_s["total"] <= 1.1 * pooled["total"]
 
 
 # ----------------------------------------------------------------------------- on a real run

@@ -10,17 +10,24 @@ architecture and the resolved precision (a few seconds):
 * the kNN protocol's similarity search, per (query × bank sample × dimension).
 
 :func:`estimate` turns those into seconds per part of the evaluation for given settings, and
-:func:`plan` keeps the configured protocol where it fits and otherwise gives up, in this order,
-what costs the least in the table's headline (the pretrained linear probe):
+:func:`plan` keeps the configured protocol where it fits and otherwise gives up what costs the
+least in the table's headline (the pretrained linear probe):
 
 1. fine-tuning length, down to ``FINETUNE_FLOOR`` epochs (the fine-tune row, not the probe);
-2. frozen features at the images' own size instead of a larger ``frozen_input_size``;
-3. L-BFGS iterations of the probe, down to ``PROBE_ITER_FLOOR`` (50 vs 100 moved val/test by
-   < 0.3 point on the demo's features, bench/RESULTS.md);
-4. a class-balanced subset of train for the frozen protocols (probe, kNN), down to 10 % of it
-   (it always contains the few-label subsets);
-5. frozen features from the global pool instead of pooled grids of the last stages;
-6. fine-tuning down to ``FINETUNE_MIN`` epochs.
+2. of the frozen protocol, the combination that fits and loses the fewest probe points, by the
+   points each reduction cost on the demo's backbone (``POINTS_LOST``, bench/eval_reductions.py):
+   fewer L-BFGS iterations (down to ``PROBE_ITER_FLOOR``: 0.1 point), frozen features at the
+   images' own size instead of a larger ``frozen_input_size`` (0.4), a class-balanced subset of
+   train for the probe and kNN, down to 10 % of it (0.9 per halving; it always contains the
+   few-label subsets), the global pool instead of pooled grids of the last stages (3.2). A grid on
+   6,000 samples (val 89.5) beats the global pool on all 54,000 (88.8), so the pool goes last;
+3. fine-tuning down to ``FINETUNE_MIN`` epochs, where every frozen reduction is not enough (and
+   then the frozen choice is made again with the time that freed). If still nothing fits, the
+   plan runs over budget: of the options within ``NO_FIT_SLACK`` (10 %) of the fastest, the one
+   that loses the fewest points.
+
+The points were measured on two backbones of the demo's recipe, the full one (1,365 steps) and one
+of 116 steps (what the budget fits on an AVX2-only CPU), with the same ranking on both.
 
 If even that does not fit, the smallest plan runs and the plan says how long it is expected to
 take. The plan (settings, measured costs, estimated seconds per part) goes into ``report.json``
@@ -30,6 +37,7 @@ can be asked for explicitly on another machine.
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -43,6 +51,16 @@ FINETUNE_MIN = 0.1
 PROBE_ITER_FLOOR = 25
 FROZEN_TRAIN_FLOOR = 0.10     # of train; the 10 % few-label subset lies inside it
 QUANTUM = 0.05                # fine-tuning epochs are planned in steps of this
+# What each frozen reduction cost the pretrained linear probe (val top-1, points) on the demo's
+# backbone (bench/eval_reductions.py, bench/RESULTS.md): the plan gives up what costs the fewest.
+POINTS_LOST = {"fewer_iterations": 0.1,   # 50 -> 25 L-BFGS iterations: within ±0.2 at every subset size
+               "native_size": 0.4,        # 28 px instead of 32
+               "global_pool": 3.2}        # 256-d global pool instead of layer3+layer4 at 2x2 (1536-d)
+# When nothing fits, the plan runs over its budget anyway: it then takes the fewest points lost among
+# the options within this much of the fastest (on an AVX2-only CPU the global pool saved seconds of a
+# 7-minute evaluation and cost 3 points).
+NO_FIT_SLACK = 0.10
+POINTS_LOST_PER_HALVING = 0.9             # of the frozen protocols' train samples (54k -> 3k: 1.2, 2.0, 2.5, 3.9)
 
 
 @dataclass
@@ -218,54 +236,78 @@ def plan(costs: Costs, counts: Counts, config, budget_minutes: float) -> Plan:
     notes: list[str] = []
     fits = lambda t: estimate(costs, counts, t)["total"] <= budget  # noqa: E731
 
-    def shrink_finetune(floor: float) -> None:
-        if fits(s) or "finetune" not in counts.protocols and "fewshot" not in counts.protocols:
+    def shrink_finetune(floor: float, frozen: Optional[dict] = None) -> None:
+        """The fine-tune shortened until the plan fits, down to ``floor`` epochs (with the frozen
+        settings ``frozen`` in place of the current ones, if given)."""
+        t = s | (frozen or {})
+        if fits(t) or "finetune" not in counts.protocols and "fewshot" not in counts.protocols:
             return
         top = s["finetune_epochs"]
         e = max(floor, math.floor(top / QUANTUM) * QUANTUM)
-        while e > floor + 1e-9 and not fits(s | {"finetune_epochs": e}):
+        while e > floor + 1e-9 and not fits(t | {"finetune_epochs": e}):
             e = round(e - QUANTUM, 4)
         if e < top:
             s["finetune_epochs"] = round(max(e, floor), 4)
             if s.get("fewshot_epochs"):
                 s["fewshot_epochs"] = max(1, round(s["fewshot_epochs"] * s["finetune_epochs"] / top))
-            notes.append(f"fine-tuning {s['finetune_epochs']:g} epoch(s) instead of {top:g}")
+            notes[:] = [n for n in notes if not n.startswith("fine-tuning ")]
+            notes.insert(0, f"fine-tuning {s['finetune_epochs']:g} epoch(s) instead of {base['finetune_epochs']:g}")
 
-    def native_size() -> None:
-        if not fits(s) and s["frozen_input_size"] is not None:
-            notes.append(f"frozen features at the images' own size instead of {s['frozen_input_size']} px")
-            s["frozen_input_size"] = None
+    def frozen_options() -> list[tuple[bool, float, float, dict]]:
+        """Every combination of the frozen reductions, each with the largest train subset that fits:
+        (does not fit, probe points lost, seconds, settings)."""
+        sizes = [s["frozen_input_size"]] + ([None] if s["frozen_input_size"] is not None else [])
+        top_it = s["probe_max_iter"]
+        iters = sorted({top_it, *range(top_it, PROBE_ITER_FLOOR - 1, -5), min(top_it, PROBE_ITER_FLOOR)}, reverse=True)
+        pool = (s["frozen_grid"], s["frozen_stages"])
+        pools = [pool] + ([(1, 1)] if pool != (1, 1) else [])
+        top_n = min(s.get("frozen_train_samples") or counts.train, counts.train)
+        floor = min(top_n, max(1000, math.ceil(FROZEN_TRAIN_FLOOR * counts.train / 1000) * 1000))
+        subset = bool(set(counts.protocols) & {"probe", "knn"})
+        out = []
+        for size, it, (grid, stages) in itertools.product(sizes, iters, pools):
+            o = s | {"frozen_input_size": size, "probe_max_iter": it, "frozen_grid": grid, "frozen_stages": stages}
+            n = top_n
+            while subset and n > floor and not fits(o | {"frozen_train_samples": n}):
+                n = max(floor, (n - 1) // 1000 * 1000)
+            if n < top_n:
+                o["frozen_train_samples"] = n
+            lost = (POINTS_LOST["native_size"] * (size != s["frozen_input_size"])
+                    + POINTS_LOST["fewer_iterations"] * (top_it - it) / max(1, top_it - PROBE_ITER_FLOOR)
+                    + POINTS_LOST["global_pool"] * ((grid, stages) != pool)
+                    + POINTS_LOST_PER_HALVING * math.log2(top_n / n))
+            out.append((not fits(o), lost, estimate(costs, counts, o)["total"], o))
+        return out
 
-    def fewer_iterations() -> None:
-        if not fits(s) and s["probe_max_iter"] > PROBE_ITER_FLOOR:
-            top = s["probe_max_iter"]
-            it = top
-            while it > PROBE_ITER_FLOOR and not fits(s | {"probe_max_iter": it}):
-                it = max(PROBE_ITER_FLOOR, it - 5)
-            s["probe_max_iter"] = it
-            notes.append(f"probe: {it} L-BFGS iterations per weight decay instead of {top}")
-
-    def train_subset() -> None:
-        if fits(s) or not set(counts.protocols) & {"probe", "knn"}:
+    def frozen_reductions() -> None:
+        """The combination that fits and costs the probe the fewest points; if none fits, the fastest."""
+        if fits(s):
             return
-        floor = max(1000, math.ceil(FROZEN_TRAIN_FLOOR * counts.train / 1000) * 1000)
-        n = min(s.get("frozen_train_samples") or counts.train, counts.train)
-        top = n
-        while n > floor and not fits(s | {"frozen_train_samples": n}):
-            n = max(floor, (n - 1) // 1000 * 1000)
-        if n < top:
-            s["frozen_train_samples"] = n
-            notes.append(f"probe and kNN on a class-balanced subset of {n:,} of the {counts.train:,} train samples")
+        options = frozen_options()
+        fitting = [o for o in options if not o[0]]
+        if not fitting:  # over budget whatever is given up: points are not traded for a few seconds
+            fastest = min(o[2] for o in options)
+            fitting = [o for o in options if o[2] <= fastest * (1 + NO_FIT_SLACK)]
+        best = min(fitting, key=lambda o: (o[1], o[2]))[3]
+        top = dict(s)
+        s.update(best)
+        if s["probe_max_iter"] != top["probe_max_iter"]:
+            notes.append(f"probe: {s['probe_max_iter']} L-BFGS iterations per weight decay instead of {top['probe_max_iter']}")
+        if s["frozen_input_size"] != top["frozen_input_size"]:
+            notes.append(f"frozen features at the images' own size instead of {top['frozen_input_size']} px")
+        if s.get("frozen_train_samples") != top.get("frozen_train_samples"):
+            notes.append(f"probe and kNN on a class-balanced subset of {s['frozen_train_samples']:,} of the "
+                         f"{counts.train:,} train samples")
+        if (s["frozen_grid"], s["frozen_stages"]) != (top["frozen_grid"], top["frozen_stages"]):
+            notes.append(f"frozen features from the global pool instead of {top['frozen_grid']}x{top['frozen_grid']} "
+                         f"grids of the last {top['frozen_stages']} stages")
 
-    def global_pool() -> None:
-        if not fits(s) and (s["frozen_grid"], s["frozen_stages"]) != (1, 1):
-            notes.append(f"frozen features from the global pool instead of {s['frozen_grid']}x{s['frozen_grid']} "
-                         f"grids of the last {s['frozen_stages']} stages")
-            s["frozen_grid"], s["frozen_stages"] = 1, 1
-
-    for step in (lambda: shrink_finetune(min(FINETUNE_FLOOR, s["finetune_epochs"])), native_size, fewer_iterations,
-                 train_subset, global_pool, lambda: shrink_finetune(min(FINETUNE_MIN, s["finetune_epochs"]))):
-        step()
+    shrink_finetune(min(FINETUNE_FLOOR, s["finetune_epochs"]))
+    if not fits(s):
+        fastest = min(frozen_options(), key=lambda o: o[2])[3]
+        if not fits(fastest):  # every frozen reduction is not enough: the fine-tune goes to its minimum first
+            shrink_finetune(min(FINETUNE_MIN, s["finetune_epochs"]), fastest)
+    frozen_reductions()
     changed = {k: v for k, v in s.items() if v != base[k]}
     est = estimate(costs, counts, s)
     return Plan(budget_minutes, changed, est, est["total"] <= budget, notes, asdict(costs))

@@ -29,10 +29,10 @@ least in the table's headline (the pretrained linear probe):
 The points were measured on two backbones of the demo's recipe, the full one (1,365 steps) and one
 of 116 steps (what the budget fits on an AVX2-only CPU), with the same ranking on both.
 
-If even that does not fit, the smallest plan runs and the plan says how long it is expected to
-take. The plan (settings, measured costs, estimated seconds per part) goes into ``report.json``
-and ``report.md``; the settings it changed are ordinary evaluation settings, so the same figures
-can be asked for explicitly on another machine.
+Where nothing fits, the plan says how long it is expected to take. The plan (settings, measured
+costs, estimated seconds per part) goes into ``report.json`` and ``report.md``; the settings it
+changed are ordinary evaluation settings, so the same figures can be asked for explicitly on
+another machine.
 """
 from __future__ import annotations
 
@@ -56,11 +56,11 @@ QUANTUM = 0.05                # fine-tuning epochs are planned in steps of this
 POINTS_LOST = {"fewer_iterations": 0.1,   # 50 -> 25 L-BFGS iterations: within ±0.2 at every subset size
                "native_size": 0.4,        # 28 px instead of 32
                "global_pool": 3.2}        # 256-d global pool instead of layer3+layer4 at 2x2 (1536-d)
+POINTS_LOST_PER_HALVING = 0.9             # of the frozen protocols' train samples (54k -> 3k: 1.2, 2.0, 2.5, 3.9)
 # When nothing fits, the plan runs over its budget anyway: it then takes the fewest points lost among
 # the options within this much of the fastest (on an AVX2-only CPU the global pool saved seconds of a
 # 7-minute evaluation and cost 3 points).
 NO_FIT_SLACK = 0.10
-POINTS_LOST_PER_HALVING = 0.9             # of the frozen protocols' train samples (54k -> 3k: 1.2, 2.0, 2.5, 3.9)
 
 
 @dataclass
@@ -280,7 +280,8 @@ def plan(costs: Costs, counts: Counts, config, budget_minutes: float) -> Plan:
         return out
 
     def frozen_reductions() -> None:
-        """The combination that fits and costs the probe the fewest points; if none fits, the fastest."""
+        """The combination that fits and costs the probe the fewest points; if none fits, the fewest
+        points among those within ``NO_FIT_SLACK`` of the fastest."""
         if fits(s):
             return
         options = frozen_options()

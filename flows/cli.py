@@ -21,6 +21,7 @@ STAGES = {
     "deploy": "register prefect.yaml's deployments with the Prefect API (process work pool)",
     "serve": "serve prefect.yaml's deployments from this process, with their schedules",
     "doctor": "what gelato will do on this machine: CPU/GPU, precision auto, a measured step, versions, data",
+    "export": "write a run's backbone for torchvision, timm, TorchScript or ONNX (+ a JSON of its input), checked",
 }
 
 
@@ -307,6 +308,32 @@ def _run_doctor(a) -> int:
     return doctor(measure=not a.no_measure)
 
 
+def _add_export(sub) -> None:
+    from workers.export.formats import FORMATS
+
+    p = sub.add_parser("export", help=STAGES["export"], description=STAGES["export"] + (
+        ". The file is loaded back with the target library and its features compared with gelato's "
+        "backbone on the same batch; OUT.json beside it holds the architecture, input size, channels, "
+        "normalisation and a line that loads it."))
+    p.add_argument("--run", required=True, help="a run (local or s3://), or a backbone.pt")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="local path of the exported file")
+    p.add_argument("--config", help="YAML whose storage_options reach the run's storage")
+
+
+def _run_export(a) -> int:
+    from workers.export.formats import export
+
+    spec = export(a.run, a.format, a.out, _storage_options(a.config))
+    print(f"{a.format}: {a.out} ({spec['architecture']}, {spec['in_channels']} x {spec['image_size']} x "
+          f"{spec['image_size']} -> {spec['feature_dim']}); max |difference| from gelato's backbone "
+          f"{spec['check']['max_abs_diff']:.1e} on a batch of {spec['check']['batch']}")
+    print(f"input: /255, resize to {spec['image_size']}, normalise with mean {spec['mean']} std {spec['std']}; "
+          f"spec: {a.out}.json")
+    print(f"load: {spec['load']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gelato",
@@ -320,11 +347,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run(sub)
     _add_deployments(sub)
     _add_doctor(sub)
+    _add_export(sub)
     return parser
 
 
 RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "run": _run_run, "deploy": _run_deploy, "serve": _run_serve, "evaluate": _run_evaluate,
-           "doctor": _run_doctor}
+           "doctor": _run_doctor, "export": _run_export}
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

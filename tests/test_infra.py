@@ -300,3 +300,16 @@ def test_readme_walks_from_laptop_to_cluster():
         assert needle in text, f"infra/README.md should show `{needle}`"
     for ref in re.findall(r"infra/[\w./-]+\.(?:ya?ml|md)|infra/docker/Dockerfile", text):
         assert (ROOT / ref).is_file(), f"infra/README.md names {ref}, which does not exist"
+
+
+def test_license_file_matches_pyproject_and_every_path_infra_readme_names_exists():
+    import re
+    import tomllib
+
+    with open(ROOT / "pyproject.toml", "rb") as f:
+        assert tomllib.load(f)["project"]["license"] == "Apache-2.0"
+    text = (ROOT / "LICENSE").read_text()
+    assert text.lstrip().startswith("Apache License") and "Version 2.0, January 2004" in text
+    assert "END OF TERMS AND CONDITIONS" in text
+    for rel in re.findall(r"^\| `([^`]+)` \|", README.read_text(), re.M):
+        assert (INFRA / rel).resolve().exists(), f"infra/README.md names {rel}, which does not exist"

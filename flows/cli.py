@@ -74,7 +74,10 @@ def _add_ingest(sub) -> None:
                    help="keep the original bytes (default) or re-encode")
     p.add_argument("--val-fraction", type=float, default=None, metavar="F",
                    help="seeded share of train held out as val (default 0.1, or 0 where the source has val)")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the val split (default 0)")
+    p.add_argument("--test-fraction", type=float, default=None, metavar="F",
+                   help="seeded share of train held out as test, where a labelled source has no test split "
+                        "(default 0.1 there, else 0): evaluation reports on test")
+    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the val and test splits (default 0)")
     p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     p.add_argument("--data-root", default=None, help="folder holding Fashion-MNIST's idx files")
     p.add_argument("--kind", default="auto", choices=["auto", "fashion-mnist", "imagefolder", "flat", "voc"],
@@ -91,7 +94,7 @@ def _run_ingest(a) -> int:
     from workers.ingest.sources import SourceError
     from workers.storage import RunLocation, check_writable
 
-    IngestParams(a.shard_size, a.image_format, a.val_fraction, a.seed)  # fails here, before Prefect starts
+    IngestParams(a.shard_size, a.image_format, a.val_fraction, a.seed, a.test_fraction)  # fails here, before Prefect
     if a.source not in ("fashion-mnist", "fashion_mnist", "fmnist") and a.kind != "fashion-mnist":
         if not os.path.exists(a.source):
             raise SourceError(f"source path {a.source!r} does not exist")
@@ -107,7 +110,8 @@ def _run_ingest(a) -> int:
     from flows.ingest import ingest_flow
 
     m = ingest_flow(a.source, a.out, shard_size=a.shard_size, image_format=a.image_format,
-                    val_fraction=a.val_fraction, seed=a.seed, overwrite=a.overwrite, data_root=a.data_root,
+                    val_fraction=a.val_fraction, test_fraction=a.test_fraction, seed=a.seed, overwrite=a.overwrite,
+                    data_root=a.data_root,
                     kind=a.kind, storage_options=opts, progress_bar=not a.no_progress, repair=a.repair)
     print(f"\n{a.out}/manifest.json: {m['count']} samples, {len(m['rejected'])} rejected, "
           f"{m['channels']} channel(s), classes: {len(m['classes'] or [])}")

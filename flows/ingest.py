@@ -47,13 +47,13 @@ def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str
                 val_fraction: Optional[float] = None, seed: int = 0, overwrite: bool = False,
                 data_root: Optional[str] = None, kind: str = "auto",
                 storage_options: Optional[StorageOptions] = None, progress_bar: bool = True,
-                repair: Optional[list[str]] = None) -> dict:
+                repair: Optional[list[str]] = None, test_fraction: Optional[float] = None) -> dict:
     """Ingest ``source`` into ``out`` (local path or s3://bucket/prefix); returns the manifest.
 
     ``repair`` (a finished ingest only): check these shards (``[]``: all) against the manifest and
     rewrite the damaged ones, nothing else."""
     log = get_run_logger()
-    params = IngestParams(shard_size, image_format, val_fraction, seed)  # validates before any work
+    params = IngestParams(shard_size, image_format, val_fraction, seed, test_fraction)  # validates before any work
     loc = RunLocation(out, resolve_credentials(storage_options))
     src = open_source(source, data_root=data_root, kind=kind)
     check_writable(loc)

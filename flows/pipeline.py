@@ -41,6 +41,7 @@ class IngestSettings(BaseModel):
     shard_size: int = Field(1000, ge=1)
     image_format: str = "keep"
     val_fraction: Optional[float] = Field(None, ge=0, lt=1)
+    test_fraction: Optional[float] = Field(None, ge=0, lt=1)
     seed: int = 0
     data_root: Optional[str] = None
     kind: str = "auto"
@@ -139,7 +140,8 @@ def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
                                           resolve_credentials(cfg.pretrain.storage_options)})
     ing = cfg.ingest
     ingest_flow(ing.source, run, shard_size=ing.shard_size, image_format=ing.image_format,
-                val_fraction=ing.val_fraction, seed=ing.seed, data_root=ing.data_root, kind=ing.kind,
+                val_fraction=ing.val_fraction, test_fraction=ing.test_fraction, seed=ing.seed,
+                data_root=ing.data_root, kind=ing.kind,
                 storage_options=opts, progress_bar=progress_bar)
     loc = RunLocation(run, opts)
     log.info("what to expect on this machine:\n  %s", "\n  ".join(expectations(run, pre, cfg.evaluate, opts)))

@@ -17,8 +17,9 @@ def test_ingest_flow_local(tmp_path):
     write_images(tmp_path / "src", n_classes=3, per_class=10)
     out = str(tmp_path / "run")
     m = ingest_flow(str(tmp_path / "src"), out, shard_size=4, val_fraction=0.2, progress_bar=False)
-    assert m["splits"]["train"]["count"] == 24 and m["splits"]["val"]["count"] == 6
-    assert len(list(open_split(out, "val"))) == 6
+    # a labelled folder without a test split: 10 % held out as test first, then val from the rest
+    assert {s: v["count"] for s, v in m["splits"].items()} == {"train": 22, "val": 5, "test": 3}
+    assert len(list(open_split(out, "val"))) == 5 and len(list(open_split(out, "test"))) == 3
     with open(os.path.join(out, "manifest.json")) as f:
         assert json.load(f) == m
     # a rerun does no work and returns the same manifest
@@ -27,7 +28,8 @@ def test_ingest_flow_local(tmp_path):
 
 def test_ingest_flow_s3(tmp_path, s3_bucket):
     files = write_images(tmp_path / "src", n_classes=2, per_class=4, mode="RGB")
-    m = ingest_flow(str(tmp_path / "src"), f"s3://{s3_bucket}/r", shard_size=3, val_fraction=0, progress_bar=False)
+    m = ingest_flow(str(tmp_path / "src"), f"s3://{s3_bucket}/r", shard_size=3, val_fraction=0, test_fraction=0,
+                    progress_bar=False)
     samples = list(open_split(f"s3://{s3_bucket}/r", "train"))
     assert len(samples) == m["count"] == 8
     arrays = sorted(a.tobytes() for a, _ in files.values())
@@ -73,7 +75,8 @@ def test_cli_ingest_end_to_end(tmp_path):
                         str(tmp_path / "run"), "--shard-size", "4", "--val-fraction", "0.2", "--no-progress"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert "train        8 samples" in r.stdout and "val          2 samples" in r.stdout
+    # a labelled folder without a test split: 1 of 10 held out as test, then 2 of the 9 left as val
+    assert "train        7 samples" in r.stdout and "val          2 samples" in r.stdout and "test         1 samples" in r.stdout
     with open(tmp_path / "run" / "manifest.json") as f:
         assert json.load(f)["count"] == 10
     # the command started Prefect's temporary server itself, at its top (flows/prefect_server.py): Prefect

@@ -12,12 +12,15 @@ import torch
 from evalrun import ingest_folder, pretrain_by_hand
 from imagegen import write_images, write_separable
 from workers.config import ConfigError, load_config
+from workers.data.manifest import read_manifest
 from workers.evaluate.checkpoint import CheckpointMismatch
 from workers.evaluate.config import eval_config
 from workers.evaluate.evaluation import Evaluation, evaluate, fewshot_subset
 from workers.evaluate.metrics import (average_precision, confusion_matrix, multilabel_ap, per_class_accuracy,
                                       topk_accuracy, voc07_average_precision)
 from workers.evaluate.probe import linear_probe
+from workers.ingest.shards import IngestParams, ingest
+from workers.ingest.sources import open_source
 from workers.model import build_objective
 from workers.plots import PNG_SIGNATURE
 from workers.pretrain.export import export_final
@@ -317,30 +320,42 @@ def test_missing_checkpoint_says_what_to_do(tmp_path):
         Evaluation(run, eval_config(checkpoint="nope.pt"))
 
 
-def test_unlabelled_run_refuses_label_protocols_and_still_reports(tmp_path):
+def test_unlabelled_run_is_one_clear_error_before_any_work(tmp_path):
     write_images(tmp_path / "flat", per_class=20, size=8, flat=True)
     run = str(tmp_path / "run")
     m = ingest_folder(str(tmp_path / "flat"), run)
+    assert "test" not in m["splits"]  # nothing held out of an unlabelled source
     pretrain_by_hand(run, m, steps=2)
-    said = []
-    report = evaluate(run, eval_config(**QUICK), log=said.append)
-    assert {x["protocol"] for x in report["refused"]} == {"probe", "knn", "finetune", "fewshot"}
-    assert all("unlabelled" in x["reason"] for x in report["refused"]) and len(said) == 4
-    assert report["results"] == [] and "embedding" in report["plots"] and "loss" in report["plots"]
-    with open(os.path.join(run, "report.md")) as f:
-        md = f.read()
-    assert "Not run: probe" in md and "| linear probe, top-1 | not run | not run | not run | not run |" in md
+    with pytest.raises(ConfigError, match="nothing to evaluate: probe needs labels but the source is unlabelled"):
+        evaluate(run, eval_config(**QUICK), log=lambda *_: None)
+    assert not os.path.exists(os.path.join(run, "report.json")) and not os.path.exists(os.path.join(run, "eval"))
 
 
-def test_missing_split_refuses_what_needs_it(tmp_path):
-    write_separable(tmp_path / "src", n_classes=3, per_class=10, size=8)  # no test split
+def test_a_folder_without_test_split_gets_one_and_without_any_evaluation_fails_saying_what_to_do(tmp_path):
+    write_separable(tmp_path / "src", n_classes=3, per_class=10, size=8)  # class folders, no train/ or test/
     run = str(tmp_path / "run")
-    m = ingest_folder(str(tmp_path / "src"), run)
+    m = ingest_folder(str(tmp_path / "src"), run)  # test_fraction left at its default
+    assert {s: v["count"] for s, v in m["splits"].items()} == {"train": 22, "val": 5, "test": 3}  # test first
+    assert m["params"]["test_fraction"] == 0.1
     pretrain_by_hand(run, m, steps=2)
     report = evaluate(run, eval_config(protocols=("probe", "knn"), **QUICK), log=lambda *_: None)
-    assert [x["protocol"] for x in report["refused"]] == ["probe", "knn"]
-    assert "needs the split(s) test" in report["refused"][0]["reason"]
-    assert report["results"] == [] and "embedding" in report["plots"]  # PCA of val features still drawn
+    assert report["refused"] == [] and {r["protocol"] for r in report["results"]} == {"probe", "knn"}
+    # kNN's k (10) exceeds the bank's smallest class (22 train images over 3 classes): lowered, and said
+    smallest = int(torch.bincount(torch.tensor([r.label for r in open_source(str(tmp_path / "src")).splits()["train"]]
+                                               )).min())
+    knn = report["details"]["knn/pretrained"]
+    assert knn["k_asked"] == 10 and knn["k"] < 10 and knn["k"] <= smallest
+    with open(os.path.join(run, "report.md")) as f:
+        assert f"kNN (k={knn['k']}, T=0.1)" in f.read()
+    # held out of nothing (--test-fraction 0): no protocol can run, and the evaluation says so instead of
+    # writing a table of "not run" cells
+    bare = str(tmp_path / "bare")
+    ingest(RunLocation(bare), open_source(str(tmp_path / "src")), IngestParams(shard_size=40, val_fraction=0.2,
+                                                                              test_fraction=0), progress_bar=False)
+    pretrain_by_hand(bare, read_manifest(RunLocation(bare)), steps=2)
+    with pytest.raises(ConfigError, match=r"nothing to evaluate: probe needs the split\(s\) test .*--test-fraction 0.1"):
+        evaluate(bare, eval_config(protocols=("probe", "knn"), **QUICK), log=lambda *_: None)
+    assert not os.path.exists(os.path.join(bare, "report.json"))
 
 
 def _write_voc(root, n_per_combo: dict) -> None:

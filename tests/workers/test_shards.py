@@ -53,7 +53,8 @@ def _sources_of(loc: RunLocation, manifest, split) -> dict:
 def test_local_round_trip_pixels_and_labels(tmp_path):
     files = write_images(tmp_path / "src", n_classes=3, per_class=7)
     run = RunLocation(str(tmp_path / "run"))
-    m = ingest(run, open_source(str(tmp_path / "src")), IngestParams(shard_size=4, val_fraction=0.0), progress_bar=False)
+    m = ingest(run, open_source(str(tmp_path / "src")), IngestParams(shard_size=4, val_fraction=0.0, test_fraction=0),
+               progress_bar=False)
     assert m["classes"] == ["class0", "class1", "class2"] and m["channels"] == 1
     assert m["splits"]["train"]["count"] == 21 and len(m["splits"]["train"]["shards"]) == 6
     got = _by_source(run.uri, "train")
@@ -93,7 +94,7 @@ def test_mixed_formats_and_bad_files(tmp_path):
 
     for fmt in ("keep", "png"):
         run = RunLocation(str(tmp_path / f"run-{fmt}"))
-        m = ingest(run, open_source(str(root)), IngestParams(shard_size=5, image_format=fmt, val_fraction=0.0),
+        m = ingest(run, open_source(str(root)), IngestParams(shard_size=5, image_format=fmt, val_fraction=0.0, test_fraction=0),
                    progress_bar=False)
         assert m["splits"]["train"]["count"] == 10
         rejected = {r["path"]: r["reason"] for r in m["rejected"]}
@@ -175,10 +176,11 @@ def test_missing_source_and_refusing_to_clobber(tmp_path):
         open_source(str(tmp_path / "nope"))
     write_images(tmp_path / "src", per_class=3)
     run = RunLocation(str(tmp_path / "run"))
-    ingest(run, open_source(str(tmp_path / "src")), IngestParams(shard_size=2, val_fraction=0), progress_bar=False)
+    flat = dict(val_fraction=0, test_fraction=0)
+    ingest(run, open_source(str(tmp_path / "src")), IngestParams(shard_size=2, **flat), progress_bar=False)
     with pytest.raises(IngestError, match="--overwrite"):
-        ingest(run, open_source(str(tmp_path / "src")), IngestParams(shard_size=3, val_fraction=0), progress_bar=False)
-    m = ingest(run, open_source(str(tmp_path / "src")), IngestParams(shard_size=3, val_fraction=0), overwrite=True,
+        ingest(run, open_source(str(tmp_path / "src")), IngestParams(shard_size=3, **flat), progress_bar=False)
+    m = ingest(run, open_source(str(tmp_path / "src")), IngestParams(shard_size=3, **flat), overwrite=True,
                progress_bar=False)
     assert [s["name"] for s in m["splits"]["train"]["shards"]] == ["train-000000.tar", "train-000001.tar"]
     assert sorted(os.listdir(run.join("shards"))) == ["train-000000.tar", "train-000001.tar"]
@@ -280,7 +282,7 @@ def test_s3_round_trip(tmp_path, s3_bucket):
             assert fs.size(f"{s3_bucket}/runs/demo/shards/{s['name']}") == s["bytes"]
     assert read_manifest(run) == m
     seen = 0
-    for split in ("train", "val"):
+    for split in ("train", "val", "test"):  # test: held out of the class folders (test_fraction 0.1)
         src_of = _sources_of(run, m, split)
         for key, (img, label) in _by_source(run, split).items():
             arr, lab = files[src_of[key]]
@@ -305,3 +307,32 @@ def test_s3_wrong_credentials_fail_without_printing_the_secret(s3_endpoint_with_
     assert "some-bucket" in msg and s3_endpoint_with_auth in msg
     assert "denied" in msg or "InvalidAccessKeyId" in msg or "credentials" in msg.lower()
     assert "super-secret-value" not in msg
+
+
+def test_test_split_held_out_of_a_labelled_folder_seeded_disjoint_and_old_runs_still_reused(tmp_path):
+    write_images(tmp_path / "src", n_classes=2, per_class=20)
+    src = open_source(str(tmp_path / "src"))
+
+    from workers.ingest.shards import plan_ingest
+
+    def held(seed):
+        plan = plan_ingest(src, IngestParams(shard_size=8, seed=seed))
+        return {sp: {r.path for s in plan.shards if s.split == sp for r in s.records} for sp in ("train", "val", "test")}
+
+    a, again, other = held(0), held(0), held(1)
+    assert {k: len(v) for k, v in a.items()} == {"train": 32, "val": 4, "test": 4} and a == again
+    assert not (a["test"] & a["train"]) and not (a["test"] & a["val"]) and a["test"] != other["test"]
+    with pytest.raises(ValueError, match="val_fraction \\+ test_fraction must be < 1"):
+        IngestParams(val_fraction=0.5, test_fraction=0.5)
+    with pytest.raises(IngestError, match="own test split; use --test-fraction 0"):
+        write_images(tmp_path / "split" / "train", per_class=3)
+        write_images(tmp_path / "split" / "test", per_class=2)
+        plan_ingest(open_source(str(tmp_path / "split")), IngestParams(test_fraction=0.2))
+    # a run ingested before test_fraction existed (its manifest without it) is the same ingest when
+    # nothing is held out: reused, not refused as "other parameters"
+    run = RunLocation(str(tmp_path / "run"))
+    m = ingest(run, src, IngestParams(shard_size=8, test_fraction=0), progress_bar=False)
+    old = dict(m, params={k: v for k, v in m["params"].items() if k != "test_fraction"})
+    with open(run.join("manifest.json"), "w") as f:
+        json.dump(old, f)
+    assert ingest(run, src, IngestParams(shard_size=8, test_fraction=0), progress_bar=False) == old

@@ -111,7 +111,8 @@ def test_torchrun_on_an_s3_run_resumes_from_its_marked_checkpoint(tmp_path, s3_b
     write_images(tmp_path / "src", n_classes=3, per_class=40, size=16)
     run = f"s3://{s3_bucket}/runs/tr"
     loc = RunLocation(run)
-    ingest(loc, open_source(str(tmp_path / "src")), IngestParams(shard_size=20, val_fraction=0.2), progress_bar=False)
+    ingest(loc, open_source(str(tmp_path / "src")), IngestParams(shard_size=20, val_fraction=0.2, test_fraction=0),
+           progress_bar=False)
     cmd = [sys.executable, "-m", "workers.torchrun", run, *TINY, "workers=1", "steps=4", "checkpoint_every=2",
            "knn_monitor=false"]
     done = subprocess.run(cmd, cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=180)

@@ -43,7 +43,8 @@ NEEDS = {"probe": ("train", "val", "test"), "knn": ("train", "test"), "finetune"
 
 
 def plan(manifest: dict, config: EvalConfig) -> tuple[list[str], dict[str, str]]:
-    """(protocols that can run, {protocol or "supervised": why it cannot})."""
+    """(protocols that can run, {protocol or "supervised": why it cannot}); raises ConfigError, with
+    the reasons and what to do, where none can."""
     have = {s for s, v in manifest["splits"].items() if v.get("count", 0) > 0}
     wanted = list(config.protocols) + (["supervised"] if "supervised" in config.baselines else [])
     run, refused = [], {}
@@ -53,12 +54,16 @@ def plan(manifest: dict, config: EvalConfig) -> tuple[list[str], dict[str, str]]
             refused[p] = (f"{p} needs labels but the source is unlabelled (manifest.json has no classes); "
                           f"ingest an ImageFolder, Fashion-MNIST or VOC to evaluate with labels")
         elif missing:
+            how = " and ".join(f"--{s}-fraction 0.1" for s in missing if s in ("val", "test"))
             refused[p] = (f"{p} needs the split(s) {', '.join(missing)} but the run has only "
-                          f"{', '.join(sorted(have))}; re-ingest with --val-fraction > 0 or a source with a test split")
+                          f"{', '.join(sorted(have))}; re-ingest with {how or 'a source that has them'} "
+                          f"(a seeded share of train held out)")
         elif p == "fewshot" and manifest.get("multilabel"):
             refused[p] = "fewshot: class-balanced label subsets are defined for single-label sources only"
         elif p != "supervised":
             run.append(p)
+    if not run:  # a report of "not run" cells, exiting 0, would hide it
+        raise ConfigError("nothing to evaluate: " + "; ".join(refused.values()))
     return run, refused
 
 

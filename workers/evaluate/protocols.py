@@ -95,6 +95,17 @@ def run_probe(ev: Evaluation, source: str, train_idx: Optional[torch.Tensor] = N
     return r
 
 
+def knn_k(asked: int, bank_targets: torch.Tensor, multilabel: bool) -> int:
+    """The k the kNN protocol uses: the configured one, lowered to the smallest class's count in the
+    bank (single-label; a bank of 12 images per class outvotes every class with k=200) or to the
+    bank's size (multi-label). Recorded in the report and its table when lowered."""
+    if multilabel:
+        return max(1, min(asked, len(bank_targets)))
+    counts = torch.bincount(bank_targets[bank_targets >= 0])
+    counts = counts[counts > 0]
+    return max(1, min(asked, int(counts.min()) if len(counts) else asked))
+
+
 @_timed
 def run_knn(ev: Evaluation, source: str) -> Result:
     """Weighted cosine kNN (k, T from the config): train features as the bank, test as queries."""
@@ -103,8 +114,10 @@ def run_knn(ev: Evaluation, source: str) -> Result:
         std = Standardizer.fit(bank)
         bank, queries = std(bank), std(queries)
     (ytr, _), (yte, igte) = ev.frozen_targets("train"), ev.frozen_targets("test")
-    k, t = ev.config.knn_k, ev.config.knn_t
+    k, t = knn_k(ev.config.knn_k, ytr, ev.multilabel), ev.config.knn_t
     r = Result("knn", source, details={"k": k, "temperature": t})
+    if k != ev.config.knn_k:
+        r.details["k_asked"] = ev.config.knn_k
     if ev.multilabel:
         d = multilabel_ap(knn_scores_multilabel(bank, ytr, queries, k, t), yte, igte)
         r.details |= d

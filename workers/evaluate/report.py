@@ -44,7 +44,9 @@ def results_table(report: dict) -> list[dict]:
     None where a cell was not computed. The report's markdown, the Prefect table artifact and the
     tables the commands print are all drawn from these rows."""
     cells = {(r["protocol"], r["metric"], r.get("via"), r["features"]): r["value"] for r in report["results"]}
-    shown = table_rows(report["multilabel"], len(report["classes"] or []), report["eval_config"]["knn_k"],
+    # the k kNN used: the configured one unless the bank had fewer samples in a class (protocols.knn_k)
+    used = [d["k"] for key, d in (report.get("details") or {}).items() if key.startswith("knn/") and "k" in d]
+    shown = table_rows(report["multilabel"], len(report["classes"] or []), max(used, default=report["eval_config"]["knn_k"]),
                        report["eval_config"]["knn_t"])
     asked = set(report["eval_config"].get("protocols") or ("probe", "knn", "finetune", "fewshot"))
     rows = []

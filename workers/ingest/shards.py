@@ -49,6 +49,7 @@ class IngestParams:
     image_format: str = "keep"
     val_fraction: Optional[float] = None  # None: 0.1 where the source has no val split, else 0
     seed: int = 0
+    test_fraction: Optional[float] = None  # None: 0.1 for a labelled source with train but no test split, else 0
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -57,6 +58,10 @@ class IngestParams:
             raise ValueError(f"image_format must be one of {', '.join(IMAGE_FORMATS)}, got {self.image_format!r}")
         if self.val_fraction is not None and not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.test_fraction is not None and not 0.0 <= self.test_fraction < 1.0:
+            raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
+        if (self.val_fraction or 0.0) + (self.test_fraction or 0.0) >= 1.0:
+            raise ValueError(f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}")
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,36 @@ class IngestPlan:
         return list(dict.fromkeys(s.split for s in self.shards))
 
 
+def comparable(params: dict) -> dict:
+    """Ingest parameters as reruns compare them: a ``test_fraction`` of 0 is the same ingest as one
+    made before the parameter existed."""
+    return {k: v for k, v in params.items() if not (k == "test_fraction" and not v)}
+
+
+def _hold_out(splits: dict, name: str, frac: float, rng: random.Random) -> None:
+    """Move a seeded ``frac`` of ``train`` into split ``name``."""
+    train = splits["train"]
+    order = list(range(len(train)))
+    rng.shuffle(order)
+    held = set(order[:int(round(frac * len(train)))])
+    splits[name] = [train[i] for i in sorted(held)]
+    splits["train"] = [r for i, r in enumerate(train) if i not in held]
+
+
 def plan_ingest(source: Source, params: IngestParams) -> IngestPlan:
-    """Cut each split into shards; take a seeded ``val`` from ``train`` where asked."""
+    """Cut each split into shards; take a seeded ``test`` (where the source has none) and then a
+    seeded ``val`` from ``train``, where asked."""
     splits = source.splits()
+    tfrac = params.test_fraction
+    if tfrac is None:
+        # a labelled source without a test split gets one: evaluation reports on test
+        tfrac = 0.1 if source.classes and "train" in splits and "test" not in splits else 0.0
+    if tfrac > 0:
+        if "test" in splits:
+            raise IngestError(f"source {source.name!r} has its own test split; use --test-fraction 0")
+        if "train" not in splits:
+            raise IngestError(f"source {source.name!r} has no train split to take test from")
+        _hold_out(splits, "test", tfrac, random.Random(f"test-{params.seed}"))
     frac = params.val_fraction
     if frac is None:
         frac = 0.0 if "val" in splits else 0.1
@@ -114,15 +146,10 @@ def plan_ingest(source: Source, params: IngestParams) -> IngestPlan:
             raise IngestError(f"source {source.name!r} has its own val split; use --val-fraction 0")
         if "train" not in splits:
             raise IngestError(f"source {source.name!r} has no train split to take val from")
-        train = splits["train"]
-        order = list(range(len(train)))
-        random.Random(params.seed).shuffle(order)
-        n_val = int(round(frac * len(train)))
-        val_idx = set(order[:n_val])
-        splits["val"] = [train[i] for i in sorted(val_idx)]
-        splits["train"] = [r for i, r in enumerate(train) if i not in val_idx]
+        _hold_out(splits, "val", frac, random.Random(params.seed))
     fingerprint = source.fingerprint()
-    params_d = asdict(params) | {"val_fraction": frac}
+    # the shards' digests: a test_fraction of 0 leaves those of ingests made before it existed as they were
+    params_d = comparable(asdict(params) | {"val_fraction": frac, "test_fraction": tfrac})
     specs = []
     for split in [s for s in ("train", "val", "test") if s in splits] + sorted(set(splits) - {"train", "val", "test"}):
         records = splits[split]
@@ -133,7 +160,7 @@ def plan_ingest(source: Source, params: IngestParams) -> IngestPlan:
             for r in chunk:
                 h.update(f"{r.path}\0{r.label}\0{r.labels}\n".encode())
             specs.append(ShardSpec(split, i, keys, tuple(chunk), h.hexdigest()))
-    return IngestPlan(source.describe(), fingerprint, IngestParams(params.shard_size, params.image_format, frac, params.seed),
+    return IngestPlan(source.describe(), fingerprint, IngestParams(params.shard_size, params.image_format, frac, params.seed, tfrac),
                       list(source.classes) if source.classes else None, source.multilabel, tuple(specs))
 
 
@@ -318,7 +345,7 @@ def prepare_run(loc: RunLocation, plan: IngestPlan, overwrite: bool = False) -> 
         existing = None
     if existing is not None:
         same = (existing.get("source", {}).get("fingerprint") == plan.fingerprint
-                and existing.get("params") == asdict(plan.params))
+                and comparable(existing.get("params") or {}) == comparable(asdict(plan.params)))
         if same:
             return existing
         raise IngestError(

@@ -111,8 +111,8 @@ def _run_ingest(a) -> int:
 
     m = ingest_flow(a.source, a.out, shard_size=a.shard_size, image_format=a.image_format,
                     val_fraction=a.val_fraction, test_fraction=a.test_fraction, seed=a.seed, overwrite=a.overwrite,
-                    data_root=a.data_root,
-                    kind=a.kind, storage_options=opts, progress_bar=not a.no_progress, repair=a.repair)
+                    data_root=a.data_root, kind=a.kind, storage_options=opts, progress_bar=not a.no_progress,
+                    repair=a.repair)
     print(f"\n{a.out}/manifest.json: {m['count']} samples, {len(m['rejected'])} rejected, "
           f"{m['channels']} channel(s), classes: {len(m['classes'] or [])}")
     for split, s in m["splits"].items():

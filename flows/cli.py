@@ -22,6 +22,7 @@ STAGES = {
     "serve": "serve prefect.yaml's deployments from this process, with their schedules",
     "doctor": "what gelato will do on this machine: CPU/GPU, precision auto, a measured step, versions, data",
     "export": "write a run's backbone for torchvision, timm, TorchScript or ONNX (+ a JSON of its input), checked",
+    "embed": "embeddings of a run's split or of any folder / S3 prefix of images, as Parquet (resumable)",
 }
 
 
@@ -338,6 +339,34 @@ def _run_export(a) -> int:
     return 0
 
 
+def _add_embed(sub) -> None:
+    p = sub.add_parser("embed", help=STAGES["embed"], description=STAGES["embed"] + (
+        ": key, label (null when unknown) and vector columns in OUT/part-NNNNN.parquet, written as they are "
+        "finished; the same command again resumes. pyarrow.parquet.read_table(OUT) reads them all."))
+    p.add_argument("--run", required=True, help="the run whose backbone embeds (local or s3://)")
+    p.add_argument("--data", required=True, help="a split of the run (train, val, test) or a folder / s3:// prefix of images")
+    p.add_argument("--out", required=True, help="folder or s3:// prefix for the Parquet parts")
+    p.add_argument("--checkpoint", default=None, help="another backbone.pt than the run's checkpoints/final/")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--overwrite", action="store_true", help="replace embeddings of other inputs already at --out")
+    p.add_argument("--config", help="YAML whose storage_options reach the run's and --out's storage")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_embed(a) -> int:
+    from tqdm import tqdm
+
+    from workers.embed.embedding import embed
+
+    with tqdm(unit="img", desc="embed", disable=a.no_progress) as bar:
+        meta = embed(a.run, a.data, a.out, _storage_options(a.config), checkpoint=a.checkpoint,
+                     batch_size=a.batch_size, overwrite=a.overwrite, progress=bar.update,
+                     total=lambda n: setattr(bar, "total", n))
+    print(f"{a.out}: {meta['count']} vectors of {meta['feature_dim']} floats in {meta['parts']} part(s), "
+          f"{meta['parts_written']} written now, {meta['parts'] - meta['parts_written']} already there")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gelato",
@@ -352,11 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_deployments(sub)
     _add_doctor(sub)
     _add_export(sub)
+    _add_embed(sub)
     return parser
 
 
 RUNNERS = {"ingest": _run_ingest, "pretrain": _run_pretrain, "run": _run_run, "deploy": _run_deploy, "serve": _run_serve, "evaluate": _run_evaluate,
-           "doctor": _run_doctor, "export": _run_export}
+           "doctor": _run_doctor, "export": _run_export, "embed": _run_embed}
 
 
 def expected_errors() -> tuple[type[BaseException], ...]:

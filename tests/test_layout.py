@@ -10,7 +10,7 @@ import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 LAYERS = ("flows", "workers", "ssl_models")            # each may import only those after it
-STAGES = ("workers.ingest", "workers.pretrain", "workers.evaluate", "workers.export")  # beside each other
+STAGES = ("workers.ingest", "workers.pretrain", "workers.evaluate", "workers.export", "workers.embed")  # beside each other
 
 
 def _modules() -> dict[str, pathlib.Path]:

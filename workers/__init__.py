@@ -5,6 +5,7 @@
     pretrain/   the training loop and its launchers (Ray Train, torchrun), run log, export
     evaluate/   probe, kNN, fine-tune, few-label, baselines, the report
     export/     a run's backbone for torchvision, timm, TorchScript, ONNX, checked by loading it back
+    embed/      embeddings of a split or any folder of images, as a resumable Parquet dataset
 
 The modules beside them are shared by the stages: ``config`` (the pretraining config), ``model``
 (building and loading backbones), ``storage`` and ``credentials`` (local disk or S3), ``hardware``

@@ -4,7 +4,8 @@
   says; the same call on every rank, at export, and for the evaluation's random-init baseline.
 * :func:`check_buildable` — that call once on the driver (torch's meta device), so a parameter value
   the constructors refuse fails in about a second, naming the config's fields.
-* :func:`load_backbone` — the exported ``checkpoints/final/backbone.pt`` rebuilt as a module.
+* :func:`load_backbone` — the exported ``checkpoints/final/backbone.pt`` rebuilt as a module;
+  :func:`load_for_features` — that, with the input preprocessing it was trained with.
 
 torch is imported inside the functions: the run's file names below are read by torch-free code
 (``workers/pretrain/run_dir.py``, the command line's checks).
@@ -80,3 +81,12 @@ def load_backbone(path_or_uri: str, storage_options: Optional[dict] = None):
     model.load_state_dict(payload["backbone"])
     return model, payload
 
+
+
+def load_for_features(path_or_uri: str, storage_options: Optional[dict] = None):
+    """The saved backbone in eval mode, the preprocessing its training views used
+    (``Objective.preprocess``: uint8 (B, C, H, W) -> normalised float at ``image_size``), and the payload."""
+    backbone, payload = load_backbone(path_or_uri, storage_options)
+    config = PretrainConfig.model_validate(payload["config"])
+    objective = build_objective(config, payload.get("image_channels", payload["in_channels"]))
+    return backbone.eval(), objective.preprocess, payload

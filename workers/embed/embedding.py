@@ -21,7 +21,6 @@ inputs is refused unless ``overwrite``. ``complete`` turns true with the last pa
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 import posixpath

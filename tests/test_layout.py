@@ -9,7 +9,7 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-LAYERS = ("flows", "workers", "ssl_models")            # each may import only those after it
+LAYERS = ("gelato", "flows", "workers", "ssl_models")  # each may import only those after it
 STAGES = ("workers.ingest", "workers.pretrain", "workers.evaluate", "workers.export", "workers.embed")  # beside each other
 
 

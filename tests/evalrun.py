@@ -57,5 +57,5 @@ def pretrain_by_hand(run: str, manifest: dict, steps: int = 4, overrides: tuple 
     if write_config:
         with loc.fs().open(loc.join("config.yaml"), "w") as f:
             f.write(config.to_yaml())
-    export_final(loc, config, manifest, objective.eval(), steps, steps)
+    export_final(loc, config, manifest, objective.eval(), steps, steps, metrics_rows=log.rows())
     return config

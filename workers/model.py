@@ -19,6 +19,7 @@ from workers.config import ConfigError, PretrainConfig
 
 FINAL_DIR = "checkpoints/final"                  # what pretraining exports and evaluation loads
 BACKBONE_FILE = f"{FINAL_DIR}/backbone.pt"
+PRETRAIN_PLOT = "plots/pretrain.png"            # the pretraining's curves; drawn at its end, linked by the report
 
 
 def build_objective(config: PretrainConfig, in_channels: int):

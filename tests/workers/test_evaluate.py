@@ -187,7 +187,7 @@ def test_full_report_schema_and_plots(labelled_run, tmp_path):
         md = f.read()
     assert "| protocol (test, %) | pretrained | random init | raw pixels | supervised |" in md
     assert "not run" in md  # e.g. fine-tune of raw pixels is not a thing, and says so
-    assert set(on_disk["plots"]) == {"loss", "knn", "embedding", "confusion"}
+    assert set(on_disk["plots"]) == {"pretrain", "loss", "knn", "embedding", "confusion"}
     for rel in on_disk["plots"].values():
         assert f"]({rel})" in md
         path = os.path.join(run, rel)
@@ -346,7 +346,10 @@ def test_a_folder_without_test_split_gets_one_and_without_any_evaluation_fails_s
     knn = report["details"]["knn/pretrained"]
     assert knn["k_asked"] == 10 and knn["k"] < 10 and knn["k"] <= smallest
     with open(os.path.join(run, "report.md")) as f:
-        assert f"kNN (k={knn['k']}, T=0.1)" in f.read()
+        md = f.read()
+    assert f"kNN (k={knn['k']}, T=0.1)" in md
+    # the pretraining's own figure (drawn when it ended) is linked with the report's plots
+    assert report["plots"]["pretrain"] == "plots/pretrain.png" and "](plots/pretrain.png)" in md
     # held out of nothing (--test-fraction 0): no protocol can run, and the evaluation says so instead of
     # writing a table of "not run" cells
     bare = str(tmp_path / "bare")

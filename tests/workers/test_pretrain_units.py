@@ -189,7 +189,7 @@ def test_metrics_tail_feeds_the_progress_bar_new_lines_only(where, tmp_path, req
 def test_pretrain_figure_draws_what_the_metrics_hold_and_a_broken_one_costs_nothing(tmp_path, capsys):
     from workers.plots import PNG_SIGNATURE, pretrain_figure
     from workers.pretrain.export import write_pretrain_plot
-    from workers.pretrain.run_dir import PRETRAIN_PLOT
+    from workers.model import PRETRAIN_PLOT
 
     rows = [{"event": "first_step", "step": 1, "time": 0.0}]
     rows += [{"step": s, "epoch": s / 4, "loss": 5.0 - 0.1 * s, "lr": 0.01 * s, "momentum": 0.99 + 0.001 * s,
@@ -210,7 +210,8 @@ def test_pretrain_figure_draws_what_the_metrics_hold_and_a_broken_one_costs_noth
 
 
 def test_overwrite_leaves_nothing_of_the_old_training(tmp_path):
-    from workers.pretrain.run_dir import PRETRAIN_PLOT, prepare_run
+    from workers.model import PRETRAIN_PLOT
+    from workers.pretrain.run_dir import prepare_run
 
     write_images(tmp_path / "src", n_classes=2, per_class=6, size=8)
     loc = RunLocation(str(tmp_path / "run"))

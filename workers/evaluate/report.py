@@ -15,6 +15,7 @@ import time
 from typing import Optional
 
 from workers.data import integrity
+from workers.model import PRETRAIN_PLOT
 from workers.plots import confusion_plot, curve_plot, embedding_plot
 
 COLUMNS = [("pretrained", "pretrained"), ("random_init", "random init"), ("raw_pixels", "raw pixels"),
@@ -99,6 +100,8 @@ def _plots(ev, by_key: dict) -> dict[str, str]:
             ev.loc.write_atomic(f"plots/{name}.png", data, ev.fs)
             out[name] = f"plots/{name}.png"
 
+    if ev.fs.exists(ev.loc.join(PRETRAIN_PLOT)):  # drawn when pretraining ended: loss, kNN, lr, throughput
+        out["pretrain"] = PRETRAIN_PLOT
     rows = read_metrics(ev.loc, ev.fs) or []
     put("loss", curve_plot(rows, "loss", "pretraining loss", "loss"))
     put("knn", curve_plot(rows, "knn_top1", "online kNN top-1 on val (during pretraining)", "top-1"))
@@ -206,6 +209,8 @@ def render_markdown(report: dict) -> str:
         md.append(f"\n**Not run: {x['protocol']}** — {x['reason']}")
     md += _details_md(r)
     md += ["", "## Pretraining", ""]
+    if "pretrain" in r["plots"]:
+        md += [f"![pretraining: loss, online kNN, learning rate and throughput by step]({r['plots']['pretrain']})", ""]
     for name, caption in (("loss", "loss by epoch"), ("knn", "online kNN top-1 by epoch")):
         md.append(f"![{caption}]({r['plots'][name]})" if name in r["plots"]
                   else f"- {caption}: not available (no such rows in metrics.jsonl)")

@@ -16,8 +16,7 @@ import torch
 
 from workers.config import PretrainConfig
 from workers.data import integrity
-from workers.model import BACKBONE_FILE, FINAL_DIR
-from workers.pretrain.run_dir import PRETRAIN_PLOT
+from workers.model import BACKBONE_FILE, FINAL_DIR, PRETRAIN_PLOT
 from workers.storage import RunLocation
 
 

@@ -13,10 +13,9 @@ from typing import Optional
 
 from workers.config import ConfigError, PretrainConfig
 from workers.data import integrity
-from workers.model import FINAL_DIR
+from workers.model import FINAL_DIR, PRETRAIN_PLOT
 from workers.storage import RunLocation
 
-PRETRAIN_PLOT = "plots/pretrain.png"
 
 
 def read_json(loc: RunLocation, rel: str) -> Optional[dict]:

@@ -314,7 +314,7 @@ def _run_doctor(a) -> int:
 
 
 def _add_export(sub) -> None:
-    from workers.export.formats import FORMATS
+    from workers.export import FORMATS
 
     p = sub.add_parser("export", help=STAGES["export"], description=STAGES["export"] + (
         ". The file is loaded back with the target library and its features compared with gelato's "

@@ -16,10 +16,12 @@ TINY = ["backbone=small_cnn", "backbone_params={width: 8}", "image_size=8", "vie
         "workers=1", "steps=2", "knn_monitor=false"]
 
 
-def test_import_gelato_loads_no_torch_ray_or_prefect():
+@pytest.mark.slow  # starts a separate Python process
+def test_import_gelato_and_the_command_lines_parser_load_no_torch_ray_or_prefect():
     import subprocess
 
-    code = "import gelato, sys; print(sorted(m for m in ('torch', 'ray', 'prefect') if m in sys.modules))"
+    code = ("import gelato, flows.cli, sys; flows.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'ray', 'prefect') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -5,3 +5,5 @@
 * ``formats.py`` — the backbone written for torchvision, timm, TorchScript or ONNX, each checked by
   loading it back with the target library.
 """
+
+FORMATS = ("torchvision", "timm", "torchscript", "onnx")  # here, torch-free: the command line lists them

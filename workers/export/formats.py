@@ -28,10 +28,10 @@ from typing import Callable, Optional
 
 import torch
 
+from workers.export import FORMATS
 from workers.export.spec import backbone_file, input_spec, read_payload
 from workers.storage import filesystem
 
-FORMATS = ("torchvision", "timm", "torchscript", "onnx")
 ATOL = 1e-4                 # max |difference| of the features, float32 on CPU
 OPSET = 18
 EXTRA = "pip install 'gelato[export]'"

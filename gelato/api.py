@@ -157,10 +157,8 @@ def embed(run: str, data: str, out: str, *, checkpoint: Optional[str] = None, ba
 
 def load_backbone(run_or_file: str, *, storage_options: Optional[dict] = None) -> Backbone:
     """A run's pretrained backbone (or a ``backbone.pt``) with its input preprocessing."""
-    from workers.model import BACKBONE_FILE, load_for_features
-    from workers.storage import RunLocation
+    from workers.model import backbone_path, load_for_features
 
-    path = run_or_file if run_or_file.endswith(".pt") else RunLocation(run_or_file).join(BACKBONE_FILE)
-    module, preprocess, payload = load_for_features(path, storage_options)
+    module, preprocess, payload = load_for_features(backbone_path(run_or_file), storage_options)
     return Backbone(module, preprocess, int(payload["feature_dim"]), int(payload["image_size"]),
                     int(payload["in_channels"]))

@@ -69,25 +69,43 @@ def check_buildable(config: PretrainConfig, in_channels: int = 3) -> None:
                           f"(image_size={config.image_size}): {type(e).__name__}: {e}") from None
 
 
-def load_backbone(path_or_uri: str, storage_options: Optional[dict] = None):
-    """Rebuild the exported backbone (weights_only load). Returns (backbone, payload)."""
+def backbone_path(run_or_file: str) -> str:
+    """The ``backbone.pt`` of a run (``RUN``), or the file given (``.../backbone.pt``)."""
+    from workers.storage import RunLocation
+
+    return run_or_file if run_or_file.endswith(".pt") else RunLocation(run_or_file).join(BACKBONE_FILE)
+
+
+def read_backbone(path_or_uri: str, storage_options: Optional[dict] = None) -> bytes:
+    """The bytes of a saved backbone; a missing one is named with the command that makes it."""
+    from workers.storage import filesystem
+
+    try:
+        with filesystem(path_or_uri, storage_options).open(path_or_uri, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path_or_uri}: no pretrained backbone here; run `gelato pretrain` first") from None
+
+
+def load_backbone(path_or_uri: str, storage_options: Optional[dict] = None, data: Optional[bytes] = None):
+    """Rebuild the exported backbone (weights_only load) from its file, or from ``data``, its bytes
+    already read. Returns (backbone, payload)."""
     import torch
 
     from ssl_models import backbones
-    from workers.storage import filesystem
 
-    with filesystem(path_or_uri, storage_options).open(path_or_uri, "rb") as f:
-        payload = torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    if data is None:
+        data = read_backbone(path_or_uri, storage_options)
+    payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     model = backbones.build(payload["backbone_name"], in_channels=payload["in_channels"], **payload["backbone_params"])
     model.load_state_dict(payload["backbone"])
     return model, payload
 
 
-
-def load_for_features(path_or_uri: str, storage_options: Optional[dict] = None):
+def load_for_features(path_or_uri: str, storage_options: Optional[dict] = None, data: Optional[bytes] = None):
     """The saved backbone in eval mode, the preprocessing its training views used
     (``Objective.preprocess``: uint8 (B, C, H, W) -> normalised float at ``image_size``), and the payload."""
-    backbone, payload = load_backbone(path_or_uri, storage_options)
+    backbone, payload = load_backbone(path_or_uri, storage_options, data)
     config = PretrainConfig.model_validate(payload["config"])
     objective = build_objective(config, payload.get("image_channels", payload["in_channels"]))
     return backbone.eval(), objective.preprocess, payload

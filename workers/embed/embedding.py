@@ -31,7 +31,7 @@ import torch
 from workers.data.images import IMAGE_EXTS, decode_bytes
 from workers.data.loader import fit_size
 from workers.data.manifest import read_manifest
-from workers.model import BACKBONE_FILE, load_for_features
+from workers.model import BACKBONE_FILE, load_for_features, read_backbone
 from workers.storage import RunLocation, filesystem
 
 META = "_embed.json"
@@ -68,6 +68,7 @@ class _Items:
         if self.split is not None:
             self.count = int(manifest["splits"][self.split]["count"])
             self.files = None
+            self._stream, self._pos = None, 0  # one pass over the split's shards, part after part
         else:
             self.files = _images_under(data, storage_options)
             self.count = len(self.files)
@@ -78,12 +79,17 @@ class _Items:
         if self.files is None:
             from workers.data.stream import open_split
 
+            if self._stream is None or start < self._pos:
+                self._stream, self._pos = iter(open_split(self.run, self.split, manifest=self.manifest)), 0
             keys, labels, images = [], [], []
-            for i, s in enumerate(open_split(self.run, self.split, manifest=self.manifest)):
-                if i < start:
+            while self._pos < stop:
+                s = next(self._stream, None)
+                if s is None:
+                    raise EmbedError(f"{self.run.uri}: split {self.split} ended after {self._pos} samples; its "
+                                     f"manifest says {self.count}")
+                self._pos += 1
+                if self._pos <= start:  # the parts already written: passed over once, in the same pass
                     continue
-                if i >= stop:
-                    break
                 keys.append(s["key"])
                 labels.append(int(s["label"]) if int(s["label"]) >= 0 else None)
                 images.append(fit_size(s["image"], self.size))
@@ -127,11 +133,11 @@ def embed(run: str, data: str, out: str, storage_options: Optional[dict] = None,
     loc = RunLocation(run, storage_options or {})
     ckpt = checkpoint or loc.join(BACKBONE_FILE)
     try:
-        with filesystem(ckpt, storage_options).open(ckpt, "rb") as f:
-            sha = hashlib.sha256(f.read()).hexdigest()
-    except FileNotFoundError:
-        raise EmbedError(f"{ckpt}: no pretrained backbone; run `gelato pretrain` first, or give --checkpoint") from None
-    backbone, preprocess, payload = load_for_features(ckpt, storage_options)
+        data_bytes = read_backbone(ckpt, storage_options)
+    except FileNotFoundError as e:
+        raise EmbedError(f"{e}, or give --checkpoint") from None
+    sha = hashlib.sha256(data_bytes).hexdigest()
+    backbone, preprocess, payload = load_for_features(ckpt, storage_options, data=data_bytes)
     items = _Items(loc, data, int(payload.get("image_channels", payload["in_channels"])), int(payload["image_size"]),
                    storage_options)
     dest = RunLocation(out, storage_options or {})

@@ -29,7 +29,8 @@ from typing import Callable, Optional
 import torch
 
 from workers.export import FORMATS
-from workers.export.spec import backbone_file, input_spec, read_payload
+from workers.export.spec import input_spec
+from workers.model import backbone_path, load_backbone
 from workers.storage import filesystem
 
 ATOL = 1e-4                 # max |difference| of the features, float32 on CPU
@@ -159,17 +160,14 @@ def export(run_or_file: str, fmt: str, out: str, storage_options: Optional[dict]
            batch: int = 4, seed: int = 0) -> dict:
     """Write a run's backbone as ``fmt`` to the local path ``out`` and its spec to ``out.json``;
     returns the spec with the check's result. See the module for the formats."""
-    from workers.model import load_backbone
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if "://" in out and not out.startswith("file://"):
         raise ExportError(f"--out {out}: exports are written to a local path")
     out = out[len("file://"):] if out.startswith("file://") else out
-    path = backbone_file(run_or_file)
-    payload = read_payload(path, storage_options)
+    path = backbone_path(run_or_file)
+    backbone, payload = load_backbone(path, storage_options)
     spec = input_spec(payload)
-    backbone, _ = load_backbone(path, storage_options)
     backbone.eval()
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, spec["in_channels"], spec["image_size"], spec["image_size"], generator=g)

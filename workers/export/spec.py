@@ -8,30 +8,8 @@ evaluation feeds the backbone.
 """
 from __future__ import annotations
 
-import io
-from typing import Optional
-
-import torch
-
 from workers.config import PretrainConfig
-from workers.model import BACKBONE_FILE, build_objective
-from workers.storage import RunLocation, filesystem
-
-
-def backbone_file(run_or_file: str) -> str:
-    """The ``backbone.pt`` of a run (``RUN`` or ``RUN/checkpoints/final/backbone.pt``)."""
-    return run_or_file if run_or_file.endswith(".pt") else RunLocation(run_or_file).join(BACKBONE_FILE)
-
-
-def read_payload(path: str, storage_options: Optional[dict] = None) -> dict:
-    """The saved backbone (weights and what rebuilds them), loaded with ``weights_only``; a missing
-    file is named with the command that makes it."""
-    try:
-        with filesystem(path, storage_options).open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no pretrained backbone here; run `gelato pretrain` on the run first") from None
-    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+from workers.model import build_objective
 
 
 def input_spec(payload: dict) -> dict:

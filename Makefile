@@ -27,7 +27,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(PIP) -e '.[test,export]'
+	$(PIP) -e '.[test,export,tracking]'
 	@$(COMPILE)
 	@touch $@
 

@@ -138,7 +138,7 @@ def gelato_torchrun(width: int, run: str, warmup: int, steps: int) -> tuple[floa
 def cli_first_step(width: int, run: str) -> float:
     """Seconds from starting the ``gelato pretrain`` command (a new process: imports, config
     validation, Prefect's temporary server, the private Ray instance) to the first training step."""
-    cmd = [sys.executable, "-m", "flows.cli", "pretrain", "--run", run, "--overwrite", "--no-progress"] + common(width) + \
+    cmd = [sys.executable, "-m", "gelato.cli", "pretrain", "--run", run, "--overwrite", "--no-progress"] + common(width) + \
         ["workers=2", "cpus_per_worker=1", "steps=3", "log_every=1", "loader_workers=1", "checkpoint_every=3"]
     t0 = time.time()
     subprocess.run(cmd, cwd=REPO, check=True, capture_output=True)

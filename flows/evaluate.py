@@ -18,12 +18,14 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NONE
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows.artifacts import publish_plots
 from flows.credentials import resolve as resolve_credentials
 from workers.credentials import StorageOptions
 from workers.evaluate.config import EvalConfig
 from workers.evaluate.evaluation import NEEDS, Evaluation, frozen_sources
 from workers.evaluate.protocols import Result, run_fewshot, run_finetune, run_knn, run_probe, run_supervised
-from workers.evaluate.report import render_markdown, write_report
+from workers.evaluate.report import render_markdown, track_report, write_report
+from workers.tracking import run_name
 
 # Two task threads; each task computes inside one of ``Evaluation.compute_slots``: one at a time on
 # a CPU (torch already spreads one protocol over every core, and two at once oversubscribe them),
@@ -69,9 +71,13 @@ def supervised_task(ev: Evaluation) -> Result:
 
 @task(cache_policy=NONE, task_run_name="report")
 def report_task(ev: Evaluation, results: list[Result], started: float) -> dict:
-    report = write_report(ev, results, total_seconds=time.perf_counter() - started)
+    report = write_report(ev, results, total_seconds=time.perf_counter() - started, log=get_run_logger().info)
     create_markdown_artifact(key="gelato-evaluation", markdown=render_markdown(report),
                              description=f"gelato evaluation of {ev.loc.uri}")
+    publish_plots(ev.loc, report["plots"], run_name(ev.loc))
+    if ev.config.loggers:
+        where = track_report(ev.loc, ev.config.loggers, report, ev.fs)
+        get_run_logger().info("tracking: %s", "; ".join(f"{n} {w}" for n, w in where.items()))
     return report
 
 
@@ -112,5 +118,5 @@ def evaluate_flow(run: str, config: Optional[EvalConfig] = None,
         if "fewshot" in ev.protocols:
             futures.append(fewshot_task.submit(ev, "supervised", "finetune"))
     report = report_task.submit(ev, futures, started, wait_for=list(feats.values())).result()
-    log.info("report: %s/report.md", run)
+    log.info("report: %s/report.md (%s)", run, report["report_file"])
     return report

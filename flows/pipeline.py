@@ -5,21 +5,21 @@ submitted, so a bad value fails naming the field before any stage runs. Every st
 idempotent and keyed on what it depends on: ingest on the source fingerprint and its parameters
 (a finished ingest is reused), pretraining on the training-config hash (a finished run is
 reused, a killed one resumes from its last checkpoint), evaluation on the checkpoint's sha256
-and the evaluation-config hash (a matching report.json is reused). Rerunning a finished pipeline
+and the evaluation-config hash (a matching report is reused). Rerunning a finished pipeline
 does no work; changing only evaluation settings reruns only evaluation.
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-from typing import Optional
+from typing import Literal, Optional
 
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NONE
 from pydantic import BaseModel, ConfigDict, Field
 
+from flows.artifacts import publish_plots
 from flows.credentials import resolve as resolve_credentials
 from flows.evaluate import evaluate_flow
 from flows.ingest import ingest_flow
@@ -27,9 +27,11 @@ from flows.pretrain import pretrain_task
 from workers.config import PretrainConfig, load_model
 from workers.credentials import StorageOptions
 from workers.evaluate.config import EvalConfig
-from workers.evaluate.report import results_table, table_markdown, table_text
+from workers.evaluate.report import render_markdown, results_table, table_text
+from workers.evaluate.report import reusable_report as find_report
 from workers.model import BACKBONE_FILE, check_buildable
 from workers.storage import RunLocation
+from workers.tracking import run_name
 
 
 class IngestSettings(BaseModel):
@@ -58,12 +60,18 @@ class PipelineConfig(BaseModel):
     pretrain: PretrainConfig = Field(default_factory=PretrainConfig)
     evaluate: EvalConfig = Field(default_factory=EvalConfig)
     address: Optional[str] = None          # Ray cluster for pretraining (default: local / $RAY_ADDRESS)
+    # experiment trackers for both stages (workers/tracking.py); pretrain.loggers / evaluate.loggers add to them
+    loggers: tuple[Literal["tensorboard", "mlflow"], ...] = ()
     storage_options: StorageOptions = Field(default_factory=StorageOptions)  # credentials never written
 
 
 def load_pipeline_config(path: Optional[str] = None, overrides: Optional[list[str]] = None) -> PipelineConfig:
     """YAML + ``key=value`` overrides (``pretrain.epochs=5``, ``evaluate.finetune_epochs=2``); errors name the key."""
     return load_model(PipelineConfig, path, overrides)
+
+
+def _union(*lists) -> tuple:
+    return tuple(dict.fromkeys(x for xs in lists for x in xs))
 
 
 def _slug(name: str) -> str:
@@ -80,14 +88,10 @@ def _sha256(loc: RunLocation, rel: str) -> Optional[str]:
 
 
 def reusable_report(loc: RunLocation, evaluation: EvalConfig) -> Optional[dict]:
-    """report.json if it was made from the current final checkpoint with these evaluation settings."""
-    try:
-        with loc.fs().open(loc.join("report.json"), "r") as f:
-            report = json.load(f)
-    except FileNotFoundError:
+    """The report made from the current final checkpoint with these evaluation settings, if any."""
+    if evaluation.checkpoint is not None:
         return None
-    same_ckpt = evaluation.checkpoint is None and report.get("checkpoint_sha256") == _sha256(loc, BACKBONE_FILE)
-    return report if same_ckpt and report.get("eval_config_hash") == evaluation.config_hash() else None
+    return find_report(loc, evaluation.config_hash(), _sha256(loc, BACKBONE_FILE))
 
 
 def expectations(run: str, pretrain: PretrainConfig, evaluation: EvalConfig, opts: dict) -> list[str]:
@@ -115,16 +119,8 @@ def publish(cfg: PipelineConfig, run: str, loc: RunLocation, report: dict) -> li
     rows = results_table(report)
     key = f"gelato-results-{_slug(cfg.name)}"
     create_table_artifact(key=key, table=rows, description=f"gelato results for {run} (top-1 / mAP, %)")
-    try:
-        with loc.fs().open(loc.join("report.md"), "r") as f:
-            md = f.read()
-    except FileNotFoundError:
-        md = table_markdown(rows)
+    md = render_markdown(report)
     create_markdown_artifact(key=f"gelato-report-{_slug(cfg.name)}", markdown=md, description=f"report of {run}")
-    for name, rel in report.get("plots", {}).items():  # {name: path relative to the run}
-        path = loc.join(rel)
-        create_link_artifact(link=path if loc.is_s3 else f"file://{path}", link_text=name,
-                             description=f"plot of {run}")
     return rows
 
 
@@ -137,20 +133,24 @@ def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
     check_buildable(cfg.pretrain)  # a parameter value the objective refuses fails before the ingest
     opts = resolve_credentials(cfg.storage_options)
     pre = cfg.pretrain.model_copy(update={"storage_options": opts if opts else
-                                          resolve_credentials(cfg.pretrain.storage_options)})
+                                          resolve_credentials(cfg.pretrain.storage_options),
+                                          "loggers": _union(cfg.loggers, cfg.pretrain.loggers)})
+    evaluation = cfg.evaluate.model_copy(update={"loggers": _union(cfg.loggers, cfg.evaluate.loggers)})
     ing = cfg.ingest
     ingest_flow(ing.source, run, shard_size=ing.shard_size, image_format=ing.image_format,
                 val_fraction=ing.val_fraction, test_fraction=ing.test_fraction, seed=ing.seed,
                 data_root=ing.data_root, kind=ing.kind,
                 storage_options=opts, progress_bar=progress_bar)
     loc = RunLocation(run, opts)
-    log.info("what to expect on this machine:\n  %s", "\n  ".join(expectations(run, pre, cfg.evaluate, opts)))
+    log.info("what to expect on this machine:\n  %s", "\n  ".join(expectations(run, pre, evaluation, opts)))
     pretrain_task(run, pre, cfg.address, False, progress_bar)
-    report = reusable_report(loc, cfg.evaluate)
+    report = reusable_report(loc, evaluation)
     if report is not None:
-        log.info("evaluation of this checkpoint with these settings is already in %s/report.json", run)
+        publish_plots(loc, report.get("plots", {}), run_name(loc))  # an evaluation publishes its own
+        log.info("evaluation of this checkpoint with these settings is already in %s/%s", run,
+                 report.get("report_file", "report.json"))
     else:
-        report = evaluate_flow(run, cfg.evaluate, opts, progress_bar)
+        report = evaluate_flow(run, evaluation, opts, progress_bar)
     rows = publish(cfg, run, loc, report)
     log.info("results (%%, test split):\n%s", table_text(rows))
     return report

@@ -1,8 +1,11 @@
-"""The functions behind ``import gelato`` (see the package's docstring). Each runs the same Prefect
-flow or worker function as the command line's stage and returns a small typed result."""
+"""The functions behind ``import gelato`` (see the package's docstring), and behind the command line:
+each checks its inputs and storage before any Prefect or Ray machinery starts (a typo fails in a
+second, naming what is wrong), runs the same Prefect flow or worker function as the stage, and
+returns a small typed result. ``gelato/cli.py`` only parses arguments, calls these and prints."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Optional, Sequence, Union
 
@@ -46,6 +49,7 @@ class EvalResult:
     run: str
     table: list[dict]          # one row per line of report.md's table: {"protocol": ..., "pretrained": %, ...}
     report: dict = field(repr=False)
+    reused: bool = False       # the run already held this checkpoint's evaluation with these settings
 
     def __str__(self) -> str:
         from workers.evaluate.report import table_markdown
@@ -65,6 +69,7 @@ class EmbedResult:
     count: int
     feature_dim: int
     parts: int
+    parts_written: int = 0     # written by this call (the others were there: a resumed or repeated call)
 
 
 @dataclass
@@ -85,55 +90,210 @@ class Backbone:
             return self.module(self.preprocess(images))
 
 
+def check_loggers(loggers) -> None:
+    from workers.tracking import check_loggers as check
+
+    check(loggers)
+
+
+def _note(message: str) -> None:
+    print(f"gelato: {message}", file=sys.stderr)
+
+
+def _resolved(opts: Optional[dict]):
+    """``opts`` as StorageOptions, with the credentials of a Prefect Secret block they name (Prefect's
+    server is waited for first: the pre-flight checks need the credentials)."""
+    from flows import prefect_server
+    from workers.credentials import BLOCK, StorageOptions
+
+    opts = StorageOptions(opts or {})
+    if not opts.get(BLOCK):
+        return opts
+    prefect_server.wait_ready()
+    from flows.credentials import resolve
+
+    return resolve(opts)
+
+
+def storage_options_of(path: Optional[str]) -> dict:
+    """The ``storage_options`` (s3fs keyword arguments) of a YAML file; {} without one."""
+    if not path:
+        return {}
+    import yaml
+
+    from workers.config import ConfigError
+
+    try:
+        with open(path) as f:
+            cfg = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    opts = cfg.get("storage_options", {}) if isinstance(cfg, dict) else None
+    if not isinstance(opts, dict):
+        raise ConfigError(f"{path}: storage_options must be a mapping of s3fs options")
+    return opts
+
+
+def _check_s3(loc) -> None:
+    """The bucket answers with these credentials (one listing); local runs are checked by reading them."""
+    from workers.storage import check_writable
+
+    if loc.is_s3:
+        check_writable(loc)
+
+
+FASHION_MNIST = ("fashion-mnist", "fashion_mnist", "fmnist")
+
+
+def _check_source(source: str, kind: str) -> None:
+    from workers.ingest.sources import SourceError
+
+    if source in FASHION_MNIST or kind == "fashion-mnist":
+        return
+    if not os.path.exists(source):
+        raise SourceError(f"source path {source!r} does not exist")
+    if not os.path.isdir(source):
+        raise SourceError(f"source {source!r} is a file; give a folder of images, a VOC root or 'fashion-mnist'")
+    with os.scandir(source) as entries:
+        if not any(not e.name.startswith(".") for e in entries):
+            raise SourceError(f"source folder {source!r} is empty")
+
+
 def ingest(source: str, out: str, *, shard_size: int = 1000, image_format: str = "keep",
            val_fraction: Optional[float] = None, test_fraction: Optional[float] = None, seed: int = 0,
-           storage_options: Optional[dict] = None, overwrite: bool = False, progress: bool = True) -> IngestResult:
+           storage_options: Optional[dict] = None, overwrite: bool = False, progress: bool = True,
+           data_root: Optional[str] = None, kind: str = "auto", repair: Optional[list[str]] = None) -> IngestResult:
     """``gelato ingest``: ``source`` (a folder, ``fashion-mnist``, a VOC root) into shards at ``out``."""
-    from flows.ingest import ingest_flow
-    from workers.credentials import StorageOptions
+    from flows import prefect_server
+    from workers.ingest.shards import IngestParams
+    from workers.storage import RunLocation, check_writable
 
-    m = ingest_flow(os.path.expanduser(source), out, shard_size=shard_size, image_format=image_format,
-                    val_fraction=val_fraction, test_fraction=test_fraction, seed=seed, overwrite=overwrite,
-                    storage_options=StorageOptions(storage_options or {}), progress_bar=progress)
+    source = os.path.expanduser(source)
+    IngestParams(shard_size, image_format, val_fraction, seed, test_fraction)  # fails here, before Prefect
+    _check_source(source, kind)
+    opts = _resolved(storage_options)
+    check_writable(RunLocation(out, opts))
+
+    prefect_server.wait_ready()
+    from flows.ingest import ingest_flow
+
+    m = ingest_flow(source, out, shard_size=shard_size, image_format=image_format, val_fraction=val_fraction,
+                    test_fraction=test_fraction, seed=seed, overwrite=overwrite, data_root=data_root, kind=kind,
+                    storage_options=opts, progress_bar=progress, repair=repair)
     return IngestResult(out, m["count"], {s: v["count"] for s, v in m["splits"].items()}, m["classes"],
                         m["rejected"], m)
 
 
 def pretrain(run: str, config: ConfigLike = None, *, overrides: Sequence[str] = (), address: Optional[str] = None,
-             overwrite: bool = False, progress: bool = True) -> PretrainResult:
+             overwrite: bool = False, progress: bool = True, ray_dashboard: bool = False) -> PretrainResult:
     """``gelato pretrain``: train a backbone on ``run``'s shards (Ray Train; a private local instance
     unless ``address`` or ``$RAY_ADDRESS``). Reruns resume or reuse the finished run."""
-    from flows.pretrain import pretrain_flow
+    from flows import prefect_server
     from workers.config import PretrainConfig
     from workers.model import BACKBONE_FILE, check_buildable
+    from workers.pretrain.run_dir import prepare_run
     from workers.storage import RunLocation
 
-    cfg = _config(PretrainConfig, config, overrides)
-    check_buildable(cfg)
+    cfg = _config(PretrainConfig, config, overrides)   # validated before Prefect or Ray start
+    check_buildable(cfg)                                 # parameter values: the objective is built once, here
+    check_loggers(cfg.loggers)
     run = RunLocation.normalise(run)
-    summary = pretrain_flow(run, cfg, address=address, overwrite=overwrite, progress_bar=progress)
+    status = "start"
+    loc = RunLocation(run, _resolved(cfg.storage_options))
+    if not overwrite:  # a missing manifest or a conflicting earlier run fails here, in a second
+        _check_s3(loc)
+        _, status = prepare_run(loc, cfg)
+    if cfg.init_from and status != "finished":  # the starting weights fit this backbone, or fail here
+        from workers.data.manifest import read_manifest
+        from workers.init_weights import check_init
+
+        manifest = read_manifest(loc)
+        if manifest is not None:
+            _note(f"init_from: {check_init(cfg, manifest['channels'], loc.storage_options).describe()}")
+    if status != "finished" and not (address or os.environ.get("RAY_ADDRESS")):
+        # the private Ray instance comes up on a thread while Prefect starts its temporary server
+        from workers.pretrain.launch import local_ray_cpus
+        from workers.pretrain.ray_internals import ray_start
+
+        ray_start.start_early(local_ray_cpus(cfg), dashboard=ray_dashboard)
+
+    prefect_server.wait_ready()
+    from flows.pretrain import pretrain_flow
+
+    summary = pretrain_flow(run, cfg, address=address, overwrite=overwrite, progress_bar=progress,
+                            ray_dashboard=ray_dashboard)
     return PretrainResult(run, int(summary["steps"]), RunLocation(run).join(BACKBONE_FILE), summary)
 
 
-def evaluate(run: str, config: ConfigLike = None, *, overrides: Sequence[str] = (),
-             storage_options: Optional[dict] = None, progress: bool = True) -> EvalResult:
-    """``gelato evaluate``: the protocols of ``config`` (an ``EvalConfig``) on ``run``'s test split."""
-    from flows.evaluate import evaluate_flow
-    from workers.credentials import StorageOptions
-    from workers.evaluate.config import EvalConfig
-    from workers.evaluate.report import results_table
+def _eval_config(config: ConfigLike, overrides: Sequence[str], options: Optional[dict]):
+    """(EvalConfig, the YAML's storage_options): a YAML may be an evaluation config or a pipeline's."""
+    from workers.config import load_model
+    from workers.evaluate.config import EvalConfig, load_eval_config
 
-    cfg = _config(EvalConfig, config, overrides)
-    report = evaluate_flow(run, cfg, StorageOptions(storage_options or {}), progress_bar=progress)
+    if config is None or isinstance(config, (str, os.PathLike)):
+        return load_eval_config(os.fspath(config) if config is not None else None, list(overrides), options)
+    if isinstance(config, EvalConfig):
+        config = config.model_dump(exclude_unset=True)
+    if isinstance(config, dict):
+        return load_model(EvalConfig, None, list(overrides), base=config | (options or {})), {}
+    raise TypeError(f"config: an EvalConfig, a dict of its fields or a YAML path, not {type(config).__name__}")
+
+
+def evaluate(run: str, config: ConfigLike = None, *, overrides: Sequence[str] = (), options: Optional[dict] = None,
+             storage_options: Optional[dict] = None, progress: bool = True, again: bool = False) -> EvalResult:
+    """``gelato evaluate``: the protocols of ``config`` on ``run``'s test split.
+
+    ``config`` is an ``EvalConfig``, a dict of its fields, a YAML of them, or a pipeline YAML (its
+    ``evaluate:`` section: the demo's settings are ``configs/pipeline_demo.yaml``'s); ``options``
+    (fields) go on top of it, ``overrides`` (``key=value``) on top of both. Where the run already
+    holds this checkpoint's evaluation with these settings it is returned (``reused``) unless
+    ``again``. Each evaluation is written to ``report-<settings hash>.json``; ``report.json`` keeps
+    the first settings' (see ``workers/evaluate/report.py``)."""
+    from flows import prefect_server
+    from workers.evaluate.evaluation import check_run
+    from workers.evaluate.report import results_table, reusable_report
+    from workers.storage import RunLocation
+
+    cfg, file_opts = _eval_config(config, overrides, options)
+    check_loggers(cfg.loggers)
+    run = RunLocation.normalise(run)
+    opts = _resolved(dict(file_opts) | dict(storage_options or {}))
+    loc = RunLocation(run, opts)
+    _check_s3(loc)
+    # The manifest, the checkpoint and its match with the run are checked here, before Prefect starts;
+    # the Evaluation itself (models, feature sources, the time budget's plan) is built once, by the flow.
+    refused, checkpoint_sha = check_run(run, cfg, opts)
+    if not again:
+        done = reusable_report(loc, cfg.config_hash(), checkpoint_sha)
+        if done is not None:
+            _note(f"{run} already holds this checkpoint's evaluation with these settings "
+                  f"({done.get('report_file', 'report.json')}, {done.get('created')}); shown, not recomputed "
+                  f"(--again / again=True evaluates again)")
+            return EvalResult(run, results_table(done), done, reused=True)
+    for p, why in refused.items():
+        _note(f"not running {p}: {why}")
+
+    prefect_server.wait_ready()
+    from flows.evaluate import evaluate_flow
+
+    report = evaluate_flow(run, cfg, storage_options=opts, progress_bar=progress)
     return EvalResult(run, results_table(report), report)
 
 
 def run(config: ConfigLike, *, overrides: Sequence[str] = (), progress: bool = True) -> EvalResult:
     """``gelato run``: ingest, pretrain, evaluate and report, as one flow (a ``PipelineConfig``)."""
-    from flows.pipeline import PipelineConfig, pipeline_flow
+    from flows import prefect_server
+    from flows.pipeline import PipelineConfig
     from workers.evaluate.report import results_table
+    from workers.model import check_buildable
 
-    cfg = _config(PipelineConfig, config, overrides)
+    cfg = _config(PipelineConfig, config, overrides)   # validated before Prefect, Ray or any stage starts
+    check_buildable(cfg.pretrain)
+    check_loggers(cfg.loggers + cfg.pretrain.loggers + cfg.evaluate.loggers)
+
+    prefect_server.wait_ready()
+    from flows.pipeline import pipeline_flow
+
     report = pipeline_flow(cfg, progress_bar=progress)
     return EvalResult(report.get("run", cfg.run), results_table(report), report)
 
@@ -142,23 +302,27 @@ def export(run: str, format: str, out: str, *, storage_options: Optional[dict] =
     """``gelato export``: the backbone for torchvision, timm, TorchScript or ONNX, checked by loading it back."""
     from workers.export.formats import export as export_backbone
 
-    return ExportResult(out, export_backbone(run, format, out, storage_options))
+    return ExportResult(out, export_backbone(run, format, out, _resolved(storage_options)))
 
 
 def embed(run: str, data: str, out: str, *, checkpoint: Optional[str] = None, batch_size: int = 256,
-          overwrite: bool = False, storage_options: Optional[dict] = None) -> EmbedResult:
+          overwrite: bool = False, storage_options: Optional[dict] = None, progress: bool = True) -> EmbedResult:
     """``gelato embed``: vectors of a split of ``run`` or of a folder / S3 prefix of images, as Parquet."""
+    from tqdm.auto import tqdm
+
     from workers.embed.embedding import embed as embed_images
 
-    meta = embed_images(run, os.path.expanduser(data) if data.startswith("~") else data, out, storage_options,
-                        checkpoint=checkpoint, batch_size=batch_size, overwrite=overwrite)
-    return EmbedResult(out, meta["count"], meta["feature_dim"], meta["parts"])
+    with tqdm(unit="img", desc="embed", disable=not progress) as bar:
+        meta = embed_images(run, os.path.expanduser(data) if data.startswith("~") else data, out,
+                            _resolved(storage_options), checkpoint=checkpoint, batch_size=batch_size,
+                            overwrite=overwrite, progress=bar.update, total=lambda n: setattr(bar, "total", n))
+    return EmbedResult(out, meta["count"], meta["feature_dim"], meta["parts"], meta["parts_written"])
 
 
 def load_backbone(run_or_file: str, *, storage_options: Optional[dict] = None) -> Backbone:
     """A run's pretrained backbone (or a ``backbone.pt``) with its input preprocessing."""
     from workers.model import backbone_path, load_for_features
 
-    module, preprocess, payload = load_for_features(backbone_path(run_or_file), storage_options)
+    module, preprocess, payload = load_for_features(backbone_path(run_or_file), _resolved(storage_options))
     return Backbone(module, preprocess, int(payload["feature_dim"]), int(payload["image_size"]),
                     int(payload["in_channels"]))

@@ -20,7 +20,7 @@ TINY = ["backbone=small_cnn", "backbone_params={width: 8}", "image_size=8", "vie
 def test_import_gelato_and_the_command_lines_parser_load_no_torch_ray_or_prefect():
     import subprocess
 
-    code = ("import gelato, flows.cli, sys; flows.cli.build_parser(); "
+    code = ("import gelato, gelato.cli, sys; gelato.cli.build_parser(); "
             "print(sorted(m for m in ('torch', 'ray', 'prefect') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 
-from flows import cli
+from gelato import cli
 from workers.data.integrity import CorruptShard
 
 
@@ -53,7 +53,7 @@ def test_a_bad_parameter_value_fails_in_the_pre_flight_naming_it(tmp_path):
     import sys
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "pretrain", "--run", str(tmp_path / "run"), "objective=moco",
+    r = subprocess.run([sys.executable, "-m", "gelato.cli", "pretrain", "--run", str(tmp_path / "run"), "objective=moco",
                         "objective_params.queue_size=-5"], capture_output=True, text=True, timeout=120, cwd=root)
     assert r.returncode == 2
     assert "objective_params={'queue_size': -5}" in r.stderr and "queue_size must be >= 1" in r.stderr

@@ -129,7 +129,7 @@ def test_imagenet_config_is_set_for_gpus(path):
 
 @pytest.mark.parametrize("path", CONFIGS, ids=_ids)
 def test_header_names_a_command_that_runs_this_file(path):
-    from flows.cli import build_parser
+    from gelato.cli import build_parser
 
     header = _header(path)
     assert header and header[0], f"{path.name}: start with a comment saying what the config is"

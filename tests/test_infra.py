@@ -93,18 +93,18 @@ def _commands_in(path: pathlib.Path) -> list[list[str]]:
 def _stages() -> set[str]:
     import argparse
 
-    from flows.cli import build_parser
+    from gelato.cli import build_parser
 
     return {name for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction) for name in a.choices}
 
 
 def _parse(words: list[str]):
-    from flows.cli import build_parser
+    from gelato.cli import build_parser
 
     try:
         return build_parser().parse_args(words)
     except SystemExit:
-        pytest.fail(f"`gelato {' '.join(words)}` does not parse with flows.cli.build_parser() "
+        pytest.fail(f"`gelato {' '.join(words)}` does not parse with gelato.cli.build_parser() "
                     f"(unknown stage or option)")
 
 

@@ -123,5 +123,5 @@ def test_no_private_names_across_modules_and_no_re_exports():
 def test_the_checker_sees_a_circle_and_an_upward_import():
     """The checks above could pass by reading nothing: they find what is known to be there."""
     assert ("workers.pretrain.loop", "run_loop") in {(t, n) for t, n, _ in GRAPH["workers.pretrain.torchrun"]}
-    assert _layer("flows.cli") < _layer("workers.config") < _layer("ssl_models.backbones")
+    assert _layer("gelato.cli") < _layer("workers.config") < _layer("ssl_models.backbones")
     assert len(MODULES) > 60

@@ -11,10 +11,11 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import os
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_serializer, field_validator, model_validator
 
 from workers.credentials import StorageOptions, strip_secrets
 
@@ -116,9 +117,16 @@ class PretrainConfig(BaseModel):
     compile: bool = False
     sync_bn: bool = Field(False, description="batch norm over the global batch (all workers)")
     seed: int = 0
+    init_from: Optional[str] = Field(
+        None, description="start the backbone from these weights instead of random ones: a gelato run, a "
+                          "backbone.pt, a torchvision/timm export, or a torchvision ResNet state dict "
+                          "(workers/init_weights.py); a resumed run continues from its checkpoint")
 
     # bookkeeping
     log_every: int = Field(20, ge=1)
+    loggers: tuple[Literal["tensorboard", "mlflow"], ...] = Field(
+        (), description="experiment trackers fed from metrics.jsonl's rows by the driver (workers/tracking.py; "
+                        "pip install 'gelato[tracking]')")
     checkpoint_every: int = Field(200, ge=1, description="optimizer steps between checkpoints")
     keep_checkpoints: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
@@ -149,6 +157,14 @@ class PretrainConfig(BaseModel):
             default = data.get("backbone", DEFAULT_BACKBONE) == DEFAULT_BACKBONE
             data["backbone_params"] = dict(DEFAULT_BACKBONE_PARAMS) if default else {}
         return data
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from_absolute(cls, path: Optional[str]) -> Optional[str]:
+        """A local path made absolute where it is given: Ray's workers may start in another folder."""
+        if path is None or "://" in path:
+            return path
+        return os.path.abspath(os.path.expanduser(path))
 
     @field_serializer("view")
     def _view_as_given(self, view: Optional[ViewParams], info) -> Optional[dict[str, Any]]:
@@ -197,9 +213,11 @@ class PretrainConfig(BaseModel):
 
     def training_hash(self) -> str:
         """Hash of what determines the trained weights (not workers' bookkeeping such as logging)."""
-        skip = {"log_every", "knn_monitor", "knn_k", "knn_bank", "knn_queries", "storage_options", "max_failures",
+        skip = {"log_every", "loggers", "knn_monitor", "knn_k", "knn_bank", "knn_queries", "storage_options", "max_failures",
                 "keep_checkpoints", "loader_workers", "checkpoint_every"}
         d = {k: v for k, v in self.model_dump(mode="json").items() if k not in skip}
+        if d.get("init_from") is None:  # added 2026-12: runs made before keep their hash
+            d.pop("init_from", None)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
     def to_yaml(self) -> str:

@@ -22,8 +22,10 @@ BACKBONE_FILE = f"{FINAL_DIR}/backbone.pt"
 PRETRAIN_PLOT = "plots/pretrain.png"            # the pretraining's curves; drawn at its end, linked by the report
 
 
-def build_objective(config: PretrainConfig, in_channels: int):
-    """Backbone + objective exactly as the config says (the same call on every rank and at export)."""
+def build_objective(config: PretrainConfig, in_channels: int, init_backbone=None):
+    """Backbone + objective exactly as the config says (the same call on every rank and at export).
+    ``init_backbone(backbone)`` loads starting weights (``init_from``) before the objective is built
+    around the backbone, so momentum copies (BYOL's target, MoCo's key encoder) start from them too."""
     from ssl_models import backbones, objectives
 
     backbone_kw = dict(config.backbone_params)
@@ -31,6 +33,8 @@ def build_objective(config: PretrainConfig, in_channels: int):
         backbone_kw.setdefault("image_size", config.image_size)
     channels = objectives.OBJECTIVES[config.objective].backbone_channels(in_channels)
     backbone = backbones.build(config.backbone, in_channels=channels, **backbone_kw)
+    if init_backbone is not None:
+        init_backbone(backbone)
     return objectives.build(config.objective, backbone=backbone, image_size=config.image_size,
                             **config.objective_kwargs())
 

@@ -11,7 +11,7 @@ AVX2_ONLY = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_E
 
 
 def _doctor(*args, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "flows.cli", "doctor", *args], cwd=ROOT, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "gelato.cli", "doctor", *args], cwd=ROOT, capture_output=True,
                           text=True, timeout=300, env=dict(os.environ, **env))
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from evalrun import ingest_folder, pretrain_by_hand
-from flows.cli import main
+from gelato.cli import main
 from flows.evaluate import evaluate_flow
 from imagegen import write_separable
 

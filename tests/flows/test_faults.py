@@ -145,7 +145,7 @@ def small_disk(tmp_path):
 
 
 def _gelato(*args, timeout=300, env=None):
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gelato.cli", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=REPO, env=env or os.environ.copy())
 
 
@@ -210,7 +210,7 @@ def test_pretrain_driver_killed_mid_run_then_the_same_command_resumes_to_the_exa
            "loader_workers=0", "knn_monitor=false", "optimizer=sgd", "lr=0.05", "warmup_epochs=0", "log_every=5"]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_") and k != "RAY_ADDRESS"}
     before = _ray_sessions()
-    driver = subprocess.Popen([sys.executable, "-m", "flows.cli", *cmd], cwd=REPO, env=env,
+    driver = subprocess.Popen([sys.executable, "-m", "gelato.cli", *cmd], cwd=REPO, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     metrics = os.path.join(run, "metrics.jsonl")
     deadline, at = time.time() + 240, None

@@ -42,7 +42,7 @@ def test_retry_only_on_io_errors():
 
 
 def test_cli_help_lists_stages_and_bad_source_fails_fast(tmp_path):
-    exe = [sys.executable, "-m", "flows.cli"]
+    exe = [sys.executable, "-m", "gelato.cli"]
     out = subprocess.run(exe + ["--help"], capture_output=True, text=True, check=True).stdout
     assert "ingest" in out
     r = subprocess.run(exe + ["ingest", str(tmp_path / "missing"), "--out", str(tmp_path / "run")],
@@ -71,7 +71,7 @@ def test_cli_ingest_end_to_end(tmp_path):
     write_images(tmp_path / "src", n_classes=2, per_class=5)
     env = dict(os.environ, GELATO_TEST_MARK=f"ingest-cli-{os.getpid()}-{time.time_ns()}")
     env.pop("PREFECT_API_URL", None)  # the harness's server belongs to this process; the CLI starts its own
-    r = subprocess.run([sys.executable, "-m", "flows.cli", "ingest", str(tmp_path / "src"), "--out",
+    r = subprocess.run([sys.executable, "-m", "gelato.cli", "ingest", str(tmp_path / "src"), "--out",
                         str(tmp_path / "run"), "--shard-size", "4", "--val-fraction", "0.2", "--no-progress"],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]

@@ -161,5 +161,11 @@ def test_budgeted_evaluation_records_its_plan_and_execution(run10, tmp_path):
     tight = evaluate(run, eval_config(**(cfg.model_dump() | {"budget_minutes": 1e-6})), log=lambda *_: None)
     assert tight["eval_budget"]["settings"]["finetune_epochs"] < 3
     assert tight["eval_config"]["finetune_epochs"] == tight["eval_budget"]["settings"]["finetune_epochs"]
-    with open(os.path.join(run, "report.json")) as f:
+    # other settings: written beside, named by their hash; report.json keeps the first; report.md is the latest
+    with open(os.path.join(run, f"report-{tight['eval_config_hash']}.json")) as f:
         assert json.load(f)["eval_budget"]["fits"] is False
+    with open(os.path.join(run, "report.json")) as f:
+        assert json.load(f)["eval_config_hash"] == report["eval_config_hash"] != tight["eval_config_hash"]
+    with open(os.path.join(run, "report.md")) as f:
+        md = f.read()
+    assert f"[report-{tight['eval_config_hash']}.json]" in md and f"[report-{report['eval_config_hash']}.json]" in md

@@ -102,7 +102,7 @@ def test_readme_embed_commands_run_as_written(run, tmp_path, s3_bucket, s3_endpo
     """The README's `gelato embed` lines, with runs/demo, ~/my_photos and the bucket replaced."""
     import re
 
-    from flows.cli import main
+    from gelato.cli import main
 
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_endpoint)
     write_images(tmp_path / "photos", n_classes=2, per_class=2, size=8)

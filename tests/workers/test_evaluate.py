@@ -111,7 +111,9 @@ def test_probe_one_vs_rest_on_separable_multilabel_features():
     y = (torch.rand(120, 3, generator=g) < 0.5).float()
     x = torch.cat([y * 2 - 1 + 0.1 * torch.randn(120, 3, generator=g), torch.randn(120, 5, generator=g)], 1)
     split = lambda a, b: (x[a:b], y[a:b], None)  # noqa: E731
-    out = linear_probe(split(0, 60), split(60, 80), split(80, 120), 3, multilabel=True)
+    fitted = []  # the progress bar's ticks: one per λ of the grid
+    out = linear_probe(split(0, 60), split(60, 80), split(80, 120), 3, multilabel=True, progress=fitted.append)
+    assert fitted == [1] * 5
     assert out["mAP"] == pytest.approx(1.0) and out["voc07_mAP"] == pytest.approx(1.0)
     assert len(out["per_class_ap"]) == 3 and out["weight_decay"] in (1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
 

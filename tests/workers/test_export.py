@@ -118,12 +118,12 @@ def test_formats_that_cannot_hold_the_backbone_say_which_can(runs, tmp_path):
 @pytest.mark.slow  # starts a separate Python process
 def test_cli_export_writes_the_file_and_its_spec(runs, tmp_path):
     out = tmp_path / "exported" / "backbone.onnx"
-    done = subprocess.run([sys.executable, "-m", "flows.cli", "export", "--run", runs["cnn"], "--format", "onnx",
+    done = subprocess.run([sys.executable, "-m", "gelato.cli", "export", "--run", runs["cnn"], "--format", "onnx",
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert out.exists() and "max |difference|" in done.stdout and str(out) in done.stdout
     assert json.loads((tmp_path / "exported" / "backbone.onnx.json").read_text())["format"] == "onnx"
-    bad = subprocess.run([sys.executable, "-m", "flows.cli", "export", "--run", runs["cnn"], "--format", "timm",
+    bad = subprocess.run([sys.executable, "-m", "gelato.cli", "export", "--run", runs["cnn"], "--format", "timm",
                           "--out", str(tmp_path / "t.pth")], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode != 0 and "torchscript or onnx" in bad.stderr and "Traceback" not in bad.stderr
 
@@ -136,7 +136,7 @@ def test_readme_export_commands_and_snippet_embed_images_as_gelato_does(runs, tm
     import numpy as np
     from PIL import Image
 
-    from flows.cli import main
+    from gelato.cli import main
     from workers.config import PretrainConfig
     from workers.model import build_objective
 

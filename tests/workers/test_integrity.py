@@ -139,7 +139,7 @@ def test_a_truncated_shard_fails_its_checksum(run):
 
 def _gelato(*args, timeout=120):
     env = dict(os.environ, PYTHONPATH=REPO)
-    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, "-m", "gelato.cli", *args], capture_output=True, text=True, timeout=timeout,
                           env=env, cwd=REPO)
 
 
@@ -216,7 +216,7 @@ def test_pretrain_and_evaluate_preflight_refuse_wrong_s3_credentials_in_one_line
     env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
     for args in (["pretrain", "--run", "s3://some-bucket/run", "--config", str(cfg)],
                  ["evaluate", "--run", "s3://some-bucket/run", "--config", str(cfg)]):
-        r = subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True, text=True, timeout=120,
+        r = subprocess.run([sys.executable, "-m", "gelato.cli", *args], capture_output=True, text=True, timeout=120,
                            env=dict(env, PYTHONPATH=REPO), cwd=REPO)
         out = r.stdout + r.stderr
         assert r.returncode == 2, out[-2000:]

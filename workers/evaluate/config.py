@@ -18,7 +18,7 @@ from workers.evaluate.probe import DEFAULT_WEIGHT_DECAYS
 PROTOCOLS = ("probe", "knn", "finetune", "fewshot")
 
 
-BASELINES = ("raw_pixels", "random_init", "supervised")
+BASELINES = ("raw_pixels", "random_init", "supervised", "init_from")
 
 
 class EvalConfig(BaseModel):
@@ -27,7 +27,12 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     protocols: tuple[Literal["probe", "knn", "finetune", "fewshot"], ...] = PROTOCOLS
-    baselines: tuple[Literal["raw_pixels", "random_init", "supervised"], ...] = ("raw_pixels", "random_init")
+    baselines: tuple[Literal["raw_pixels", "random_init", "supervised", "init_from"], ...] = ("raw_pixels", "random_init")
+    init_from: Optional[str] = Field(
+        None, description="the init_from column: the weights a pretraining started from (a gelato run, a "
+                          "backbone.pt, a torchvision state dict; workers/init_weights.py), evaluated frozen "
+                          "beside random init. Default: the checkpoint's pretraining init_from; the column is "
+                          "there whenever random_init is, or init_from is among the baselines")
     checkpoint: Optional[str] = None          # default: RUN/checkpoints/final/backbone.pt
     seed: int = 0
     knn_k: int = Field(200, ge=1)             # InstDisc's protocol
@@ -66,11 +71,18 @@ class EvalConfig(BaseModel):
                                 "(workers.evaluate.budget): fine-tuning length, frozen input size, probe iterations, train "
                                 "subset, pooling, in that order; the plan is in report.json")
     device: str = "auto"
+    loggers: tuple[Literal["tensorboard", "mlflow"], ...] = Field(
+        (), description="experiment trackers that get the results table, report.md and the plots "
+                        "(workers/tracking.py; pip install 'gelato[tracking]'); not part of the settings' hash")
     on_corrupt: Literal["fail", "skip"] = Field(
         "fail", description="a damaged shard: fail (stop, naming it and the fix) or skip it (counted in the report)")
 
     def config_hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        d = self.model_dump(mode="json")
+        d.pop("loggers", None)  # where results are sent does not change them
+        if d.get("init_from") is None:  # added 2026-12: evaluations made before keep their hash
+            d.pop("init_from", None)
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def eval_config(**kwargs) -> EvalConfig:
@@ -81,3 +93,40 @@ def eval_config(**kwargs) -> EvalConfig:
         msgs = [f"{'.'.join(str(x) for x in err['loc'][:1])}: {err['msg']}" for err in e.errors()]
         raise ConfigError("evaluate: " + "; ".join(msgs)) from None
 
+
+
+def load_eval_config(path: Optional[str] = None, overrides: Optional[list[str]] = None,
+                     base: Optional[dict] = None) -> tuple[EvalConfig, dict]:
+    """An :class:`EvalConfig` and the file's ``storage_options``.
+
+    ``path`` is a YAML of EvalConfig's fields, or a pipeline YAML (``configs/pipeline_*.yaml``) whose
+    ``evaluate:`` section is taken, so ``gelato evaluate --config configs/pipeline_demo.yaml``
+    evaluates with the demo's settings. ``base`` (the command line's options) goes on top of the
+    file, ``key=value`` overrides on top of both. Errors name the file and the key.
+    """
+    import yaml
+
+    from workers.config import load_model
+
+    raw: dict = {}
+    if path:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path!r} does not exist") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config is a mapping of keys to values")
+    opts = raw.get("storage_options") or {}
+    if not isinstance(opts, dict):
+        raise ConfigError(f"{path}: storage_options must be a mapping of s3fs options")
+    if isinstance(raw.get("evaluate"), dict) or {"pretrain", "ingest", "run"} & set(raw):
+        section = dict(raw.get("evaluate") or {})       # a pipeline config
+    else:
+        section = {k: v for k, v in raw.items() if k != "storage_options"}
+    try:
+        return load_model(EvalConfig, None, overrides, base=section | (base or {})), opts
+    except ConfigError as e:
+        raise ConfigError(f"{path or 'evaluate'}: {str(e).removeprefix('config: ')}") from None

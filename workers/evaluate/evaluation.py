@@ -75,14 +75,25 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def check_run(run: str, config: EvalConfig, storage_options: Optional[dict] = None) -> dict[str, str]:
+def check_run(run: str, config: EvalConfig, storage_options: Optional[dict] = None) -> tuple[dict[str, str], str]:
     """What ``gelato evaluate`` checks before Prefect starts, without building anything: the manifest,
     the shards' presence, the checkpoint and its match with the run, the frozen input size. Returns
-    the protocols that cannot run, with the reason (:func:`plan`)."""
+    the protocols that cannot run, with the reason (:func:`plan`), and the checkpoint's sha256."""
     loc = RunLocation(run, storage_options or {})
     manifest, checkpoint = _manifest_and_checkpoint(loc, config, loc.fs())
     _frozen_input_size(config, checkpoint)
-    return plan(manifest, config)[1]
+    init_path(config, checkpoint)
+    return plan(manifest, config)[1], checkpoint.sha256
+
+
+def init_path(config: EvalConfig, checkpoint) -> Optional[str]:
+    """The weights of the init_from column: the config's, else those the pretraining started from;
+    None where there is no such column (it comes with random_init, or when asked for by name)."""
+    path = config.init_from or checkpoint.config.init_from
+    if "init_from" in config.baselines and not path:
+        raise ConfigError("evaluate: baselines: init_from needs the weights to compare with: the checkpoint's "
+                          "pretraining started from random weights; set init_from: PATH")
+    return path if path and ({"init_from", "random_init"} & set(config.baselines)) else None
 
 
 def _manifest_and_checkpoint(loc: RunLocation, config: EvalConfig, fs) -> tuple[dict, "ckpt.Checkpoint"]:
@@ -132,6 +143,7 @@ class Evaluation:
         self.classes = manifest.get("classes") or []
         self.multilabel = bool(manifest.get("multilabel"))
         self.protocols, self.refused = plan(manifest, config)
+        self.init_from = init_path(config, self.checkpoint)
         self.budget = None
         if config.budget_minutes:
             self.budget = self._plan_budget(config)
@@ -146,6 +158,10 @@ class Evaluation:
         if "random_init" in config.baselines:
             self.sources["random_init"] = features.random_init(self.checkpoint.config, manifest["channels"],
                                                                config.seed, self.device, self.frozen_view)
+        if self.init_from:
+            self.sources["init_from"] = features.initialised(self.checkpoint.config, manifest["channels"],
+                                                             self.init_from, storage_options, self.device,
+                                                             self.frozen_view)
         if "raw_pixels" in config.baselines:
             self.sources["raw_pixels"] = features.raw_pixels(self.image_size)
         self.computed: list[tuple[str, str]] = []   # features computed (not loaded from the cache) here
@@ -158,7 +174,7 @@ class Evaluation:
         """Measure this machine's costs on the checkpoint's network and size the evaluation (``workers.evaluate.budget``)."""
         sup = self.supervised_epochs() if "supervised" in config.baselines and "supervised" not in self.refused else 0
         return plan_budget(self.loc, self.manifest, config, self.checkpoint.objective, self.image_size, self.execution,
-                           self.device, tuple(self.protocols), sup)
+                           self.device, tuple(self.protocols), sup, init_column=bool(self.init_from))
 
     # --- data and features, each computed once
     def _lock_for(self, key) -> threading.Lock:
@@ -279,7 +295,7 @@ class Evaluation:
 # ----------------------------------------------------------------------------- the time budget
 
 def plan_budget(loc: RunLocation, manifest: dict, config: EvalConfig, objective, image_size: int, execution,
-                device: str, protocols: tuple[str, ...], supervised_epochs: float = 0):
+                device: str, protocols: tuple[str, ...], supervised_epochs: float = 0, init_column: bool = False):
     """Measure this machine's costs with ``objective``'s network (the checkpoint's, or the same
     architecture before it exists) and size the evaluation to ``config.budget_minutes``."""
     from workers.evaluate import budget as eval_budget
@@ -292,7 +308,7 @@ def plan_budget(loc: RunLocation, manifest: dict, config: EvalConfig, objective,
     costs = eval_budget.measure_costs(objective, sample, execution, device, image_size, config, classes, load_s)
     lim = config.limit
     counts = {s: min(v["count"], lim) if lim else v["count"] for s, v in manifest["splits"].items()}
-    networks = 1 + ("random_init" in config.baselines) + bool(supervised_epochs)
+    networks = 1 + ("random_init" in config.baselines) + bool(supervised_epochs) + init_column
     return eval_budget.plan(costs, eval_budget.Counts(
         counts.get("train", 0), counts.get("val", 0), counts.get("test", 0), classes, protocols, networks,
         "raw_pixels" in config.baselines, supervised_epochs), config, config.budget_minutes)
@@ -326,7 +342,7 @@ def expected_evaluation(run: str, pretrain_config, config: EvalConfig, storage_o
 # ----------------------------------------------------------------------------- the whole stage
 
 def frozen_sources(ev: Evaluation) -> list[str]:
-    return [s for s in ("pretrained", "random_init", "raw_pixels") if s in ev.sources]
+    return [s for s in ("pretrained", "random_init", "init_from", "raw_pixels") if s in ev.sources]
 
 
 def evaluate(run: str, config: EvalConfig, storage_options: Optional[dict] = None, log=print,

@@ -160,6 +160,20 @@ def random_init(config, in_channels: int, seed: int, device: str, view: FrozenVi
                          objective.backbone.to(device).eval(), view=view)
 
 
+def initialised(config, in_channels: int, path: str, storage_options: Optional[dict], device: str,
+                view: FrozenView = FrozenView()) -> FeatureSource:
+    """The same architecture with the weights ``init_from`` names (where a pretraining started); cache
+    key = hash of those weights' file."""
+    from workers.init_weights import apply_init
+
+    got = []
+    with SEED_LOCK:
+        objective = build_objective(config, in_channels,
+                                    lambda b: got.append(apply_init(path, b, storage_options)))
+    return FeatureSource("init_from", view.key("init_from-" + got[0].sha256[:16]),
+                         at_size(objective.preprocess, view.input_size), objective.backbone.to(device).eval(), view=view)
+
+
 def raw_pixels(image_size: int) -> FeatureSource:
     """Flattened pixels in [0, 1] (images already brought to ``image_size``); standardised by the protocols."""
     from ssl_models.augment import to_float

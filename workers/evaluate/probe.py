@@ -114,12 +114,12 @@ def score(clf: LinearClassifier, x: torch.Tensor, y: torch.Tensor, multilabel: b
 
 
 def select_and_fit(train: tuple, val: tuple, n_classes: int, multilabel: bool = False,
-                   weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, max_iter: int = 100):
+                   weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, max_iter: int = 100, progress=None):
     """Fit one classifier per λ on ``train``, keep the one with the best ``val`` score.
 
     ``train`` and ``val`` are (features, targets, ignore-or-None). Ties go to the larger λ.
     The grid is fitted from the largest λ down, each fit warm-started from the previous one.
-    Returns (classifier, standardizer, chosen λ, {λ: val score}).
+    Returns (classifier, standardizer, chosen λ, {λ: val score}); ``progress(1)`` after each λ.
     """
     (xtr, ytr, igtr), (xva, yva, igva) = train, val
     std = Standardizer.fit(xtr)
@@ -130,6 +130,8 @@ def select_and_fit(train: tuple, val: tuple, n_classes: int, multilabel: bool = 
         scores[wd] = score(clf, xva, yva, multilabel, igva)
         if best is None or scores[wd] > scores[best[0]]:   # ties go to the larger λ (seen first)
             best = (wd, clf)
+        if progress is not None:
+            progress(1)
     return best[1], std, best[0], dict(sorted(scores.items()))
 
 
@@ -144,13 +146,13 @@ def classification_report(logits: torch.Tensor, labels: torch.Tensor, n_classes:
 
 
 def linear_probe(train: tuple, val: tuple, test: tuple, n_classes: int, multilabel: bool = False,
-                 weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, max_iter: int = 100) -> dict:
+                 weight_decays: Sequence[float] = DEFAULT_WEIGHT_DECAYS, max_iter: int = 100, progress=None) -> dict:
     """The whole probe protocol: λ chosen on val, reported on test.
 
     Each of train/val/test is (features (N, D), targets, ignore-or-None); targets are labels
     (N,) for single-label and multi-hot (N, C) for multi-label sources.
     """
-    clf, std, wd, val_scores = select_and_fit(train, val, n_classes, multilabel, weight_decays, max_iter)
+    clf, std, wd, val_scores = select_and_fit(train, val, n_classes, multilabel, weight_decays, max_iter, progress)
     xte, yte, igte = test
     logits = clf(std(xte))
     out = multilabel_ap(logits, yte, igte) if multilabel else classification_report(logits, yte, n_classes)

@@ -85,8 +85,10 @@ def run_probe(ev: Evaluation, source: str, train_idx: Optional[torch.Tensor] = N
             pos = ev.frozen_positions(train_idx)
             x, y, ig = x[pos], y[pos], (ig[pos] if ig is not None else None)
         split_data[s] = (x, y, ig)
-    d = linear_probe(split_data["train"], split_data["val"], split_data["test"], ev.n_classes, ev.multilabel,
-                     ev.config.probe_weight_decays, ev.config.probe_max_iter)
+    grid = ev.config.probe_weight_decays
+    with ev.bar(len(grid), f"{protocol} {source} (λ grid)", "λ") as bar:
+        d = linear_probe(split_data["train"], split_data["val"], split_data["test"], ev.n_classes, ev.multilabel,
+                         grid, ev.config.probe_max_iter, progress=bar.update)
     r = Result(protocol, source, details=d)
     extra = {"via": "probe"} if protocol.startswith("fewshot") else {}
     for metric in ("mAP", "top1", "top5"):

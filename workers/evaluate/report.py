@@ -1,4 +1,10 @@
-"""The evaluation report: ``RUN/report.json``, ``RUN/report.md`` and ``RUN/plots/*.png``.
+"""The evaluation report: ``RUN/report-<settings hash>.json``, ``RUN/report.json``, ``RUN/report.md``
+and ``RUN/plots/*.png``.
+
+Each evaluation writes ``report-<hash>.json``, named by the hash of its settings (``EvalConfig.
+config_hash``), so evaluations with other settings sit beside each other. ``report.json`` is the run's
+report: the first evaluation's (the pipeline's), replaced only by one with the same settings (a
+newer checkpoint); ``report.md`` is the latest evaluation's, and names its JSON file and the others.
 
 report.json holds every figure; its ``results`` are one row per table cell
 ``{"protocol", "features", "metric", "split": "test", "value"}`` (few-label rows also say
@@ -20,6 +26,15 @@ from workers.plots import confusion_plot, curve_plot, embedding_plot
 
 COLUMNS = [("pretrained", "pretrained"), ("random_init", "random init"), ("raw_pixels", "raw pixels"),
            ("supervised", "supervised")]
+# shown only where the report has it: the weights a pretraining started from (init_from)
+INIT_COLUMN = ("init_from", "start (init_from)")
+
+
+def columns(rows: list[dict]) -> list[tuple[str, str]]:
+    """The table's columns: the four of every report, and init_from's after random init where computed."""
+    if any(INIT_COLUMN[0] in r for r in rows):
+        return COLUMNS[:2] + [INIT_COLUMN] + COLUMNS[2:]
+    return COLUMNS
 
 
 # ----------------------------------------------------------------------------- the table
@@ -51,32 +66,35 @@ def results_table(report: dict) -> list[dict]:
                        report["eval_config"]["knn_t"])
     asked = set(report["eval_config"].get("protocols") or ("probe", "knn", "finetune", "fewshot"))
     rows = []
+    cols = COLUMNS + ([INIT_COLUMN] if any(r["features"] == INIT_COLUMN[0] for r in report["results"]) else [])
     for proto, metric, via, label in shown:
         if proto.split("_")[0] not in asked:  # a protocol nobody asked for gets no row of "not run"
             continue
-        vals = {col: cells.get((proto, metric, via, col)) for col, _ in COLUMNS}
+        vals = {col: cells.get((proto, metric, via, col)) for col, _ in cols}
         rows.append({"protocol": label} | {c: None if v is None else round(100 * v, 2) for c, v in vals.items()})
     return rows
 
 
 def table_markdown(rows: list[dict]) -> str:
     """:func:`results_table`'s rows as a markdown table (values in % on test)."""
-    lines = ["| protocol (test, %) | " + " | ".join(label for _, label in COLUMNS) + " |",
-             "| --- |" + " ---: |" * len(COLUMNS)]
+    cols = columns(rows)
+    lines = ["| protocol (test, %) | " + " | ".join(label for _, label in cols) + " |",
+             "| --- |" + " ---: |" * len(cols)]
     for r in rows:
         lines.append(f"| {r['protocol']} | "
-                     + " | ".join("not run" if r[c] is None else f"{r[c]:.1f}" for c, _ in COLUMNS) + " |")
+                     + " | ".join("not run" if r[c] is None else f"{r[c]:.1f}" for c, _ in cols) + " |")
     return "\n".join(lines)
 
 
 def table_text(rows: list[dict]) -> str:
     """:func:`results_table`'s rows as plain text for a terminal."""
     width = max([len("protocol (test, %)")] + [len(r["protocol"]) for r in rows])
-    head = f"{'protocol (test, %)':<{width}} " + " ".join(f"{label:>12}" for _, label in COLUMNS)
+    cols = columns(rows)
+    head = f"{'protocol (test, %)':<{width}} " + " ".join(f"{label:>12}" for _, label in cols)
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(f"{r['protocol']:<{width}} "
-                     + " ".join(f"{'not run' if r[c] is None else '%.1f' % r[c]:>12}" for c, _ in COLUMNS))
+                     + " ".join(f"{'not run' if r[c] is None else '%.1f' % r[c]:>12}" for c, _ in cols))
     return "\n".join(lines)
 
 
@@ -117,8 +135,48 @@ def _plots(ev, by_key: dict) -> dict[str, str]:
 
 # ----------------------------------------------------------------------------- the files
 
-def write_report(ev, results: list, total_seconds: float) -> dict:
-    """Write plots, eval/<protocol>.json, report.json and report.md; return report.json's content."""
+REPORT_JSON, REPORT_MD = "report.json", "report.md"
+
+
+def settings_report(config_hash: str) -> str:
+    """The file of the evaluation made with settings of this hash, relative to the run."""
+    return f"report-{config_hash}.json"
+
+
+def read_report(loc, rel: str = REPORT_JSON, fs=None) -> Optional[dict]:
+    try:
+        with (fs or loc.fs()).open(loc.join(rel), "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+
+
+def reusable_report(loc, config_hash: str, checkpoint_sha256: Optional[str], fs=None) -> Optional[dict]:
+    """The report made from this checkpoint with these settings, if the run holds one."""
+    if checkpoint_sha256 is None:
+        return None
+    for rel in (settings_report(config_hash), REPORT_JSON):  # report.json alone: runs evaluated before 2026-12
+        r = read_report(loc, rel, fs)
+        if r is not None and r.get("eval_config_hash") == config_hash and r.get("checkpoint_sha256") == checkpoint_sha256:
+            return r
+    return None
+
+
+def other_reports(loc, config_hash: str, fs=None) -> list[dict]:
+    """{file, created, settings} of the run's other evaluations, newest first."""
+    fs = fs or loc.fs()
+    out = []
+    for path in fs.glob(loc.join("report-*.json")):
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        if name != settings_report(config_hash):
+            r = read_report(loc, name, fs) or {}
+            out.append({"file": name, "created": r.get("created", "?"), "checkpoint_steps": r.get("steps")})
+    return sorted(out, key=lambda r: r["created"], reverse=True)
+
+
+def write_report(ev, results: list, total_seconds: float, log=None) -> dict:
+    """Write plots, eval/<protocol>.json, report-<hash>.json, report.json (unless it holds another
+    settings' evaluation, which is kept) and report.md; return the report's content."""
     by_key = {(r.protocol, r.features): r for r in results}
     plots = _plots(ev, by_key)
     ck = ev.checkpoint
@@ -135,6 +193,7 @@ def write_report(ev, results: list, total_seconds: float) -> dict:
         "frozen_train_samples": len(ev.frozen_train_index()) if ev.frozen_train_index() is not None else None,
         "skipped_shards": sorted(r["shard"] for r in integrity.damaged(ev.loc, mode="skip")),
         "classes": ev.classes or None, "multilabel": ev.multilabel,
+        "init_from": ev.init_from,
         "splits": ev.loaded_splits(),
         "refused": [{"protocol": p, "reason": why} for p, why in ev.refused.items()],
         "results": [row for r in results for row in r.rows],
@@ -146,9 +205,38 @@ def write_report(ev, results: list, total_seconds: float) -> dict:
         mine = {k: v for k, v in report["details"].items() if k.split("/")[0].split("_")[0] == proto}
         if mine:
             ev.loc.write_atomic(f"eval/{proto}.json", json.dumps(mine, indent=1).encode(), ev.fs)
-    ev.loc.write_atomic("report.json", json.dumps(report, indent=1).encode(), ev.fs)
-    ev.loc.write_atomic("report.md", render_markdown(report).encode(), ev.fs)
+    h = report["eval_config_hash"]
+    report["report_file"] = settings_report(h)
+    text = json.dumps(report, indent=1).encode()
+    ev.loc.write_atomic(settings_report(h), text, ev.fs)
+    main = read_report(ev.loc, REPORT_JSON, ev.fs)
+    if main is None or main.get("eval_config_hash") in (h, None):
+        ev.loc.write_atomic(REPORT_JSON, text, ev.fs)
+    elif log is not None:
+        log(f"{REPORT_JSON} holds an evaluation with other settings ({main.get('eval_config_hash')}, "
+            f"{main.get('created')}) and is kept; this one is {settings_report(h)} (report.md shows it)")
+    ev.loc.write_atomic(REPORT_MD, render_markdown(report, other_reports(ev.loc, h, ev.fs)).encode(), ev.fs)
     return report
+
+
+def track_report(loc, loggers, report: dict, fs=None) -> dict:
+    """The report to the experiment trackers (``workers/tracking.py``): the table's cells, report.md,
+    report-<hash>.json and the evaluation's plots. Returns {logger: where to look}."""
+    from workers.tracking import Tracker
+
+    fs = fs or loc.fs()
+    plots = {}
+    for name, rel in report.get("plots", {}).items():
+        if name != "pretrain":  # the pretraining logged its own figure
+            with fs.open(loc.join(rel), "rb") as f:
+                plots[name] = f.read()
+    tracker = Tracker(loc, loggers)
+    try:
+        tracker.params({f"eval.{k}": v for k, v in report["eval_config"].items()})
+        tracker.report(report, render_markdown(report), plots)
+    finally:
+        tracker.close()
+    return tracker.where()
 
 
 def _budget_md(plan: Optional[dict]) -> list[str]:
@@ -174,7 +262,8 @@ def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.1f}"
 
 
-def render_markdown(report: dict) -> str:
+def render_markdown(report: dict, others: Optional[list[dict]] = None) -> str:
+    """report.md of ``report``; ``others`` (:func:`other_reports`) are listed under its header."""
     r, cfg = report, report["eval_config"]
     grid, stages = cfg.get("frozen_grid", 1), cfg.get("frozen_stages", 1)
     md = [f"# gelato evaluation: {r['run']}", "",
@@ -192,6 +281,8 @@ def render_markdown(report: dict) -> str:
           + (f"; frozen features: the last {stages} stage(s) average-pooled to a {grid}×{grid} grid and "
              f"concatenated (frozen_grid, frozen_stages; Goyal et al. 2019)" if (grid, stages) != (1, 1) else ""),
           *_budget_md(r.get("eval_budget")),
+          *([f"- this evaluation: [{r['report_file']}]({r['report_file']}); the run's other evaluations: "
+             + ", ".join(f"[{o['file']}]({o['file']}) ({o['created']})" for o in others)] if others else []),
           *([f"- **{len(r['skipped_shards'])} damaged shard(s) skipped** (on_corrupt: skip): "
              f"{', '.join(r['skipped_shards'][:5])}{' ...' if len(r['skipped_shards']) > 5 else ''}; "
              f"`gelato ingest ... --repair` rewrites them (see damaged_shards/)"] if r.get("skipped_shards") else []),
@@ -201,7 +292,9 @@ def render_markdown(report: dict) -> str:
           "that was not computed. *random init*: the same architecture with seeded random weights. "
           "*raw pixels*: flattened, standardised pixels. *supervised*: the same architecture trained from "
           "scratch with the labels (its fine-tune cell is that training's own test figure; its probe and kNN use "
-          "its frozen features; with few labels it is trained from scratch on the subset)."]
+          "its frozen features; with few labels it is trained from scratch on the subset)."
+          + (f" *start (init_from)*: the weights the pretraining started from (`{r['init_from']}`), frozen."
+             if r.get("init_from") else "")]
     if r["multilabel"]:
         md.append("mAP is the mean over classes of the area under the precision-recall curve; VOC07 11-point "
                   "mAP is listed in the details below.")

@@ -21,7 +21,7 @@ from workers.model import BACKBONE_FILE, FINAL_DIR, check_buildable
 from workers.pretrain.loop import train_loop_per_worker
 from workers.pretrain.optim import schedule_length
 from workers.pretrain.run_dir import prepare_run, read_json
-from workers.pretrain.run_log import watch_progress
+from workers.pretrain.run_log import close_tracker, open_tracker, watch_progress
 from workers.storage import RunLocation
 
 
@@ -141,24 +141,29 @@ def launch(run: str, config: PretrainConfig, address: Optional[str] = None, over
     stop = threading.Event()
     watcher = None
     launched_at = time.time()
+    tracker = open_tracker(loc, config, log)
+    ok = False
     try:
         trainer = _trainer(loc, run, config, manifest, private=started_here and not address, launched_at=launched_at)
         log(f"pretraining {config.objective} / {config.backbone} on {run}: {config.workers} workers, "
             f"global batch {config.batch_size}, {'resuming' if status == 'resume' else 'starting'}")
         watcher = threading.Thread(target=watch_progress, args=(loc, schedule_length(config, manifest)[1], stop),
-                                   kwargs={"bar": progress_bar, "log": log}, daemon=True)
+                                   kwargs={"bar": progress_bar, "log": log, "on_row": tracker and tracker.row},
+                                   daemon=True)
         watcher.start()
         try:
             result = trainer.fit()
         except Exception:
             _raise_damaged_shard(loc, launched_at)
             raise
+        ok = result.error is None
     finally:
         stop.set()
         if watcher is not None:
             watcher.join(5)
         if started_here:
             ray_start.shutdown()
+        close_tracker(tracker, loc, ok)
     if result.error is not None:
         _raise_damaged_shard(loc, launched_at)
         raise result.error

@@ -159,6 +159,7 @@ class Rig:
     model: Any = None            # core, wrapped by DDP and/or torch.compile
     gen: Optional[torch.Generator] = None
     log: Optional[MetricsLog] = None
+    init: Optional[object] = None            # workers.init_weights.InitWeights, when init_from is set
 
     @property
     def amp_dtype(self) -> Optional[torch.dtype]:
@@ -173,7 +174,13 @@ def build(config: PretrainConfig, loc: RunLocation, manifest: dict, session) -> 
     device = session.device
     ex = resolve_here(config.precision, str(device), config.layout_request())
     torch.manual_seed(config.seed)
-    objective = build_objective(config, manifest["channels"])
+    init = []
+    if config.init_from:
+        from workers.init_weights import apply_init
+
+        def load_init(backbone):
+            init.append(apply_init(config.init_from, backbone, config.storage_options))
+    objective = build_objective(config, manifest["channels"], load_init if config.init_from else None)
     if config.sync_bn and session.world > 1:  # torch's SyncBatchNorm on CUDA; GlobalBatchNorm on CPU
         from ssl_models.sync_bn import convert_sync_batchnorm
 
@@ -186,7 +193,7 @@ def build(config: PretrainConfig, loc: RunLocation, manifest: dict, session) -> 
     scaler = torch.amp.GradScaler(device.type, enabled=ex.grad_scaler)
     spe, total = schedule_length(config, manifest)
     return Rig(config, loc, manifest, session.rank, session.world, device, ex, objective, optimizer, scaler,
-               spe, total, warmup=int(config.warmup_epochs * spe))
+               spe, total, warmup=int(config.warmup_epochs * spe), init=init[0] if init else None)
 
 
 def restore(rig: Rig, checkpoint) -> None:
@@ -225,6 +232,9 @@ def wrap(rig: Rig, session) -> None:
         if rig.resumed_from:
             rig.log.append({"event": "resumed", "step": rig.start_step, "from": str(rig.resumed_from),
                             "time": time.time()})
+        elif rig.init is not None:  # the backbone's starting weights (a resumed run has its checkpoint's)
+            rig.log.append({"event": "init_from", "step": 0, "path": rig.init.path, "sha256": rig.init.sha256,
+                            "kind": rig.init.kind, "notes": rig.init.notes, "time": time.time()})
         # the driver prints this line (and its warning) before the progress bar
         rig.log.append({"event": "execution", "step": rig.start_step, "execution": rig.ex.as_dict(),
                         "time": time.time()})

@@ -87,11 +87,13 @@ class MetricsTail:
 
 
 def watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: float = 1.0, bar: bool = True,
-                    log=print) -> None:
+                    log=print, on_row=None) -> None:
     """Driver-side progress, fed by rank 0's ``metrics.jsonl`` (no actor, no extra process).
 
     Prints how the workers run (resolved precision, and its warning) and, with a time budget, the
-    steps it chose; then a progress bar (``bar``) whose total follows that choice."""
+    steps it chose; then a progress bar (``bar``) whose total follows that choice. Each row also
+    goes to ``on_row`` (the experiment trackers, ``workers/tracking.py``); if that fails, it is said
+    once and training goes on."""
     from tqdm import tqdm
 
     tail = MetricsTail(loc)
@@ -99,6 +101,12 @@ def watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: f
     while True:
         done = stop.wait(every)
         for row in tail.read():
+            if on_row is not None:
+                try:
+                    on_row(row)
+                except Exception as e:  # noqa: BLE001 - a tracker's failure must not stop training
+                    print(f"warning: experiment tracking stopped: {type(e).__name__}: {e}", file=sys.stderr)
+                    on_row = None
             event = row.get("event")
             if row.get("skipped_shards", 0) > skipped:
                 skipped = row["skipped_shards"]
@@ -135,3 +143,31 @@ def watch_progress(loc: RunLocation, total: int, stop: threading.Event, every: f
     if pbar is not None:
         pbar.close()
 
+
+
+def open_tracker(loc: RunLocation, config, log=print):
+    """The experiment trackers ``config.loggers`` names, with the config logged as params; None without."""
+    if not config.loggers:
+        return None
+    from workers.tracking import Tracker
+
+    tracker = Tracker(loc, config.loggers)
+    tracker.params({k: v for k, v in config.model_dump(mode="json").items() if k != "storage_options"})
+    log("tracking: " + "; ".join(f"{n} {w}" for n, w in tracker.where().items()))
+    return tracker
+
+
+def close_tracker(tracker, loc: RunLocation, ok: bool) -> None:
+    """The pretraining figure (when drawn) to the trackers, then close them."""
+    if tracker is None:
+        return
+    from workers.model import PRETRAIN_PLOT
+
+    try:
+        if ok:
+            with loc.fs().open(loc.join(PRETRAIN_PLOT), "rb") as f:
+                tracker.image("pretrain", f.read(), 0)
+    except FileNotFoundError:
+        pass
+    finally:
+        tracker.close(ok)

@@ -26,7 +26,7 @@ from workers.model import BACKBONE_FILE, FINAL_DIR, check_buildable
 from workers.pretrain.loop import run_loop
 from workers.pretrain.optim import schedule_length
 from workers.pretrain.run_dir import prepare_run, read_json
-from workers.pretrain.run_log import watch_progress
+from workers.pretrain.run_log import close_tracker, open_tracker, watch_progress
 from workers.pretrain.sessions import TorchrunSession, check_resumable_by
 from workers.storage import RunLocation
 
@@ -67,22 +67,26 @@ def pretrain(run: str, config: PretrainConfig, overwrite: bool = False, progress
             if session.rank == 0:
                 log(f"{run}: pretraining already finished ({BACKBONE_FILE}); nothing to do")
             return read_json(loc, f"{FINAL_DIR}/summary.json")
-        stop, watcher = threading.Event(), None
+        stop, watcher, tracker, ok = threading.Event(), None, None, False
         if session.rank == 0:
+            tracker = open_tracker(loc, config, log)
             log(f"pretraining {config.objective} / {config.backbone} on {run}: {world} process(es) "
                 f"on {session.device.type}, global batch {config.batch_size}, "
                 f"{'resuming' if status == 'resume' else 'starting'}")
             total = schedule_length(config, manifest)[1]
             watcher = threading.Thread(target=watch_progress, args=(loc, total, stop),
-                                       kwargs={"bar": progress_bar, "log": log}, daemon=True)
+                                       kwargs={"bar": progress_bar, "log": log,
+                                               "on_row": tracker and tracker.row}, daemon=True)
             watcher.start()
         try:
             run_loop({"config": config.model_dump(mode="json"), "run": run, "manifest": manifest,
                       "storage_options": config.storage_options}, session)
+            ok = True
         finally:
             stop.set()
             if watcher is not None:
                 watcher.join(5)
+            close_tracker(tracker, loc, ok)
         if dist.is_initialized():
             dist.barrier()  # rank 0 has written the summary
         return read_json(loc, f"{FINAL_DIR}/summary.json")

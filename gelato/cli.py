@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from typing import Optional
 
+import gelato
+import gelato.api
 from flows import prefect_server
 
 STAGES = {
@@ -27,43 +28,6 @@ STAGES = {
 
 
 FLOW_STAGES = ("ingest", "pretrain", "evaluate", "run")  # the stages that run a Prefect flow
-
-
-def _storage_options(config: Optional[str]):
-    """The ``storage_options`` of a YAML file, as :class:`~workers.credentials.StorageOptions`."""
-    from workers.credentials import StorageOptions
-
-    if not config:
-        return StorageOptions()
-    import yaml
-
-    with open(config) as f:
-        cfg = yaml.safe_load(f) or {}
-    opts = cfg.get("storage_options", {})
-    if not isinstance(opts, dict):
-        raise ValueError(f"{config}: storage_options must be a mapping of s3fs options")
-    return _resolved(StorageOptions(opts))
-
-
-def _resolved(opts):
-    """Options whose credentials are in a Prefect Secret block, with them (Prefect's server is
-    waited for first: the pre-flight checks need the credentials)."""
-    from workers.credentials import BLOCK
-
-    if not opts.get(BLOCK):
-        return opts
-    prefect_server.wait_ready()
-    from flows.credentials import resolve
-
-    return resolve(opts)
-
-
-def _check_s3(loc) -> None:
-    """The bucket answers with these credentials (one listing); local runs are checked by reading them."""
-    from workers.storage import check_writable
-
-    if loc.is_s3:
-        check_writable(loc)
 
 
 def _add_ingest(sub) -> None:
@@ -91,29 +55,10 @@ def _add_ingest(sub) -> None:
 
 
 def _run_ingest(a) -> int:
-    from workers.ingest.shards import IngestParams
-    from workers.ingest.sources import SourceError
-    from workers.storage import RunLocation, check_writable
-
-    IngestParams(a.shard_size, a.image_format, a.val_fraction, a.seed, a.test_fraction)  # fails here, before Prefect
-    if a.source not in ("fashion-mnist", "fashion_mnist", "fmnist") and a.kind != "fashion-mnist":
-        if not os.path.exists(a.source):
-            raise SourceError(f"source path {a.source!r} does not exist")
-        if not os.path.isdir(a.source):
-            raise SourceError(f"source {a.source!r} is a file; give a folder of images, a VOC root or 'fashion-mnist'")
-        with os.scandir(a.source) as entries:
-            if not any(not e.name.startswith(".") for e in entries):
-                raise SourceError(f"source folder {a.source!r} is empty")
-    opts = _storage_options(a.config)
-    check_writable(RunLocation(a.out, opts))
-
-    prefect_server.wait_ready()
-    from flows.ingest import ingest_flow
-
-    m = ingest_flow(a.source, a.out, shard_size=a.shard_size, image_format=a.image_format,
-                    val_fraction=a.val_fraction, test_fraction=a.test_fraction, seed=a.seed, overwrite=a.overwrite,
-                    data_root=a.data_root, kind=a.kind, storage_options=opts, progress_bar=not a.no_progress,
-                    repair=a.repair)
+    m = gelato.ingest(a.source, a.out, shard_size=a.shard_size, image_format=a.image_format,
+                      val_fraction=a.val_fraction, test_fraction=a.test_fraction, seed=a.seed, overwrite=a.overwrite,
+                      data_root=a.data_root, kind=a.kind, storage_options=gelato.api.storage_options_of(a.config),
+                      progress=not a.no_progress, repair=a.repair).manifest
     print(f"\n{a.out}/manifest.json: {m['count']} samples, {len(m['rejected'])} rejected, "
           f"{m['channels']} channel(s), classes: {len(m['classes'] or [])}")
     for split, s in m["splits"].items():
@@ -140,69 +85,55 @@ def _add_pretrain(sub) -> None:
 
 
 def _run_pretrain(a) -> int:
-    from workers.config import load_config
-    from workers.pretrain.run_dir import prepare_run
-    from workers.storage import RunLocation
-
-    config = load_config(a.config, a.overrides)  # validated before Prefect or Ray start
-    from workers.model import check_buildable
-
-    check_buildable(config)  # parameter values: the objective is built once, here
-    run = RunLocation.normalise(a.run)
-    status = "start"
-    if not a.overwrite:  # a missing manifest or a conflicting earlier run fails here, in a second
-        loc = RunLocation(run, _resolved(config.storage_options))
-        _check_s3(loc)
-        _, status = prepare_run(loc, config)
-    if status != "finished" and not (a.address or os.environ.get("RAY_ADDRESS")):
-        # the private Ray instance comes up on a thread while Prefect starts its temporary server
-        from workers.pretrain.launch import local_ray_cpus
-        from workers.pretrain.ray_internals import ray_start
-
-        ray_start.start_early(local_ray_cpus(config), dashboard=a.ray_dashboard)
-
-    prefect_server.wait_ready()
-    from flows.pretrain import pretrain_flow
-
-    summary = pretrain_flow(run, config, address=a.address, overwrite=a.overwrite,
-                            progress_bar=not a.no_progress, ray_dashboard=a.ray_dashboard)
-    print(f"\n{run}/checkpoints/final/backbone.pt: {summary['objective']} / {summary['backbone']}, "
-          f"{summary['steps']} steps")
+    r = gelato.pretrain(a.run, a.config, overrides=a.overrides, address=a.address, overwrite=a.overwrite,
+                        progress=not a.no_progress, ray_dashboard=a.ray_dashboard)
+    print(f"\n{r.backbone}: {r.summary['objective']} / {r.summary['backbone']}, {r.steps} steps")
     return 0
 
 
 def _add_evaluate(sub) -> None:
     p = sub.add_parser("evaluate", help=STAGES["evaluate"], description=STAGES["evaluate"] + (
-        ". Every protocol reports on the test split; baselines run on the same splits and protocols."))
+        ". Every protocol reports on the test split; baselines run on the same splits and protocols. Settings: "
+        "--config (an evaluation YAML, or a pipeline YAML's evaluate: section), then the options below, then "
+        "KEY=VALUE overrides (any EvalConfig field, e.g. frozen_grid=2 probe_max_iter=50). Each evaluation "
+        "is written to RUN/report-<settings hash>.json; report.md shows the latest; report.json keeps the "
+        "first settings'. A run already evaluated with these settings is shown, not recomputed (--again)."))
     p.add_argument("--run", required=True, metavar="RUN_URI", help="run directory (ingested, and pretrained)")
-    p.add_argument("--protocols", default="probe,knn,finetune,fewshot", metavar="LIST",
+    p.add_argument("--config", default=None, metavar="YAML",
+                   help="evaluation settings: a YAML of EvalConfig fields, or a pipeline YAML (its evaluate: "
+                        "section, e.g. configs/pipeline_demo.yaml for the demo's); its storage_options open --run")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="evaluation config overrides")
+    p.add_argument("--protocols", default=None, metavar="LIST",
                    help="comma-separated subset of probe,knn,finetune,fewshot (default: all)")
     p.add_argument("--checkpoint", default=None, metavar="PATH",
                    help="backbone.pt, or a Ray checkpoint folder / its state.pt; a path relative to the run works "
                         "(default: RUN_URI/checkpoints/final/backbone.pt)")
-    p.add_argument("--baselines", default="raw_pixels,random_init", metavar="LIST",
+    p.add_argument("--baselines", default=None, metavar="LIST",
                    help="comma-separated subset of raw_pixels,random_init,supervised, or 'none' "
                         "(default: raw_pixels,random_init; supervised costs a training run)")
-    p.add_argument("--finetune-epochs", type=float, default=5, metavar="N", help="fine-tuning epochs, a fraction allowed (default 5)")
-    p.add_argument("--finetune-lr", type=float, default=1e-2, metavar="LR",
+    p.add_argument("--finetune-epochs", type=float, default=None, metavar="N",
+                   help="fine-tuning epochs, a fraction allowed (default 5)")
+    p.add_argument("--finetune-lr", type=float, default=None, metavar="LR",
                    help="AdamW learning rate of the new head, and of the supervised reference (default 1e-2); "
                         "the pretrained backbone gets a tenth of it")
     p.add_argument("--supervised-epochs", type=int, default=None, metavar="N",
                    help="epochs of the supervised reference (default: as many as the pretraining)")
-    p.add_argument("--knn-k", type=int, default=200, metavar="K", help="kNN neighbours (default 200)")
-    p.add_argument("--knn-t", type=float, default=0.1, metavar="T", help="kNN temperature (default 0.1)")
+    p.add_argument("--knn-k", type=int, default=None, metavar="K", help="kNN neighbours (default 200)")
+    p.add_argument("--knn-t", type=float, default=None, metavar="T", help="kNN temperature (default 0.1)")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="at most N samples per split (quick runs)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    p.add_argument("--precision", default=None, choices=["auto", "fp32", "bf16", "fp16"],
                    help="auto (default): bf16 where the device runs it natively, fp16 on older GPUs, else fp32")
     p.add_argument("--budget-minutes", type=float, default=None, metavar="M",
                    help="size the evaluation to about M minutes on this machine, from measured costs")
-    p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of random init, few-label subsets, "
-                                                                     "fine-tuning (default 0)")
-    p.add_argument("--on-corrupt", choices=["fail", "skip"], default="fail",
+    p.add_argument("--seed", type=int, default=None, metavar="S",
+                   help="seed of random init, few-label subsets, fine-tuning (default 0)")
+    p.add_argument("--on-corrupt", choices=["fail", "skip"], default=None,
                    help="a damaged shard: fail (default; the error names it and the repair command) or skip it "
                         "(counted in the report)")
-    p.add_argument("--config", default=None, help="YAML whose storage_options (s3fs keyword arguments) open --run")
+    p.add_argument("--again", action="store_true",
+                   help="evaluate even where the run holds this checkpoint's evaluation with these settings")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _csv(value: str, allowed: tuple, flag: str) -> tuple:
@@ -213,35 +144,25 @@ def _csv(value: str, allowed: tuple, flag: str) -> tuple:
     return items
 
 
+EVAL_OPTIONS = ("checkpoint", "finetune_epochs", "finetune_lr", "supervised_epochs", "knn_k", "knn_t", "limit",
+                "device", "precision", "budget_minutes", "seed", "on_corrupt")
+
+
 def _run_evaluate(a) -> int:
-    from workers.evaluate.config import BASELINES, PROTOCOLS, eval_config
-    from workers.evaluate.evaluation import check_run
-    from workers.evaluate.report import results_table, table_markdown
+    from workers.evaluate.config import BASELINES, PROTOCOLS
+    from workers.evaluate.report import table_markdown
 
-    protocols = _csv(a.protocols, PROTOCOLS, "--protocols")
-    if not protocols:
-        raise ValueError("--protocols: name at least one of " + ", ".join(PROTOCOLS))
-    config = eval_config(protocols=protocols, baselines=_csv(a.baselines, BASELINES, "--baselines"),
-                         checkpoint=a.checkpoint, finetune_epochs=a.finetune_epochs, finetune_lr=a.finetune_lr,
-                         supervised_epochs=a.supervised_epochs, knn_k=a.knn_k, knn_t=a.knn_t, limit=a.limit,
-                         device=a.device, seed=a.seed, precision=a.precision, budget_minutes=a.budget_minutes,
-                         on_corrupt=a.on_corrupt)
-    from workers.storage import RunLocation
-
-    run = RunLocation.normalise(a.run)
-    opts = _storage_options(a.config)
-    _check_s3(RunLocation(run, opts))
-    # The manifest, the checkpoint and its match with the run are checked here, before Prefect starts;
-    # the Evaluation itself (models, feature sources, the time budget's plan) is built once, by the flow.
-    for p, why in check_run(run, config, opts).items():
-        print(f"gelato evaluate: not running {p}: {why}", file=sys.stderr)
-
-    prefect_server.wait_ready()
-    from flows.evaluate import evaluate_flow
-
-    report = evaluate_flow(run, config, storage_options=opts, progress_bar=True)
-    print(f"\n{run}/report.md (checkpoint {report['checkpoint']}):\n")
-    print(table_markdown(results_table(report)))
+    options = {k: getattr(a, k) for k in EVAL_OPTIONS if getattr(a, k) is not None}
+    if a.protocols is not None:
+        options["protocols"] = _csv(a.protocols, PROTOCOLS, "--protocols")
+        if not options["protocols"]:
+            raise ValueError("--protocols: name at least one of " + ", ".join(PROTOCOLS))
+    if a.baselines is not None:
+        options["baselines"] = _csv(a.baselines, BASELINES, "--baselines")
+    r = gelato.evaluate(a.run, a.config, overrides=a.overrides, options=options, progress=not a.no_progress,
+                        again=a.again)
+    print(f"\n{r.run}/report.md ({r.report.get('report_file', 'report.json')}; checkpoint {r.report['checkpoint']}):\n")
+    print(table_markdown(r.table))
     return 0
 
 
@@ -255,22 +176,13 @@ def _add_run(sub) -> None:
 
 
 def _run_run(a) -> int:
-    from flows.pipeline import load_pipeline_config
-    from workers.evaluate.report import results_table, table_text
+    from workers.evaluate.report import table_text
 
     overrides = list(a.overrides) + ([f"run={a.run}"] if a.run else [])
-    cfg = load_pipeline_config(a.config, overrides)  # validated before Prefect, Ray or any stage starts
-    from workers.model import check_buildable
-
-    check_buildable(cfg.pretrain)
-
-    prefect_server.wait_ready()
-    from flows.pipeline import pipeline_flow
-
-    report = pipeline_flow(cfg, progress_bar=not a.no_progress)
-    print(f"\nThe Gelato Bet on {cfg.run} (test split, %):\n")
-    print(table_text(results_table(report)))
-    print(f"\nreport: {cfg.run}/report.md")
+    r = gelato.run(a.config, overrides=overrides, progress=not a.no_progress)
+    print(f"\nThe Gelato Bet on {r.run} (test split, %):\n")
+    print(table_text(r.table))
+    print(f"\nreport: {r.run}/report.md")
     return 0
 
 
@@ -327,9 +239,7 @@ def _add_export(sub) -> None:
 
 
 def _run_export(a) -> int:
-    from workers.export.formats import export
-
-    spec = export(a.run, a.format, a.out, _storage_options(a.config))
+    spec = gelato.export(a.run, a.format, a.out, storage_options=gelato.api.storage_options_of(a.config)).spec
     print(f"{a.format}: {a.out} ({spec['architecture']}, {spec['in_channels']} x {spec['image_size']} x "
           f"{spec['image_size']} -> {spec['feature_dim']}); max |difference| from gelato's backbone "
           f"{spec['check']['max_abs_diff']:.1e} on a batch of {spec['check']['batch']}")
@@ -354,16 +264,10 @@ def _add_embed(sub) -> None:
 
 
 def _run_embed(a) -> int:
-    from tqdm import tqdm
-
-    from workers.embed.embedding import embed
-
-    with tqdm(unit="img", desc="embed", disable=a.no_progress) as bar:
-        meta = embed(a.run, a.data, a.out, _storage_options(a.config), checkpoint=a.checkpoint,
-                     batch_size=a.batch_size, overwrite=a.overwrite, progress=bar.update,
-                     total=lambda n: setattr(bar, "total", n))
-    print(f"{a.out}: {meta['count']} vectors of {meta['feature_dim']} floats in {meta['parts']} part(s), "
-          f"{meta['parts_written']} written now, {meta['parts'] - meta['parts_written']} already there")
+    r = gelato.embed(a.run, a.data, a.out, checkpoint=a.checkpoint, batch_size=a.batch_size, overwrite=a.overwrite,
+                     storage_options=gelato.api.storage_options_of(a.config), progress=not a.no_progress)
+    print(f"{a.out}: {r.count} vectors of {r.feature_dim} floats in {r.parts} part(s), "
+          f"{r.parts_written} written now, {r.parts - r.parts_written} already there")
     return 0
 
 

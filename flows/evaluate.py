@@ -75,9 +75,13 @@ def report_task(ev: Evaluation, results: list[Result], started: float) -> dict:
     create_markdown_artifact(key="gelato-evaluation", markdown=render_markdown(report),
                              description=f"gelato evaluation of {ev.loc.uri}")
     publish_plots(ev.loc, report["plots"], run_name(ev.loc))
-    if ev.config.loggers:
-        where = track_report(ev.loc, ev.config.loggers, report, ev.fs)
-        get_run_logger().info("tracking: %s", "; ".join(f"{n} {w}" for n, w in where.items()))
+    if ev.config.loggers:  # the report is written: a tracker that fails is said, and loses nothing
+        try:
+            where = track_report(ev.loc, ev.config.loggers, report, ev.fs)
+            get_run_logger().info("tracking: %s", "; ".join(f"{n} {w}" for n, w in where.items()))
+        except Exception as e:  # noqa: BLE001 - a tracking server down must not fail a finished evaluation
+            get_run_logger().warning("experiment tracking failed (%s: %s); the report is in %s", type(e).__name__, e,
+                                     report["report_file"])
     return report
 
 

@@ -51,6 +51,13 @@ def test_pretraining_and_evaluation_are_read_back_from_tensorboard_and_mlflow(tm
         gelato.pretrain(run, None, overrides=over, progress=False)
         result = gelato.evaluate(run, {"protocols": ["probe", "knn"], "baselines": ["raw_pixels"], "knn_k": 5,
                                        "probe_max_iter": 20, "loggers": ["tensorboard", "mlflow"]}, progress=False)
+        state = json.load(open(os.path.join(run, "tracking.json")))
+        # a tracker that fails (here: an MLflow server that is down) is said, and the evaluation stands
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:9")
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+        unlogged = gelato.evaluate(run, {"protocols": ["knn"], "baselines": [], "knn_k": 3, "loggers": ["mlflow"]},
+                                   progress=False)
+    assert os.path.exists(os.path.join(run, unlogged.report["report_file"])) and unlogged.table[0]["pretrained"] > 0
 
     rows = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
     losses = {r["step"]: r["loss"] for r in rows if "loss" in r and "event" not in r}
@@ -65,7 +72,6 @@ def test_pretraining_and_evaluation_are_read_back_from_tensorboard_and_mlflow(tm
     assert "eval/embedding" in ea.Tags()["images"] and "pretrain" in ea.Tags()["images"]
     assert any(t.startswith("report") for t in ea.Tags()["tensors"])  # add_text is stored as a tensor
     # MLflow: one run for both stages, the config as params, the same numbers, the files as artifacts
-    state = json.load(open(os.path.join(run, "tracking.json")))
     client = MlflowClient(tracking_uri=uri)
     mrun = client.get_run(state["mlflow"]["run_id"])
     assert mrun.info.status == "FINISHED" and mrun.data.params["objective"] == "simclr"

@@ -23,6 +23,31 @@ def test_a_logger_not_installed_names_the_extra(monkeypatch):
         check_loggers(("wandb",))
 
 
+def test_an_mlflow_file_store_named_by_its_uri_is_read_back(tmp_path, monkeypatch):
+    """MLflow 3 refuses new file stores unless MLFLOW_ALLOW_FILE_STORE=true; with it, the same tracker."""
+    from mlflow import MlflowClient
+
+    from workers.storage import RunLocation
+    from workers.tracking import Tracker
+
+    uri = f"file://{tmp_path}/mlruns"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    loc = RunLocation(str(tmp_path / "run"))
+    tracker = Tracker(loc, ["mlflow"])
+    tracker.params({"objective": "simclr", "view": {"size": 16}})
+    for step in (1, 2):
+        tracker.row({"step": step, "loss": 1.0 / step, "epoch": 0.1 * step, "time": 0.0})
+    tracker.row({"event": "execution", "step": 0, "execution": {}})  # events are not metrics
+    tracker.close()
+    run_id = json.load(open(tmp_path / "run" / "tracking.json"))["mlflow"]["run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    got = client.get_run(run_id)
+    assert got.data.params == {"objective": "simclr", "view.size": "16"} and got.info.status == "FINISHED"
+    assert [(m.step, m.value) for m in client.get_metric_history(run_id, "pretrain/loss")] == [(1, 1.0), (2, 0.5)]
+    assert set(got.data.metrics) == {"pretrain/loss"}
+
+
 def _scalars(logdir: str) -> dict:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 

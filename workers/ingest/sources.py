@@ -290,6 +290,10 @@ class FashionMNIST(Source):
     def pixels(self, record: Record) -> np.ndarray:
         return self._images[record.path.split("/", 1)[0]][record.index]
 
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """The split's images (N, 28, 28) uint8 and labels (N,)."""
+        return self._images[split], self._labels[split]
+
     def read(self, record: Record) -> bytes:
         from PIL import Image
 

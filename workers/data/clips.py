@@ -1,0 +1,128 @@
+"""Video clips as every stage handles them: uint8 ``(T, C, H, W)`` frames, stored compressed.
+
+Decoding and encoding go through PyAV (``av``), FFmpeg's maintained Python binding. Its wheels
+bundle FFmpeg (with libx264, libvpx, FFV1, PNG), so nothing beyond ``pip`` is needed, and it
+depends on no torch build, so it installs beside our pinned torch; torchcodec would need FFmpeg's
+shared libraries from the system and a build matched to torch's version.
+
+* :func:`read_video` — a video file (mp4, webm, avi, mkv ...) resampled to a fixed frame rate:
+  at each time ``k / fps``, the frame on screen; clips are then cut from it.
+* :func:`encode_clip` / :func:`decode_clip` — one clip to and from the bytes a shard holds, in one
+  of :data:`CLIP_CODECS`. ``ffv1`` is lossless (grey or colour, exact round trip); ``h264`` (CRF
+  18, yuv444p) is lossy and smaller, and through PyAV 18 its bytes (and so its decoded frames)
+  differ now and then between two encodings of one clip: not for anything that must repeat.
+
+Every error names the file or the sample it came from.
+"""
+from __future__ import annotations
+
+import io
+from fractions import Fraction
+from typing import Optional
+
+import numpy as np
+
+# codec name -> (container, pixel format for 1 channel, for 3 channels, encoder options)
+CLIP_CODECS = {
+    "ffv1": ("matroska", "gray", "bgr0", {}),
+    "h264": ("mp4", "yuv444p", "yuv444p", {"crf": "18", "preset": "veryfast"}),
+}
+EXTENSION = {"ffv1": "mkv", "h264": "mp4"}
+
+
+class ClipError(ValueError):
+    """A video or a stored clip that cannot be decoded (the message names it)."""
+
+
+def _frames_to_rgb_or_grey(frame, channels: int) -> np.ndarray:
+    return frame.to_ndarray(format="gray" if channels == 1 else "rgb24")
+
+
+def read_video(path: str, fps: float, size: Optional[int] = None, channels: int = 3,
+               max_frames: Optional[int] = None) -> np.ndarray:
+    """Frames of ``path`` at ``fps`` as uint8 ``(T, C, H, W)`` (resized to ``size``×``size`` when
+    given). The k-th output frame is the one on screen at ``k / fps``: the last decoded frame whose
+    time is not after it (frames are repeated or dropped, never blended), until the video's end.
+    Raises :class:`ClipError` naming the file."""
+    import av
+
+    if fps <= 0 or channels not in (1, 3):
+        raise ValueError(f"read_video: fps must be > 0 and channels 1 or 3, got {fps}, {channels}")
+    out: list[np.ndarray] = []
+    try:
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise ClipError(f"{path}: no video stream")
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"
+            prev, prev_t, step = None, None, None
+            full = lambda: max_frames is not None and len(out) >= max_frames  # noqa: E731
+            for frame in container.decode(stream):
+                if frame.time is None:
+                    continue
+                # every target time before this frame's belongs to the frame shown until now
+                while prev is not None and not full() and len(out) / fps < frame.time - 1e-6:
+                    out.append(prev)
+                if full():
+                    break
+                img = frame.reformat(width=size, height=size) if size else frame
+                step = frame.time - prev_t if prev_t is not None else step
+                prev, prev_t = _frames_to_rgb_or_grey(img, channels), frame.time
+            if prev is not None:
+                # the last frame is shown as long as the one before it: the video ends at prev_t + step
+                end = prev_t + (step if step else 1.0 / float(stream.average_rate or fps))
+                while not full() and len(out) / fps < end - 1e-6:
+                    out.append(prev)
+    except ClipError:
+        raise
+    except (av.error.FFmpegError, OSError, ValueError) as e:
+        raise ClipError(f"{path}: cannot decode: {type(e).__name__}: {e}") from None
+    if not out:
+        raise ClipError(f"{path}: no decodable frame")
+    frames = np.stack(out)
+    return frames[:, None] if channels == 1 else frames.transpose(0, 3, 1, 2)
+
+
+def encode_clip(clip: np.ndarray, codec: str = "ffv1", fps: float = 10.0) -> bytes:
+    """uint8 ``(T, C, H, W)`` (C = 1 or 3, H and W even for h264) → the bytes of a one-stream video."""
+    import av
+
+    if codec not in CLIP_CODECS:
+        raise ValueError(f"clip codec {codec!r}: choose one of {', '.join(CLIP_CODECS)}")
+    if clip.dtype != np.uint8 or clip.ndim != 4 or clip.shape[1] not in (1, 3):
+        raise ValueError(f"a clip is uint8 (T, C, H, W) with C 1 or 3, got {clip.dtype} {clip.shape}")
+    fmt, pix1, pix3, options = CLIP_CODECS[codec]
+    t, c, h, w = clip.shape
+    buf = io.BytesIO()
+    with av.open(buf, mode="w", format=fmt) as container:
+        stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000), options=options)
+        stream.width, stream.height = w, h
+        stream.pix_fmt = pix1 if c == 1 else pix3
+        for img in clip:
+            # the array stays referenced until the frame is encoded: PyAV's frame may point into it
+            pixels = np.ascontiguousarray(img[0] if c == 1 else img.transpose(1, 2, 0))
+            frame = av.VideoFrame.from_ndarray(pixels, format="gray" if c == 1 else "rgb24")
+            if stream.pix_fmt != frame.format.name:
+                frame = frame.reformat(format=stream.pix_fmt)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+            del pixels
+        for packet in stream.encode():
+            container.mux(packet)
+    return buf.getvalue()
+
+
+def decode_clip(data: bytes, channels: int, name: str = "clip") -> np.ndarray:
+    """The bytes of :func:`encode_clip` → uint8 ``(T, C, H, W)``; :class:`ClipError` names ``name``."""
+    import av
+
+    try:
+        with av.open(io.BytesIO(data)) as container:
+            stream = container.streams.video[0]
+            frames = [_frames_to_rgb_or_grey(f, channels) for f in container.decode(stream)]
+    except (av.error.FFmpegError, IndexError, ValueError) as e:
+        raise ClipError(f"{name}: cannot decode the stored clip: {type(e).__name__}: {e}") from None
+    if not frames:
+        raise ClipError(f"{name}: the stored clip has no frame")
+    arr = np.stack(frames)
+    return arr[:, None] if channels == 1 else arr.transpose(0, 3, 1, 2)

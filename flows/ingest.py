@@ -47,15 +47,18 @@ def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str
                 val_fraction: Optional[float] = None, seed: int = 0, overwrite: bool = False,
                 data_root: Optional[str] = None, kind: str = "auto",
                 storage_options: Optional[StorageOptions] = None, progress_bar: bool = True,
-                repair: Optional[list[str]] = None, test_fraction: Optional[float] = None) -> dict:
+                repair: Optional[list[str]] = None, test_fraction: Optional[float] = None,
+                clip_frames: int = 16, clip_fps: float = 10.0, clip_size: Optional[int] = None,
+                clip_codec: str = "ffv1") -> dict:
     """Ingest ``source`` into ``out`` (local path or s3://bucket/prefix); returns the manifest.
 
     ``repair`` (a finished ingest only): check these shards (``[]``: all) against the manifest and
     rewrite the damaged ones, nothing else."""
     log = get_run_logger()
-    params = IngestParams(shard_size, image_format, val_fraction, seed, test_fraction)  # validates before any work
+    params = IngestParams(shard_size, image_format, val_fraction, seed, test_fraction, clip_frames, clip_fps,
+                          clip_size, clip_codec)  # validates before any work
     loc = RunLocation(out, resolve_credentials(storage_options))
-    src = open_source(source, data_root=data_root, kind=kind)
+    src = open_source(source, data_root=data_root, kind=kind, params=params)
     check_writable(loc)
     plan = plan_ingest(src, params)
     done = prepare_run(loc, plan, overwrite)

@@ -142,13 +142,13 @@ def _check_s3(loc) -> None:
         check_writable(loc)
 
 
-FASHION_MNIST = ("fashion-mnist", "fashion_mnist", "fmnist")
+GENERATED = ("fashion-mnist", "fashion_mnist", "fmnist", "moving-fashion-mnist", "moving_fashion_mnist", "mfmnist")
 
 
 def _check_source(source: str, kind: str) -> None:
-    from workers.ingest.sources import SourceError
+    from workers.ingest.records import SourceError
 
-    if source in FASHION_MNIST or kind == "fashion-mnist":
+    if source in GENERATED or kind in ("fashion-mnist", "moving-fashion-mnist"):
         return
     if not os.path.exists(source):
         raise SourceError(f"source path {source!r} does not exist")
@@ -162,14 +162,19 @@ def _check_source(source: str, kind: str) -> None:
 def ingest(source: str, out: str, *, shard_size: int = 1000, image_format: str = "keep",
            val_fraction: Optional[float] = None, test_fraction: Optional[float] = None, seed: int = 0,
            storage_options: Optional[dict] = None, overwrite: bool = False, progress: bool = True,
-           data_root: Optional[str] = None, kind: str = "auto", repair: Optional[list[str]] = None) -> IngestResult:
-    """``gelato ingest``: ``source`` (a folder, ``fashion-mnist``, a VOC root) into shards at ``out``."""
+           data_root: Optional[str] = None, kind: str = "auto", repair: Optional[list[str]] = None,
+           clip_frames: int = 16, clip_fps: float = 10.0, clip_size: Optional[int] = None,
+           clip_codec: str = "ffv1") -> IngestResult:
+    """``gelato ingest``: ``source`` (a folder of images or videos, ``fashion-mnist``,
+    ``moving-fashion-mnist``, a VOC root) into shards at ``out``; a video becomes one clip of
+    ``clip_frames`` frames at ``clip_fps``."""
     from flows import prefect_server
     from workers.ingest.shards import IngestParams
     from workers.storage import RunLocation, check_writable
 
     source = os.path.expanduser(source)
-    IngestParams(shard_size, image_format, val_fraction, seed, test_fraction)  # fails here, before Prefect
+    IngestParams(shard_size, image_format, val_fraction, seed, test_fraction, clip_frames, clip_fps, clip_size,
+                 clip_codec)  # fails here, before Prefect
     _check_source(source, kind)
     opts = _resolved(storage_options)
     check_writable(RunLocation(out, opts))
@@ -179,7 +184,8 @@ def ingest(source: str, out: str, *, shard_size: int = 1000, image_format: str =
 
     m = ingest_flow(source, out, shard_size=shard_size, image_format=image_format, val_fraction=val_fraction,
                     test_fraction=test_fraction, seed=seed, overwrite=overwrite, data_root=data_root, kind=kind,
-                    storage_options=opts, progress_bar=progress, repair=repair)
+                    storage_options=opts, progress_bar=progress, repair=repair, clip_frames=clip_frames,
+                    clip_fps=clip_fps, clip_size=clip_size, clip_codec=clip_codec)
     return IngestResult(out, m["count"], {s: v["count"] for s, v in m["splits"].items()}, m["classes"],
                         m["rejected"], m)
 

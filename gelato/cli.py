@@ -32,7 +32,8 @@ FLOW_STAGES = ("ingest", "pretrain", "evaluate", "run")  # the stages that run a
 
 def _add_ingest(sub) -> None:
     p = sub.add_parser("ingest", help=STAGES["ingest"], description=STAGES["ingest"])
-    p.add_argument("source", help="'fashion-mnist', an ImageFolder root, a flat folder of images, or a VOC2007 root")
+    p.add_argument("source", help="'fashion-mnist', 'moving-fashion-mnist' (generated videos), an ImageFolder root, a "
+                                  "flat folder of images, a folder of videos (class sub-folders or flat), or a VOC2007 root")
     p.add_argument("--out", required=True, metavar="RUN_URI", help="run directory: local path or s3://bucket/prefix")
     p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard (default 1000)")
     p.add_argument("--image-format", choices=["keep", "png", "jpeg", "webp"], default="keep",
@@ -45,8 +46,15 @@ def _add_ingest(sub) -> None:
     p.add_argument("--seed", type=int, default=0, metavar="S", help="seed of the val and test splits (default 0)")
     p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     p.add_argument("--data-root", default=None, help="folder holding Fashion-MNIST's idx files")
-    p.add_argument("--kind", default="auto", choices=["auto", "fashion-mnist", "imagefolder", "flat", "voc"],
+    p.add_argument("--kind", default="auto",
+                   choices=["auto", "fashion-mnist", "moving-fashion-mnist", "imagefolder", "flat", "voc", "videofolder"],
                    help="source layout (default: detected)")
+    p.add_argument("--clip-frames", type=int, default=16, metavar="T", help="videos: frames per clip (default 16)")
+    p.add_argument("--clip-fps", type=float, default=10.0, metavar="FPS", help="videos: clip frame rate (default 10)")
+    p.add_argument("--clip-size", type=int, default=None, metavar="PX",
+                   help="videos: resize frames to PX x PX (default: as decoded; moving-fashion-mnist: 64)")
+    p.add_argument("--clip-codec", default="ffv1", choices=["ffv1", "h264"],
+                   help="videos: how clips are stored in the shards (default ffv1, lossless)")
     p.add_argument("--config", default=None, help="YAML whose storage_options (s3fs keyword arguments) open --out")
     p.add_argument("--repair", nargs="*", default=None, metavar="SHARD",
                    help="a finished ingest: check these shards (none named: all) against manifest.json and rewrite "
@@ -58,7 +66,8 @@ def _run_ingest(a) -> int:
     m = gelato.ingest(a.source, a.out, shard_size=a.shard_size, image_format=a.image_format,
                       val_fraction=a.val_fraction, test_fraction=a.test_fraction, seed=a.seed, overwrite=a.overwrite,
                       data_root=a.data_root, kind=a.kind, storage_options=gelato.api.storage_options_of(a.config),
-                      progress=not a.no_progress, repair=a.repair).manifest
+                      progress=not a.no_progress, repair=a.repair, clip_frames=a.clip_frames, clip_fps=a.clip_fps,
+                      clip_size=a.clip_size, clip_codec=a.clip_codec).manifest
     print(f"\n{a.out}/manifest.json: {m['count']} samples, {len(m['rejected'])} rejected, "
           f"{m['channels']} channel(s), classes: {len(m['classes'] or [])}")
     for split, s in m["splits"].items():
@@ -298,7 +307,7 @@ def expected_errors() -> tuple[type[BaseException], ...]:
     from workers.config import ConfigError
     from workers.data.integrity import CorruptShard
     from workers.ingest.shards import IngestError
-    from workers.ingest.sources import SourceError
+    from workers.ingest.records import SourceError
     from workers.storage import StorageError
 
     return (ConfigError, SourceError, StorageError, IngestError, CorruptShard, ValueError, FileNotFoundError)

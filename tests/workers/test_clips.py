@@ -10,6 +10,7 @@ import pytest
 
 from workers.data.clips import ClipError, decode_clip, encode_clip, read_video
 from workers.ingest.moving_fmnist import MOTIONS, generate, simulate
+from workers.ingest.sources import FashionMNIST
 
 
 def _ramp(frames: int = 12, channels: int = 1, size: int = 16) -> np.ndarray:
@@ -65,8 +66,9 @@ def test_the_dynamics_lose_energy_so_time_has_an_arrow(motion):
 
 def test_the_generator_writes_video_files_two_cameras_and_masks_deterministically(tmp_path):
     a, b = str(tmp_path / "a"), str(tmp_path / "b")
-    index = generate(a, {"train": 4, "test": 2}, frames=10, size=48)
-    generate(b, {"train": 4, "test": 2}, frames=10, size=48)
+    fm = FashionMNIST()
+    index = generate(a, {"train": 4, "test": 2}, fm, frames=10, size=48)
+    generate(b, {"train": 4, "test": 2}, fm, frames=10, size=48)
     assert index["splits"] == {"train": 4, "test": 2} and index["motions"] == list(MOTIONS)
     names = sorted(os.path.relpath(os.path.join(r, f), a) for r, _, fs in os.walk(a) for f in fs)
     assert "train/bounce/train_000000.mkv" in names and "train/slide/train_000001.cam2.mkv" in names
@@ -99,10 +101,10 @@ def test_the_generator_writes_video_files_two_cameras_and_masks_deterministicall
 
 def test_an_interrupted_generation_resumes_rewriting_only_what_is_missing(tmp_path):
     root = str(tmp_path / "mf")
-    generate(root, {"train": 3}, frames=6, size=32)
+    generate(root, {"train": 3}, FashionMNIST(), frames=6, size=32)
     kept = os.path.join(root, "train/bounce/train_000000.mkv")
     mtime = os.stat(kept).st_mtime_ns
     os.remove(os.path.join(root, "train/slide/train_000001.json"))  # as if killed before its last file
-    generate(root, {"train": 3}, frames=6, size=32)
+    generate(root, {"train": 3}, FashionMNIST(), frames=6, size=32)
     assert os.stat(kept).st_mtime_ns == mtime
     assert os.path.exists(os.path.join(root, "train/slide/train_000001.json"))

@@ -11,7 +11,7 @@ import importlib.util
 import io
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -30,10 +30,12 @@ class RejectedImage(ValueError):
 
 @dataclass(frozen=True)
 class Encoded:
-    ext: str          # extension in the shard: png, jpg, webp (or bmp/tif... with keep)
+    ext: str          # extension in the shard: png, jpg, webp (or bmp/tif... with keep); mkv/mp4 for a clip
     data: bytes
     mode: str         # the decoded mode of the source image (L, RGB, I;16, ...)
-    size: tuple[int, int]
+    size: tuple       # (W, H) of an image; (T, H, W) of a clip
+    extras: dict = field(default_factory=dict)  # more members of the sample: {"cam2.mkv": ..., "masks.npz": ...}
+    meta: dict = field(default_factory=dict)    # more fields of the sample's .json
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -198,9 +198,13 @@ class SampleDecoder:
         self.channels = int(manifest.get("channels", 3))
         self.multilabel = bool(manifest.get("multilabel"))
         self.n_classes = len(manifest.get("classes") or [])
+        self.clips = manifest.get("modality") == "clip"
 
     def __call__(self, sample: dict) -> dict:
         import torch
+
+        if self.clips:
+            return self._clip(sample)
 
         ext = next((k for k in _FAST_EXTS + _OTHER_EXTS if k in sample), None)
         if ext is None:
@@ -221,6 +225,36 @@ class SampleDecoder:
             difficult = torch.zeros(self.n_classes, dtype=torch.bool)  # VOC: present only as "difficult"
             difficult[list(meta.get("difficult", []))] = True
             out["difficult"] = difficult
+        return out
+
+    def _clip(self, sample: dict) -> dict:
+        """``{"key", "clip" uint8 (T, C, H, W), "label", "views": {name: clip}, "masks": {view: (T, H, W)},
+        "info": the source's labels}`` (views, masks and info where the sample has them)."""
+        import io
+
+        import numpy as np
+        import torch
+
+        from workers.data.clips import EXTENSION, decode_clip
+
+        where = f"{sample.get('__url__')}:{sample.get('__key__')}"
+        exts = set(EXTENSION.values())
+        main = next((e for e in exts if e in sample), None)
+        if main is None:
+            raise ValueError(f"sample {where} has no clip member ({', '.join(sorted(exts))})")
+        out = {"key": sample["__key__"], "clip": torch.from_numpy(decode_clip(sample[main], self.channels, where)),
+               "label": int(sample["cls"]) if "cls" in sample else -1}
+        views = {e.split(".", 1)[0]: torch.from_numpy(decode_clip(v, self.channels, f"{where}.{e}"))
+                 for e, v in sample.items() if "." in e and e.split(".", 1)[1] in exts}
+        if views:
+            out["views"] = views
+        if "masks.npz" in sample:
+            with np.load(io.BytesIO(sample["masks.npz"])) as m:
+                out["masks"] = {k: torch.from_numpy(v) for k, v in m.items()}
+        if "json" in sample:
+            info = json.loads(sample["json"]).get("info")
+            if info is not None:
+                out["info"] = info
         return out
 
     def _decode(self, data: bytes, ext: str):

@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 import numpy as np
 
@@ -152,15 +151,15 @@ def second_camera(rng: np.random.Generator) -> Camera:
                   tint=tuple(float(x) for x in rng.uniform(0.7, 1.0, 3)), background="checker")
 
 
-def generate(root: str, clips: dict[str, int], frames: int = 20, size: int = 64, fps: float = 10.0, seed: int = 0,
-             data_root: Optional[str] = None, progress=None) -> dict:
-    """Write ``clips[split]`` clips per split ("train", "test") under ``root``; returns the index
-    written to ``root/moving_fmnist.json``. A clip already on disk is kept (the generator is
-    deterministic per clip: ``seed``, split and index), so an interrupted run resumes."""
+def generate(root: str, clips: dict[str, int], fashion, frames: int = 20, size: int = 64, fps: float = 10.0,
+             seed: int = 0, progress=None) -> dict:
+    """Write ``clips[split]`` clips per split ("train", "test") under ``root`` with the items of
+    ``fashion`` (``workers.ingest.sources.FashionMNIST``); returns the index written to
+    ``root/moving_fmnist.json``. A clip already on disk is kept (the generator is deterministic per
+    clip: ``seed``, split and index), so an interrupted run resumes."""
     from workers.data.clips import encode_clip
-    from workers.ingest.sources import FashionMNIST
 
-    fm = FashionMNIST(data_root)
+    fm = fashion
     pools = {split: fm.arrays("test" if split == "test" else "train") for split in clips}
     index = {"frames": frames, "size": size, "fps": fps, "seed": seed, "motions": list(MOTIONS), "views": list(VIEWS),
              "classes": list(fm.classes), "splits": {}}

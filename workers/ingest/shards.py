@@ -25,7 +25,7 @@ import random
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Optional
 
 from workers.data.images import GRAY_MODES, IMAGE_FORMATS, RejectedImage
@@ -50,6 +50,12 @@ class IngestParams:
     val_fraction: Optional[float] = None  # None: 0.1 where the source has no val split, else 0
     seed: int = 0
     test_fraction: Optional[float] = None  # None: 0.1 for a labelled source with train but no test split, else 0
+    # video sources: each video becomes one clip of clip_frames frames at clip_fps, resized to
+    # clip_size × clip_size (None: as decoded), stored with clip_codec (workers/data/clips.py)
+    clip_frames: int = 16
+    clip_fps: float = 10.0
+    clip_size: Optional[int] = None
+    clip_codec: str = "ffv1"
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -62,6 +68,13 @@ class IngestParams:
             raise ValueError(f"test_fraction must be in [0, 1), got {self.test_fraction}")
         if (self.val_fraction or 0.0) + (self.test_fraction or 0.0) >= 1.0:
             raise ValueError(f"val_fraction + test_fraction must be < 1, got {self.val_fraction} + {self.test_fraction}")
+        if self.clip_frames < 1 or self.clip_fps <= 0 or (self.clip_size is not None and self.clip_size < 8):
+            raise ValueError(f"clip_frames must be >= 1, clip_fps > 0 and clip_size >= 8, got {self.clip_frames}, "
+                             f"{self.clip_fps}, {self.clip_size}")
+        from workers.data.clips import CLIP_CODECS
+
+        if self.clip_codec not in CLIP_CODECS:
+            raise ValueError(f"clip_codec must be one of {', '.join(CLIP_CODECS)}, got {self.clip_codec!r}")
 
 
 @dataclass(frozen=True)
@@ -108,10 +121,14 @@ class IngestPlan:
         return list(dict.fromkeys(s.split for s in self.shards))
 
 
+CLIP_DEFAULTS = {"clip_frames": 16, "clip_fps": 10.0, "clip_size": None, "clip_codec": "ffv1"}
+
+
 def comparable(params: dict) -> dict:
-    """Ingest parameters as reruns compare them: a ``test_fraction`` of 0 is the same ingest as one
-    made before the parameter existed."""
-    return {k: v for k, v in params.items() if not (k == "test_fraction" and not v)}
+    """Ingest parameters as reruns compare them: a ``test_fraction`` of 0, and clip settings at their
+    defaults, are the same ingest as one made before those parameters existed."""
+    return {k: v for k, v in params.items() if not (k == "test_fraction" and not v)
+            and not (k in CLIP_DEFAULTS and v == CLIP_DEFAULTS[k])}
 
 
 def _hold_out(splits: dict, name: str, frac: float, rng: random.Random) -> None:
@@ -160,7 +177,7 @@ def plan_ingest(source: Source, params: IngestParams) -> IngestPlan:
             for r in chunk:
                 h.update(f"{r.path}\0{r.label}\0{r.labels}\n".encode())
             specs.append(ShardSpec(split, i, keys, tuple(chunk), h.hexdigest()))
-    return IngestPlan(source.describe(), fingerprint, IngestParams(params.shard_size, params.image_format, frac, params.seed, tfrac),
+    return IngestPlan(source.describe(), fingerprint, replace(params, val_fraction=frac, test_fraction=tfrac),
                       list(source.classes) if source.classes else None, source.multilabel, tuple(specs))
 
 
@@ -279,10 +296,13 @@ def _write_records(fs, tmp: str, source: Source, spec: ShardSpec, image_format: 
             except OSError as e:
                 result.rejected.append({"path": rec.path, "reason": f"unreadable: {e.strerror or e}"})
             else:
-                # One sample = image, optional .cls, .json: appended to the tar stream in one write.
-                meta = {"source": rec.path, "mode": enc.mode, "size": list(enc.size)}
+                # One sample = image (or clip, with its extra views and masks), optional .cls, .json:
+                # appended to the tar stream in one write.
+                meta = {"source": rec.path, "mode": enc.mode, "size": list(enc.size)} | enc.meta
                 sample = io.BytesIO()
                 add_member(sample, f"{key}.{enc.ext}", enc.data)
+                for ext, data in enc.extras.items():
+                    add_member(sample, f"{key}.{ext}", data)
                 if rec.label is not None:
                     meta["label"] = rec.label
                     add_member(sample, f"{key}.cls", str(rec.label).encode())
@@ -383,10 +403,14 @@ def finalize(loc: RunLocation, plan: IngestPlan, results: list[ShardResult]) -> 
         s = splits.setdefault(r.split, {"count": 0, "shards": []})
         s["count"] += r.count
         s["shards"].append({"name": r.name, "count": r.count, "sha256": r.sha256, "bytes": r.bytes})
+    modality = plan.source.get("modality", "image")
+    params = asdict(plan.params)
+    if modality == "image":  # an image ingest's manifest reads as before clips existed
+        params = {k: v for k, v in params.items() if k not in CLIP_DEFAULTS}
     manifest = {
         "format": FORMAT,
         "source": plan.source | {"fingerprint": plan.fingerprint},
-        "params": asdict(plan.params),
+        "params": params,
         "classes": plan.classes,
         "multilabel": plan.multilabel,
         "channels": 1 if set(modes) <= GRAY_MODES else 3,
@@ -395,6 +419,10 @@ def finalize(loc: RunLocation, plan: IngestPlan, results: list[ShardResult]) -> 
         "splits": splits,
         "rejected": rejected,
     }
+    if modality == "clip":
+        p = plan.params
+        manifest["modality"] = "clip"
+        manifest["clip"] = {"frames": p.clip_frames, "fps": p.clip_fps, "size": p.clip_size, "codec": p.clip_codec}
     fs = loc.fs()
     # Shards a different earlier plan left behind would confuse anyone listing the folder.
     keep = {r.name for r in ordered}

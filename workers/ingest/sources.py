@@ -21,13 +21,13 @@ import io
 import os
 import struct
 import xml.etree.ElementTree as ET
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from workers.data.images import Encoded, encode
+from workers.data.images import Encoded
+from workers.ingest.records import SPLIT_DIRS, Record, Source, SourceError, list_files
 
 FASHION_MNIST_DIRS = ["/usr/share/datasets/fashion-mnist"]
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
@@ -39,72 +39,6 @@ FASHION_MNIST_FILES = {
 VOC_CLASSES = ["aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",
                "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
                "sheep", "sofa", "train", "tvmonitor"]
-SPLIT_DIRS = ("train", "val", "test")
-
-
-class SourceError(ValueError):
-    """The source cannot be read at all (missing path, unknown layout, broken index file)."""
-
-
-@dataclass(frozen=True)
-class Record:
-    """One sample to ingest: where it comes from and its label(s); no pixels."""
-
-    path: str                               # path under the source root, or "train/00042" for arrays
-    label: Optional[int] = None             # single-label class index
-    labels: Optional[tuple[int, ...]] = None  # multi-label class indices (VOC)
-    difficult: Optional[tuple[int, ...]] = None  # VOC classes present only as "difficult" objects
-    index: int = -1                         # row in an in-memory array source
-
-
-class Source:
-    """Base class: ``splits()`` lists records, ``read(record)`` returns the encoded image bytes."""
-
-    kind = "source"
-    classes: Optional[list[str]] = None
-    multilabel = False
-
-    def __init__(self, root: str):
-        self.root = root
-
-    @property
-    def name(self) -> str:
-        return self.kind
-
-    def splits(self) -> dict[str, list[Record]]:
-        raise NotImplementedError
-
-    def read(self, record: Record) -> bytes:
-        with open(os.path.join(self.root, record.path), "rb") as f:
-            return f.read()
-
-    def encode(self, record: Record, image_format: str) -> Encoded:
-        """Validated, shard-ready bytes of one record (raises RejectedImage for a bad file)."""
-        return encode(self.read(record), image_format)
-
-    def fingerprint(self) -> str:
-        """Changes when any file is added, removed, resized or touched (cheap: no content read)."""
-        h = hashlib.sha256(self.kind.encode())
-        for split, records in sorted(self.splits().items()):
-            h.update(split.encode())
-            for r in records:
-                st = os.stat(os.path.join(self.root, r.path))
-                h.update(f"{r.path}\0{st.st_size}\0{st.st_mtime_ns}\0{r.label}\0{r.labels}\n".encode())
-        return h.hexdigest()
-
-    def describe(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "path": os.path.abspath(self.root)}
-
-
-def _list_files(root: str) -> list[str]:
-    """Every regular, non-hidden file below ``root``, as sorted relative POSIX paths."""
-    out = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for fn in filenames:
-            if not fn.startswith("."):
-                out.append(os.path.relpath(os.path.join(dirpath, fn), root).replace(os.sep, "/"))
-    return sorted(out)
 
 
 class FlatFolder(Source):
@@ -114,7 +48,7 @@ class FlatFolder(Source):
 
     def __init__(self, root: str):
         super().__init__(root)
-        self._records = [Record(p) for p in _list_files(root)]
+        self._records = [Record(p) for p in list_files(root)]
 
     @property
     def name(self) -> str:
@@ -148,7 +82,7 @@ class ImageFolder(Source):
             recs = []
             for c in sorted(os.listdir(base)):
                 if c in index and os.path.isdir(os.path.join(base, c)):
-                    for p in _list_files(os.path.join(base, c)):
+                    for p in list_files(os.path.join(base, c)):
                         rel = "/".join(x for x in (sub, c, p) if x)
                         recs.append(Record(rel, label=index[c]))
             self._splits[split] = recs
@@ -324,23 +258,38 @@ class FashionMNIST(Source):
         return h.hexdigest()
 
 
-def open_source(source: str, data_root: Optional[str] = None, kind: str = "auto") -> Source:
-    """Resolve the ``SOURCE`` argument of ``gelato ingest`` to a :class:`Source`."""
+def open_source(source: str, data_root: Optional[str] = None, kind: str = "auto", params=None) -> Source:
+    """Resolve the ``SOURCE`` argument of ``gelato ingest`` to a :class:`Source` (``params``, an
+    ``IngestParams``, carries the clip settings of a video source)."""
     if source in ("fashion-mnist", "fashion_mnist", "fmnist") or kind == "fashion-mnist":
         return FashionMNIST(data_root)
+    from workers.ingest import videos
+
+    clip = {} if params is None else {"clip_frames": params.clip_frames, "clip_fps": params.clip_fps,
+                                      "clip_size": params.clip_size, "clip_codec": params.clip_codec}
+    if source in videos.MOVING_FASHION_MNIST or kind == "moving-fashion-mnist":
+        root = videos.moving_fashion_mnist(FashionMNIST(data_root), videos.DEFAULT_CLIPS,
+                                           frames=clip.get("clip_frames", 16), size=clip.get("clip_size") or 64,
+                                           fps=clip.get("clip_fps", 10.0))
+        return videos.VideoFolder(root, **clip)
     if not os.path.exists(source):
         raise SourceError(f"source path {source!r} does not exist")
     if not os.path.isdir(source):
-        raise SourceError(f"source {source!r} is a file; give a folder of images, a VOC root or 'fashion-mnist'")
+        raise SourceError(f"source {source!r} is a file; give a folder of images or videos, a VOC root or 'fashion-mnist'")
     if kind == "auto":
         entries = [e for e in os.listdir(source) if not e.startswith(".")]
         if {"JPEGImages", "Annotations"} <= set(entries) or "VOC2007" in entries:
             kind = "voc"
+        elif any(videos.is_video(f) for f in list_files(source)[:1000]):
+            kind = "videofolder"
         elif entries and all(os.path.isdir(os.path.join(source, e)) for e in entries):
             kind = "imagefolder"
         else:
             kind = "flat"
+    if kind == "videofolder":
+        return videos.VideoFolder(source, **clip)
     kinds = {"voc": VOC2007, "imagefolder": ImageFolder, "flat": FlatFolder}
     if kind not in kinds:
-        raise SourceError(f"unknown source kind {kind!r}; choose auto, fashion-mnist, {', '.join(kinds)}")
+        raise SourceError(f"unknown source kind {kind!r}; choose auto, fashion-mnist, moving-fashion-mnist, "
+                          f"videofolder, {', '.join(kinds)}")
     return kinds[kind](source)

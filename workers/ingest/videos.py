@@ -1,0 +1,155 @@
+"""Video sources: a folder of video files, and the generated ``moving-fashion-mnist``.
+
+``VideoFolder`` reads the layout of an image folder with videos in it: one sub-folder per class
+(optionally under ``train/``, ``val/``, ``test/``), or a flat folder of unlabelled videos. Each
+video (``.mp4 .webm .avi .mkv .mov .m4v``) becomes one clip: its first ``clip_frames`` frames at
+``clip_fps`` (the frame on screen at each ``k / fps``; ``workers/data/clips.py``), resized to
+``clip_size`` when given, stored in the shard with ``clip_codec``. A video too short for the clip,
+or one FFmpeg cannot decode, is rejected with the reason, as a bad image is.
+
+Files beside a video ``NAME.EXT`` travel in its sample: ``NAME.VIEW.EXT`` (another camera of the
+same moment, e.g. ``NAME.cam2.mkv``: the same frames are taken from it), ``NAME.masks.npz`` (per
+frame masks, uint8 ``(T, H, W)`` per view, resampled like the frames) and ``NAME.json`` (labels
+for evaluation, kept as they are in the sample's ``.json`` under ``info``).
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+from typing import Optional
+
+import numpy as np
+
+from workers.data.clips import EXTENSION, ClipError, encode_clip, read_video
+from workers.data.images import Encoded, RejectedImage
+from workers.ingest.records import SPLIT_DIRS, Record, Source, SourceError, list_files
+
+VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
+MOVING_FASHION_MNIST = ("moving-fashion-mnist", "moving_fashion_mnist", "mfmnist")
+DEFAULT_CLIPS = {"train": 2000, "test": 500}  # moving-fashion-mnist's size (see moving_fmnist.py)
+
+
+def is_video(path: str) -> bool:
+    return path.lower().endswith(VIDEO_EXTS)
+
+
+def _view_of(path: str) -> Optional[str]:
+    """``cam2`` for ``x/NAME.cam2.mkv``; None for a main video ``x/NAME.mkv``."""
+    stem = os.path.basename(path).rsplit(".", 1)[0]
+    return stem.rsplit(".", 1)[1] if "." in stem else None
+
+
+class VideoFolder(Source):
+    """Videos in class sub-folders (or flat, unlabelled); see the module docstring."""
+
+    kind = "videofolder"
+
+    def __init__(self, root: str, clip_frames: int = 16, clip_fps: float = 10.0, clip_size: Optional[int] = None,
+                 clip_codec: str = "ffv1"):
+        super().__init__(root)
+        self.frames, self.fps, self.size, self.codec = clip_frames, clip_fps, clip_size, clip_codec
+        files = [f for f in list_files(root) if is_video(f) and _view_of(f) is None]
+        if not files:
+            raise SourceError(f"{root}: no video file ({', '.join(VIDEO_EXTS)}) in it")
+        top = {f.split("/", 1)[0] for f in files if "/" in f}
+        split_root = bool(top) and top <= set(SPLIT_DIRS)
+        labelled = all(f.count("/") >= (2 if split_root else 1) for f in files)
+        classes = sorted({f.split("/")[1 if split_root else 0] for f in files}) if labelled else []
+        self.classes = classes or None
+        self._splits: dict[str, list[Record]] = {}
+        for f in files:
+            parts = f.split("/")
+            split = parts[0] if split_root else "train"
+            label = classes.index(parts[1 if split_root else 0]) if labelled else None
+            self._splits.setdefault(split, []).append(Record(f, label=label))
+
+    @property
+    def name(self) -> str:
+        return os.path.basename(os.path.abspath(self.root)) or self.kind
+
+    def splits(self) -> dict[str, list[Record]]:
+        return {k: list(v) for k, v in self._splits.items()}
+
+    def describe(self) -> dict:
+        return super().describe() | {"modality": "clip"}
+
+    def _clip(self, path: str, channels: int = 3) -> np.ndarray:
+        frames = read_video(path, self.fps, self.size, channels, max_frames=self.frames)
+        if len(frames) < self.frames:
+            raise RejectedImage(f"shorter than a clip: {len(frames)} of {self.frames} frames at {self.fps:g} fps")
+        return frames
+
+    def encode(self, record: Record, image_format: str) -> Encoded:
+        """The clip (and its other views, masks, labels) of one video; RejectedImage says why not."""
+        path = os.path.join(self.root, record.path)
+        stem, ext = os.path.splitext(path)
+        try:
+            clip = self._clip(path)
+            extras, meta = {}, {"frames": self.frames, "fps": self.fps, "views": ["main"]}
+            folder = os.path.dirname(path)
+            for name in sorted(os.listdir(folder)):
+                other = os.path.join(folder, name)
+                if name.startswith(os.path.basename(stem) + ".") and is_video(name) and _view_of(name) \
+                        and os.path.splitext(os.path.splitext(other)[0])[0] == stem:
+                    view = _view_of(name)
+                    extras[f"{view}.{EXTENSION[self.codec]}"] = encode_clip(self._clip(other), self.codec, self.fps)
+                    meta["views"].append(view)
+        except ClipError as e:
+            raise RejectedImage(str(e).replace(path, os.path.basename(path))) from None
+        if os.path.exists(stem + ".masks.npz"):
+            extras["masks.npz"] = self._masks(stem + ".masks.npz", path, clip.shape)
+            meta["masks"] = True
+        if os.path.exists(stem + ".json"):
+            with open(stem + ".json") as f:
+                meta["info"] = json.load(f)
+        return Encoded(EXTENSION[self.codec], encode_clip(clip, self.codec, self.fps), "RGB", tuple(clip.shape[:1]) +
+                       tuple(clip.shape[2:]), extras, meta)
+
+    def _masks(self, npz: str, video: str, shape: tuple) -> bytes:
+        """The masks at the clip's frames: those of the video's frames on screen at each k / fps."""
+        import av
+
+        with av.open(video) as c:
+            rate = float(c.streams.video[0].average_rate or self.fps)
+        idx = np.floor(np.arange(self.frames) * rate / self.fps + 1e-6).astype(int)  # source frame on screen at k / fps
+        out = {}
+        with np.load(npz) as masks:
+            for view, m in masks.items():
+                if len(m) <= idx[-1]:
+                    raise RejectedImage(f"{os.path.basename(npz)}: {view} has {len(m)} masks, the clip needs "
+                                        f"{idx[-1] + 1}")
+                m = m[idx]
+                if self.size and m.shape[1:] != (self.size, self.size):
+                    from PIL import Image
+
+                    m = np.stack([np.asarray(Image.fromarray(x).resize((self.size, self.size), Image.NEAREST))
+                                  for x in m])
+                out["main" if view == "cam1" else view] = m
+        buf = io.BytesIO()
+        np.savez_compressed(buf, **out)
+        return buf.getvalue()
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(super().fingerprint().encode())
+        for f in list_files(self.root):  # sidecars change the samples too
+            if not is_video(f) or _view_of(f):
+                st = os.stat(os.path.join(self.root, f))
+                h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
+
+def moving_fashion_mnist(fashion, clips: dict[str, int], frames: int, size: int, fps: float, seed: int = 0,
+                         cache: Optional[str] = None) -> str:
+    """The generated videos' folder (made once per settings, under ``cache``: ``$GELATO_CACHE`` or
+    ``~/.cache/gelato``), its items from ``fashion`` (a ``FashionMNIST`` source); see ``moving_fmnist``."""
+    from workers.ingest.moving_fmnist import generate
+
+    cache = cache or os.environ.get("GELATO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gelato")
+    tag = "-".join(f"{k}{v}" for k, v in sorted(clips.items())) + f"-t{frames}-s{size}-f{fps:g}-seed{seed}"
+    root = os.path.join(cache, "moving-fashion-mnist", tag)
+    if not os.path.exists(os.path.join(root, "moving_fmnist.json")):
+        generate(root, clips, fashion, frames=frames, size=size, fps=fps, seed=seed)
+    return root

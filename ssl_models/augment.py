@@ -468,6 +468,21 @@ def prepare_images(images: torch.Tensor, size: int, crop_scale: tuple[float, flo
     return x
 
 
+def prepare_clips(clips: torch.Tensor, size: int, crop_scale: tuple[float, float] = (1.0, 1.0),
+                  flip_p: float = 0.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """:func:`prepare_images` for clips, with one draw of the crop and the flip per clip, applied to
+    every frame alike (a crop that moved between frames would be motion the clip does not have).
+    The frames are folded into the channels, so each clip is one sample of the batched ops.
+
+    Shape: clips (B, T, C, H, W) uint8 (or float in [0, 1]) → (B, T, C, size, size) float32.
+    """
+    if clips.ndim != 5:
+        raise ValueError(f"clips must be (B, T, C, H, W), got shape {tuple(clips.shape)}")
+    b, t, c, h, w = clips.shape
+    x = prepare_images(clips.reshape(b, t * c, h, w), size, crop_scale, flip_p, generator)
+    return x.reshape(b, t, c, size, size)
+
+
 def normalize_input(x: torch.Tensor) -> torch.Tensor:
     """Map a [0, 1] batch to what backbones are fed: (x − mean) / std with the contrastive views'
     defaults (``augment.ViewConfig``: 0.5 / 0.5, so [−1, 1]).
@@ -477,7 +492,7 @@ def normalize_input(x: torch.Tensor) -> torch.Tensor:
     return normalize(x, ViewConfig.mean, ViewConfig.std)
 
 __all__ = [
-    "ViewConfig", "to_float", "random_resized_crop", "horizontal_flip", "color_jitter", "random_grayscale",
+    "prepare_clips", "ViewConfig", "to_float", "random_resized_crop", "horizontal_flip", "color_jitter", "random_grayscale",
     "rgb_to_grayscale", "gaussian_blur", "blur_kernel_size", "solarize", "normalize", "view", "two_views",
     "multi_crop", "resolve_view_config", "check_images", "prepare_images", "normalize_input",
 ]

@@ -44,8 +44,9 @@ def _ids(p: pathlib.Path) -> str:
 
 
 def _channels(path: pathlib.Path) -> int:
-    """Image channels of the source the config is written for (VOC is RGB, Fashion-MNIST grayscale)."""
-    return 3 if path.name.startswith(("voc07_", "imagenet_")) else 1
+    """Image channels of the source the config is written for (VOC, Moving Fashion-MNIST's tinted
+    items are RGB, Fashion-MNIST grayscale)."""
+    return 3 if path.name.startswith(("voc07_", "imagenet_", "moving_fmnist_")) else 1
 
 
 def _header(path: pathlib.Path) -> list[str]:
@@ -72,8 +73,11 @@ def _gelato_commands(lines: list[str]) -> list[list[str]]:
 
 def test_one_cpu_config_per_objective():
     fashion = {p.stem.removeprefix("fashion_mnist_") for p in CONFIGS if p.name.startswith("fashion_mnist_")}
-    # colorization predicts colour, which grayscale Fashion-MNIST lacks: it gets an RGB (VOC) config
-    assert fashion == set(OBJECTIVES) - {"colorization"}
+    clips = {n for n, c in OBJECTIVES.items() if c.modality == "clip"}
+    # colorization predicts colour, which grayscale Fashion-MNIST lacks: it gets an RGB (VOC) config;
+    # the objectives that learn from time get a Moving Fashion-MNIST one
+    assert fashion == set(OBJECTIVES) - {"colorization"} - clips
+    assert {p.stem.removeprefix("moving_fmnist_") for p in CONFIGS if p.name.startswith("moving_fmnist_")} == clips
     assert (ROOT / "configs" / "voc07_colorization.yaml").is_file()
     assert {p.name for p in GPU_CONFIGS} == set(IMAGENET)
 
@@ -89,6 +93,8 @@ def test_config_loads_and_matches_its_name(path):
         assert config.objective == path.stem.removeprefix("fashion_mnist_")
     elif path.name in IMAGENET:
         assert config.objective == IMAGENET[path.name]
+    elif path.name.startswith("moving_fmnist_"):
+        assert config.objective == path.stem.removeprefix("moving_fmnist_")
     else:
         assert path.name == "voc07_colorization.yaml" and config.objective == "colorization"
     assert config.batch_size % (config.workers * config.grad_accum) == 0
@@ -147,13 +153,15 @@ def test_header_names_a_command_that_runs_this_file(path):
 # --------------------------------------------------------------------------- CPU configs take a step
 
 def _one_step(config, in_channels: int, side: int = 28) -> torch.Tensor:
-    """Build the objective as the training loop does, then one forward/backward on 4 random images."""
+    """Build the objective as the training loop does, then one forward/backward on 4 random images
+    (clips of 8 frames for an objective that learns from time)."""
     torch.manual_seed(0)
     ex = resolve_here(config.precision, "cpu", config.layout_request())  # what the loop runs on this CPU
     objective = build_objective(config, in_channels=in_channels).train()
     if ex.channels_last:
         objective = objective.to(memory_format=torch.channels_last)
-    images = torch.randint(0, 256, (4, in_channels, side, side), dtype=torch.uint8)
+    clip = (8,) if objective.modality == "clip" else ()
+    images = torch.randint(0, 256, (4, *clip, in_channels, side, side), dtype=torch.uint8)
     views = objective.make_views(images, generator=torch.Generator().manual_seed(0))
     if ex.channels_last:
         views = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v

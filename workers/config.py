@@ -28,7 +28,8 @@ class ConfigError(ValueError):
 # out so that importing this module does not import torch (validating a config does, to check the
 # parameters against the constructors); tests/test_configs.py checks they match.
 ObjectiveName = Literal["contrastive", "triplet", "simclr", "moco", "byol", "swav", "cpc", "autoencoder",
-                        "denoising_autoencoder", "mae", "rotation", "relative_position", "jigsaw", "colorization"]
+                        "denoising_autoencoder", "mae", "rotation", "relative_position", "jigsaw", "colorization",
+                        "arrow_of_time"]
 BackboneName = Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small"]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ssl_models.objectives.arrow_of_time import ArrowOfTime
 from ssl_models.objectives.autoencoder import Autoencoder
 from ssl_models.objectives.base import Objective
 from ssl_models.objectives.byol import BYOL
@@ -39,6 +40,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "relative_position": RelativePosition,
     "jigsaw": Jigsaw,
     "colorization": Colorization,
+    # predictive, on clips (modality "clip": make_views takes (B, T, C, H, W))
+    "arrow_of_time": ArrowOfTime,
 }
 
 

@@ -30,6 +30,9 @@ class Objective(nn.Module):
 
     name: str = "objective"
     contrastive: bool = True
+    # what make_views takes: "image" — uint8 (B, C, H, W); "clip" — uint8 (B, T, C, H, W), frames of a
+    # video at the rate chosen at ingest (the backbone still sees frames: (B·T', C, S, S))
+    modality: str = "image"
 
     def __init__(self, backbone: nn.Module, image_size: int, in_channels: int | None = None):
         super().__init__()

@@ -46,7 +46,10 @@ class Collate:
             sizes = sorted({tuple(i.shape) for i in images})
             raise ValueError(f"images in one batch differ in size {sizes[:4]} (e.g. sample {samples[0]['key']}); "
                              f"set image_size so the loader resizes them") from None
-        return {"image": stacked, "label": torch.tensor([s["label"] for s in samples])}
+        out = {"image": stacked, "label": torch.tensor([s["label"] for s in samples])}
+        if "clip" in samples[0]:  # a clip run: the clips too, (B, T, C, H, W), each frame fitted alike
+            out["clip"] = torch.stack([fit_size(s["clip"], self.size) for s in samples])
+        return out
 
 
 collate = Collate()

@@ -228,8 +228,8 @@ class SampleDecoder:
         return out
 
     def _clip(self, sample: dict) -> dict:
-        """``{"key", "clip" uint8 (T, C, H, W), "label", "views": {name: clip}, "masks": {view: (T, H, W)},
-        "info": the source's labels}`` (views, masks and info where the sample has them)."""
+        """``{"key", "clip" uint8 (T, C, H, W), "image" (its middle frame), "label", "views": {name: clip},
+        "masks": {view: (T, H, W)}, "info": the source's labels}`` (views, masks, info where the sample has them)."""
         import io
 
         import numpy as np
@@ -242,7 +242,9 @@ class SampleDecoder:
         main = next((e for e in exts if e in sample), None)
         if main is None:
             raise ValueError(f"sample {where} has no clip member ({', '.join(sorted(exts))})")
-        out = {"key": sample["__key__"], "clip": torch.from_numpy(decode_clip(sample[main], self.channels, where)),
+        clip = torch.from_numpy(decode_clip(sample[main], self.channels, where))
+        # "image", the middle frame: what the image protocols (kNN monitor, evaluation) read of a clip
+        out = {"key": sample["__key__"], "clip": clip, "image": clip[len(clip) // 2],
                "label": int(sample["cls"]) if "cls" in sample else -1}
         views = {e.split(".", 1)[0]: torch.from_numpy(decode_clip(v, self.channels, f"{where}.{e}"))
                  for e, v in sample.items() if "." in e and e.split(".", 1)[1] in exts}

@@ -282,7 +282,7 @@ def train_step(rig: Rig, step: int, batches: list[dict], meter: Meter) -> tuple[
     encoder, queue, prototypes). Returns the last forward's outputs and images."""
     config, core, model, amp_dtype = rig.config, rig.core, rig.model, rig.amp_dtype
     for micro, batch in enumerate(batches):
-        images = batch["image"].to(rig.device, non_blocking=True)
+        images = batch["clip" if core.modality == "clip" else "image"].to(rig.device, non_blocking=True)
         views = core.make_views(images, generator=rig.gen)
         if rig.ex.channels_last:
             views = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v

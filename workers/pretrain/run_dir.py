@@ -36,6 +36,14 @@ def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = Fals
         raise ConfigError(f"{loc.uri}: no manifest.json; run `gelato ingest SOURCE --out {loc.uri}` first")
     if "train" not in manifest["splits"]:
         raise ConfigError(f"{loc.uri}: the manifest has no train split")
+    from ssl_models.objectives import OBJECTIVES
+
+    takes, holds = OBJECTIVES[config.objective].modality, manifest.get("modality", "image")
+    if takes != holds:
+        clip_objectives = sorted(n for n, c in OBJECTIVES.items() if c.modality == "clip")
+        raise ConfigError(f"{loc.uri} holds {holds}s and objective {config.objective!r} learns from {takes}s; "
+                          + (f"clip objectives: {', '.join(clip_objectives)}" if holds == "clip" else
+                             "ingest a folder of videos (or moving-fashion-mnist) for it"))
     # every shard pretraining reads is there, with the manifest's size (one listing, no reads)
     integrity.check_shards(loc, manifest, ["train", "val"] if config.knn_monitor else ["train"])
     fs = loc.fs()

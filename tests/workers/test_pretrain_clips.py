@@ -1,0 +1,62 @@
+"""Pretraining from clips through the real stages: generated videos ingested, the arrow of time trained
+on Ray Train workers, the backbone scored by the image protocols on the clips' middle frames."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from workers.config import ConfigError, load_config
+from workers.ingest.moving_fmnist import generate
+from workers.ingest.shards import IngestParams, ingest
+from workers.ingest.sources import FashionMNIST, open_source
+from workers.pretrain.run_dir import prepare_run
+from workers.storage import RunLocation
+
+TINY = ["backbone=small_cnn", "backbone_params={width: 8}", "image_size=16", "batch_size=8", "workers=1",
+        "loader_workers=0", "steps=2", "knn_monitor=false", "objective_params.frames=4",
+        "objective_params.head_hidden_dim=16"]
+
+
+@pytest.fixture(scope="module")
+def clip_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("clips")
+    generate(str(root / "videos"), {"train": 12, "test": 6}, FashionMNIST(), frames=8, size=32)
+    run = str(root / "run")
+    params = IngestParams(shard_size=6, val_fraction=0.25, clip_frames=8)
+    ingest(RunLocation(run), open_source(str(root / "videos"), params=params), params, progress_bar=False)
+    return run
+
+
+def test_an_image_objective_on_clips_and_a_clip_objective_on_images_are_refused(clip_run, tmp_path):
+    with pytest.raises(ConfigError, match="holds clips and objective 'simclr' learns from images; clip objectives: "
+                                          "arrow_of_time"):
+        prepare_run(RunLocation(clip_run), load_config(None, ["objective=simclr"]))
+    from evalrun import ingest_folder
+    from imagegen import write_separable
+
+    write_separable(tmp_path / "src", n_classes=2, per_class=6, size=8)
+    images = str(tmp_path / "images")
+    ingest_folder(str(tmp_path / "src"), images)
+    with pytest.raises(ConfigError, match="holds images and objective 'arrow_of_time' learns from clips"):
+        prepare_run(RunLocation(images), load_config("configs/moving_fmnist_arrow_of_time.yaml"))
+
+
+@pytest.mark.slow  # a private Ray instance and Prefect's server
+def test_the_arrow_of_time_trains_on_ray_workers_and_is_scored_on_frames(clip_run):
+    from prefect.testing.utilities import prefect_test_harness
+
+    import gelato
+
+    with prefect_test_harness(server_startup_timeout=90):
+        result = gelato.pretrain(clip_run, "configs/moving_fmnist_arrow_of_time.yaml", overrides=TINY, progress=False)
+        report = gelato.evaluate(clip_run, {"protocols": ["probe", "knn"], "baselines": ["random_init"], "knn_k": 3,
+                                            "probe_max_iter": 20}, progress=False)
+    rows = [json.loads(x) for x in open(os.path.join(clip_run, "metrics.jsonl"))]
+    steps = [r for r in rows if "loss" in r and "event" not in r]
+    assert result.steps == 2 and steps and all(0 <= r["accuracy"] <= 1 for r in steps if "accuracy" in r)
+    assert os.path.exists(result.backbone)
+    # the backbone is an image backbone: probe and kNN ran on the clips' middle frames (labels: motion kind)
+    cells = {(r["protocol"], r["features"]) for r in report.report["results"]}
+    assert {("probe", "pretrained"), ("knn", "pretrained"), ("probe", "random_init")} <= cells

@@ -49,7 +49,7 @@ def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str
                 storage_options: Optional[StorageOptions] = None, progress_bar: bool = True,
                 repair: Optional[list[str]] = None, test_fraction: Optional[float] = None,
                 clip_frames: int = 16, clip_fps: float = 10.0, clip_size: Optional[int] = None,
-                clip_codec: str = "ffv1") -> dict:
+                clip_codec: str = "png") -> dict:
     """Ingest ``source`` into ``out`` (local path or s3://bucket/prefix); returns the manifest.
 
     ``repair`` (a finished ingest only): check these shards (``[]``: all) against the manifest and

@@ -164,7 +164,7 @@ def ingest(source: str, out: str, *, shard_size: int = 1000, image_format: str =
            storage_options: Optional[dict] = None, overwrite: bool = False, progress: bool = True,
            data_root: Optional[str] = None, kind: str = "auto", repair: Optional[list[str]] = None,
            clip_frames: int = 16, clip_fps: float = 10.0, clip_size: Optional[int] = None,
-           clip_codec: str = "ffv1") -> IngestResult:
+           clip_codec: str = "png") -> IngestResult:
     """``gelato ingest``: ``source`` (a folder of images or videos, ``fashion-mnist``,
     ``moving-fashion-mnist``, a VOC root) into shards at ``out``; a video becomes one clip of
     ``clip_frames`` frames at ``clip_fps``."""

@@ -53,8 +53,9 @@ def _add_ingest(sub) -> None:
     p.add_argument("--clip-fps", type=float, default=10.0, metavar="FPS", help="videos: clip frame rate (default 10)")
     p.add_argument("--clip-size", type=int, default=None, metavar="PX",
                    help="videos: resize frames to PX x PX (default: as decoded; moving-fashion-mnist: 64)")
-    p.add_argument("--clip-codec", default="ffv1", choices=["ffv1", "h264"],
-                   help="videos: how clips are stored in the shards (default ffv1, lossless)")
+    p.add_argument("--clip-codec", default="png", choices=["png", "ffv1", "h264"],
+                   help="videos: how clips are stored in the shards: png (default; a lossless PNG per frame, the "
+                        "fastest to decode), ffv1 (one lossless video), h264 (one lossy video, the smallest)")
     p.add_argument("--config", default=None, help="YAML whose storage_options (s3fs keyword arguments) open --out")
     p.add_argument("--repair", nargs="*", default=None, metavar="SHARD",
                    help="a finished ingest: check these shards (none named: all) against manifest.json and rewrite "

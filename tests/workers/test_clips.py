@@ -32,6 +32,25 @@ def test_ffv1_round_trips_exactly_and_h264_closely(channels):
     assert got.shape == smooth.shape and np.abs(got - smooth).mean() < 2.0
 
 
+@pytest.mark.parametrize("codec", ["png", "ffv1"])
+def test_a_clip_goes_into_sample_members_and_back_exactly(codec):
+    from workers.data.clips import clip_from_members, clip_members, clip_views
+
+    rng = np.random.default_rng(1)
+    main = rng.integers(0, 255, (5, 3, 16, 16), dtype=np.uint8)
+    other = rng.integers(0, 255, (5, 3, 16, 16), dtype=np.uint8)
+    sample = clip_members(main, codec) | clip_members(other, codec, view="cam2") | {"cls": b"1", "json": b"{}"}
+    if codec == "png":
+        assert {"000.png", "004.png", "cam2.000.png"} <= set(sample)
+    assert clip_views(sample) == ["", "cam2"]
+    assert np.array_equal(clip_from_members(sample, 3), main)
+    assert np.array_equal(clip_from_members(sample, 3, "cam2"), other)
+    if codec == "png":
+        del sample["002.png"]
+        with pytest.raises(ClipError, match="s:k: main clip frames are not 000..003"):
+            clip_from_members(sample, 3, name="s:k")
+
+
 def test_a_video_is_resampled_to_the_asked_frame_rate_by_the_nearest_frame(tmp_path):
     path = str(tmp_path / "ramp.mkv")
     with open(path, "wb") as f:

@@ -38,7 +38,7 @@ def _samples(run: str, split: str) -> list[dict]:
 def test_videos_become_clip_shards_with_their_views_masks_and_labels(videos, tmp_path):
     run = str(tmp_path / "run")
     m = _ingest(videos, run, clip_frames=8)
-    assert m["modality"] == "clip" and m["clip"] == {"frames": 8, "fps": 10.0, "size": None, "codec": "ffv1"}
+    assert m["modality"] == "clip" and m["clip"] == {"frames": 8, "fps": 10.0, "size": None, "codec": "png"}
     assert m["classes"] == ["bounce", "slide"] and m["channels"] == 3
     assert {s: v["count"] for s, v in m["splits"].items()} == {"train": 6, "test": 4}
     reasons = {r["path"]: r["reason"] for r in m["rejected"]}
@@ -57,6 +57,22 @@ def test_videos_become_clip_shards_with_their_views_masks_and_labels(videos, tmp
     assert np.array_equal(first["clip"].numpy(), source)
     masks = np.load(os.path.join(videos, "train/bounce/train_000000.masks.npz"))
     assert np.array_equal(first["masks"]["main"].numpy(), masks["cam1"][:8])
+
+
+@pytest.mark.parametrize("codec", ["ffv1", "h264"])
+def test_the_video_codecs_store_the_same_clips(videos, tmp_path, codec):
+    png = {s["key"]: s for s in _samples(_ingested(videos, tmp_path / "png", "png"), "test")}
+    other = {s["key"]: s for s in _samples(_ingested(videos, tmp_path / codec, codec), "test")}
+    assert png.keys() == other.keys() and len(png) == 4
+    for key, s in other.items():
+        err = (s["clip"].int() - png[key]["clip"].int()).abs().float().mean()
+        assert (err == 0) if codec == "ffv1" else (err < 8)  # H.264 at CRF 18: ~4 grey levels at 32 px
+        assert s["views"]["cam2"].shape == png[key]["views"]["cam2"].shape
+
+
+def _ingested(src: str, run, codec: str) -> str:
+    _ingest(src, str(run), clip_frames=8, clip_codec=codec)
+    return str(run)
 
 
 def test_a_lower_frame_rate_takes_every_other_frame_and_mask(videos, tmp_path):

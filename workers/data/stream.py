@@ -235,19 +235,15 @@ class SampleDecoder:
         import numpy as np
         import torch
 
-        from workers.data.clips import EXTENSION, decode_clip
+        from workers.data.clips import clip_from_members, clip_views
 
         where = f"{sample.get('__url__')}:{sample.get('__key__')}"
-        exts = set(EXTENSION.values())
-        main = next((e for e in exts if e in sample), None)
-        if main is None:
-            raise ValueError(f"sample {where} has no clip member ({', '.join(sorted(exts))})")
-        clip = torch.from_numpy(decode_clip(sample[main], self.channels, where))
+        clip = torch.from_numpy(clip_from_members(sample, self.channels, "", where))
         # "image", the middle frame: what the image protocols (kNN monitor, evaluation) read of a clip
         out = {"key": sample["__key__"], "clip": clip, "image": clip[len(clip) // 2],
                "label": int(sample["cls"]) if "cls" in sample else -1}
-        views = {e.split(".", 1)[0]: torch.from_numpy(decode_clip(v, self.channels, f"{where}.{e}"))
-                 for e, v in sample.items() if "." in e and e.split(".", 1)[1] in exts}
+        views = {v: torch.from_numpy(clip_from_members(sample, self.channels, v, where))
+                 for v in clip_views(sample) if v}
         if views:
             out["views"] = views
         if "masks.npz" in sample:

@@ -51,11 +51,11 @@ class IngestParams:
     seed: int = 0
     test_fraction: Optional[float] = None  # None: 0.1 for a labelled source with train but no test split, else 0
     # video sources: each video becomes one clip of clip_frames frames at clip_fps, resized to
-    # clip_size × clip_size (None: as decoded), stored with clip_codec (workers/data/clips.py)
+    # clip_size × clip_size (None: as decoded), stored with clip_codec: png frames, ffv1 or h264 (workers/data/clips.py)
     clip_frames: int = 16
     clip_fps: float = 10.0
     clip_size: Optional[int] = None
-    clip_codec: str = "ffv1"
+    clip_codec: str = "png"
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -121,7 +121,7 @@ class IngestPlan:
         return list(dict.fromkeys(s.split for s in self.shards))
 
 
-CLIP_DEFAULTS = {"clip_frames": 16, "clip_fps": 10.0, "clip_size": None, "clip_codec": "ffv1"}
+CLIP_DEFAULTS = {"clip_frames": 16, "clip_fps": 10.0, "clip_size": None, "clip_codec": "png"}
 
 
 def comparable(params: dict) -> dict:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import numpy as np
 
-from workers.data.clips import EXTENSION, ClipError, encode_clip, read_video
+from workers.data.clips import ClipError, clip_members, read_video
 from workers.data.images import Encoded, RejectedImage
 from workers.ingest.records import SPLIT_DIRS, Record, Source, SourceError, list_files
 
@@ -46,7 +46,7 @@ class VideoFolder(Source):
     kind = "videofolder"
 
     def __init__(self, root: str, clip_frames: int = 16, clip_fps: float = 10.0, clip_size: Optional[int] = None,
-                 clip_codec: str = "ffv1"):
+                 clip_codec: str = "png"):
         super().__init__(root)
         self.frames, self.fps, self.size, self.codec = clip_frames, clip_fps, clip_size, clip_codec
         files = [f for f in list_files(root) if is_video(f) and _view_of(f) is None]
@@ -93,7 +93,7 @@ class VideoFolder(Source):
                 if name.startswith(os.path.basename(stem) + ".") and is_video(name) and _view_of(name) \
                         and os.path.splitext(os.path.splitext(other)[0])[0] == stem:
                     view = _view_of(name)
-                    extras[f"{view}.{EXTENSION[self.codec]}"] = encode_clip(self._clip(other), self.codec, self.fps)
+                    extras |= clip_members(self._clip(other), self.codec, self.fps, view)
                     meta["views"].append(view)
         except ClipError as e:
             raise RejectedImage(str(e).replace(path, os.path.basename(path))) from None
@@ -103,8 +103,10 @@ class VideoFolder(Source):
         if os.path.exists(stem + ".json"):
             with open(stem + ".json") as f:
                 meta["info"] = json.load(f)
-        return Encoded(EXTENSION[self.codec], encode_clip(clip, self.codec, self.fps), "RGB", tuple(clip.shape[:1]) +
-                       tuple(clip.shape[2:]), extras, meta)
+        members = clip_members(clip, self.codec, self.fps)
+        first = next(iter(members))  # the sample's main member; the clip's other frames go with the extras
+        return Encoded(first, members.pop(first), "RGB", tuple(clip.shape[:1]) + tuple(clip.shape[2:]),
+                       members | extras, meta)
 
     def _masks(self, npz: str, video: str, shape: tuple) -> bytes:
         """The masks at the clip's frames: those of the video's frames on screen at each k / fps."""

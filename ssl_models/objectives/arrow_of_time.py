@@ -77,6 +77,7 @@ class ArrowOfTime(Objective):
         return {"frames": normalize_input(x.flatten(0, 1)).view_as(x), "labels": labels}
 
     def forward(self, views: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """Shape: frames (B, F, C, S, S), labels (B,) → {"loss": scalar, "accuracy"}."""
         x, labels = views["frames"], views["labels"]
         b, f = x.shape[:2]
         feats = self.backbone(x.flatten(0, 1)).view(b, f * self.backbone.feature_dim)    # (B, F·D)

@@ -82,3 +82,62 @@ def test_arrow_of_time_learns_the_direction_of_irreversible_clips():
     with torch.no_grad():
         acc = float(obj(obj.make_views(_fading(64), generator=_gen(9)))["accuracy"])
     assert float(out["loss"]) < first and acc > 0.9
+
+
+def _ramp(b: int = 32, t: int = 8) -> torch.Tensor:
+    """Frame k of every clip is flat at 20·k + 20: a frame's value says which frame it is."""
+    return (20 * torch.arange(1, t + 1, dtype=torch.uint8)).view(1, t, 1, 1, 1).expand(b, t, 1, SIZE, SIZE).clone()
+
+
+def _shown(views) -> torch.Tensor:
+    """Which frame each shown frame is (from its value). Shape: (B, K)."""
+    v = views["frames"].amax(dim=(2, 3, 4))            # normalised (x − 0.5) / 0.5
+    return torch.round(((v * 0.5 + 0.5) * 255 - 20) / 20).long()
+
+
+def _plain(name: str, **kw):
+    return build(name, backbone=backbones.build("small_cnn", in_channels=1, width=8), image_size=SIZE,
+                 crop_scale=(1.0, 1.0), flip_p=0.0, **kw)
+
+
+def test_shuffle_and_learn_puts_an_outside_frame_in_the_middle_of_negatives():
+    obj = _plain("shuffle_and_learn")
+    views = obj.make_views(_ramp(64), generator=_gen())
+    idx, labels = _shown(views), views["labels"]
+    assert views["frames"].shape == (64, 3, 1, SIZE, SIZE) and 16 < int(labels.sum()) < 48
+    between = (idx[:, 0] < idx[:, 1]) & (idx[:, 1] < idx[:, 2])
+    assert torch.equal(between, labels == 1) and (idx[:, 0] < idx[:, 2]).all()
+
+
+def test_temporal_order_shows_four_frames_in_the_order_of_their_class():
+    from ssl_models.objectives.temporal_order import order_classes
+
+    orders = order_classes(4)
+    assert orders.shape == (12, 4) and len({tuple(o) for o in orders} | {tuple(o.flip(0)) for o in orders}) == 24
+    obj = _plain("temporal_order")
+    views = obj.make_views(_ramp(64), generator=_gen())
+    idx, labels = _shown(views), views["labels"]
+    rank = idx.argsort(dim=1).argsort(dim=1)                     # the order shown, as ranks in time
+    for r, c in zip(rank, labels):
+        assert torch.equal(r, orders[c]) or torch.equal(r, orders[c].flip(0))
+    assert len(set(labels.tolist())) > 6
+
+
+@pytest.mark.parametrize("name", ["shuffle_and_learn", "temporal_order"])
+def test_the_order_objectives_lower_their_loss_and_train_the_backbone(name):
+    torch.manual_seed(0)
+    kw = {"head_hidden_dim": 32} if name == "shuffle_and_learn" else {"pair_dim": 32}
+    obj = build(name, backbone=backbones.build("small_cnn", in_channels=1, width=8), image_size=SIZE, **kw)
+    cls = OBJECTIVES[name]
+    assert cls.modality == "clip" and re.search(r"\b(19|20)\d\d\b", cls.__doc__) and "Shape:" in cls.forward.__doc__
+    opt = torch.optim.Adam(obj.parameters(), lr=3e-3)
+    clips, g, losses = _fading(32), _gen(3), []
+    for _ in range(50):
+        out = obj(obj.make_views(clips, generator=g))
+        losses.append(float(out["loss"]))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    grads = [p.grad for p in obj.backbone.parameters() if p.grad is not None]
+    assert grads and sum(float(x.abs().sum()) for x in grads) > 0
+    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10

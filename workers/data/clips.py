@@ -106,14 +106,12 @@ def encode_clip(clip: np.ndarray, codec: str = "ffv1", fps: float = 10.0) -> byt
         stream.width, stream.height = w, h
         stream.pix_fmt = pix1 if c == 1 else pix3
         for img in clip:
-            # the array stays referenced until the frame is encoded: PyAV's frame may point into it
             pixels = np.ascontiguousarray(img[0] if c == 1 else img.transpose(1, 2, 0))
             frame = av.VideoFrame.from_ndarray(pixels, format="gray" if c == 1 else "rgb24")
             if stream.pix_fmt != frame.format.name:
                 frame = frame.reformat(format=stream.pix_fmt)
             for packet in stream.encode(frame):
                 container.mux(packet)
-            del pixels
         for packet in stream.encode():
             container.mux(packet)
     return buf.getvalue()

@@ -271,7 +271,7 @@ def open_source(source: str, data_root: Optional[str] = None, kind: str = "auto"
         root = videos.moving_fashion_mnist(FashionMNIST(data_root), videos.DEFAULT_CLIPS,
                                            frames=clip.get("clip_frames", 16), size=clip.get("clip_size") or 64,
                                            fps=clip.get("clip_fps", 10.0))
-        return videos.VideoFolder(root, **clip)
+        return videos.VideoFolder(root, **clip, name="moving-fashion-mnist")
     if not os.path.exists(source):
         raise SourceError(f"source path {source!r} does not exist")
     if not os.path.isdir(source):

@@ -46,8 +46,9 @@ class VideoFolder(Source):
     kind = "videofolder"
 
     def __init__(self, root: str, clip_frames: int = 16, clip_fps: float = 10.0, clip_size: Optional[int] = None,
-                 clip_codec: str = "png"):
+                 clip_codec: str = "png", name: Optional[str] = None):
         super().__init__(root)
+        self._name = name
         self.frames, self.fps, self.size, self.codec = clip_frames, clip_fps, clip_size, clip_codec
         files = [f for f in list_files(root) if is_video(f) and _view_of(f) is None]
         if not files:
@@ -66,7 +67,7 @@ class VideoFolder(Source):
 
     @property
     def name(self) -> str:
-        return os.path.basename(os.path.abspath(self.root)) or self.kind
+        return self._name or os.path.basename(os.path.abspath(self.root)) or self.kind
 
     def splits(self) -> dict[str, list[Record]]:
         return {k: list(v) for k, v in self._splits.items()}
@@ -153,5 +154,8 @@ def moving_fashion_mnist(fashion, clips: dict[str, int], frames: int, size: int,
     tag = "-".join(f"{k}{v}" for k, v in sorted(clips.items())) + f"-t{frames}-s{size}-f{fps:g}-seed{seed}"
     root = os.path.join(cache, "moving-fashion-mnist", tag)
     if not os.path.exists(os.path.join(root, "moving_fmnist.json")):
-        generate(root, clips, fashion, frames=frames, size=size, fps=fps, seed=seed)
+        from tqdm.auto import tqdm
+
+        with tqdm(total=sum(clips.values()), desc="generate moving-fashion-mnist", unit="clip") as bar:
+            generate(root, clips, fashion, frames=frames, size=size, fps=fps, seed=seed, progress=bar.update)
     return root

@@ -338,7 +338,9 @@ def fit_budget(rig: Rig, step: int, images: torch.Tensor, t_enter: float) -> Non
     same number on every rank: rank 0's measurements decide)."""
     from workers.pretrain.budget import fit_steps
 
-    embed_s = _embedding_seconds(rig, images) if rig.config.knn_monitor else 0.0
+    # the monitor embeds images: of a clip batch, the middle frames (what the loader gives it of clips)
+    frames = images[:, images.shape[1] // 2] if images.ndim == 5 else images
+    embed_s = _embedding_seconds(rig, frames) if rig.config.knn_monitor else 0.0
     step_s = rig.clock.step_seconds()
     if rig.world > 1:
         m = torch.tensor([step_s, embed_s], dtype=torch.float64, device=rig.device)

@@ -62,3 +62,5 @@ def test_the_arrow_of_time_trains_on_ray_workers_and_is_scored_on_frames(clip_ru
     # the backbone is an image backbone: probe and kNN ran on the clips' middle frames (labels: motion kind)
     cells = {(r["protocol"], r["features"]) for r in report.report["results"]}
     assert {("probe", "pretrained"), ("knn", "pretrained"), ("probe", "random_init")} <= cells
+    assert report.report["modality"] == "clip"
+    assert "**clips**: every protocol reads each clip's middle frame" in open(os.path.join(clip_run, "report.md")).read()

@@ -194,6 +194,7 @@ def write_report(ev, results: list, total_seconds: float, log=None) -> dict:
         "skipped_shards": sorted(r["shard"] for r in integrity.damaged(ev.loc, mode="skip")),
         "classes": ev.classes or None, "multilabel": ev.multilabel,
         "init_from": ev.init_from,
+        "modality": ev.manifest.get("modality", "image"),
         "splits": ev.loaded_splits(),
         "refused": [{"protocol": p, "reason": why} for p, why in ev.refused.items()],
         "results": [row for r in results for row in r.rows],
@@ -281,6 +282,9 @@ def render_markdown(report: dict, others: Optional[list[dict]] = None) -> str:
           + (f"; frozen features: the last {stages} stage(s) average-pooled to a {grid}×{grid} grid and "
              f"concatenated (frozen_grid, frozen_stages; Goyal et al. 2019)" if (grid, stages) != (1, 1) else ""),
           *_budget_md(r.get("eval_budget")),
+          *(["- **clips**: every protocol reads each clip's middle frame, labelled with the clip's class "
+              f"({', '.join(r['classes'] or [])}); a class that one frame cannot show (a kind of motion) "
+              "scores near chance here, whatever the backbone learned"] if r.get("modality") == "clip" else []),
           *([f"- this evaluation: [{r['report_file']}]({r['report_file']}); the run's other evaluations: "
              + ", ".join(f"[{o['file']}]({o['file']}) ({o['created']})" for o in others)] if others else []),
           *([f"- **{len(r['skipped_shards'])} damaged shard(s) skipped** (on_corrupt: skip): "

@@ -111,3 +111,11 @@ def test_gelato_ingest_takes_a_folder_of_videos(videos, tmp_path, capsys):
     assert "10 samples, 2 rejected" in out
     manifest = json.load(open(os.path.join(run, "manifest.json")))
     assert manifest["modality"] == "clip" and manifest["source"]["kind"] == "videofolder"
+
+
+def test_other_views_are_told_apart_from_videos_with_dots_in_their_names():
+    from workers.ingest.videos import split_views
+
+    files = ["a/x.mp4", "a/x.cam2.mp4", "a/x.masks.npz", "a/my.clip.mkv", "a/y.v2.mp4", "a/y.webm", "b.d/z.mp4"]
+    assert split_views(files) == {"a/x.mp4": {"cam2": "a/x.cam2.mp4"}, "a/my.clip.mkv": {},
+                                  "a/y.webm": {"v2": "a/y.v2.mp4"}, "b.d/z.mp4": {}}

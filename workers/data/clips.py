@@ -22,6 +22,7 @@ Every error names the file or the sample it came from.
 from __future__ import annotations
 
 import io
+import re
 from fractions import Fraction
 from typing import Optional
 
@@ -34,7 +35,7 @@ VIDEO_CODECS = {
 }
 EXTENSION = {"ffv1": "mkv", "h264": "mp4"}
 CLIP_CODECS = ("png", *VIDEO_CODECS)
-_FRAME = __import__("re").compile(r"^(?:(?P<view>[A-Za-z_][\w-]*)\.)?(?P<index>\d{3,})\.png$")
+_FRAME = re.compile(r"^(?:(?P<view>[A-Za-z_][\w-]*)\.)?(?P<index>\d{3,})\.png$")  # [VIEW.]NNN.png
 
 
 class ClipError(ValueError):

@@ -34,10 +34,27 @@ def is_video(path: str) -> bool:
     return path.lower().endswith(VIDEO_EXTS)
 
 
-def _view_of(path: str) -> Optional[str]:
-    """``cam2`` for ``x/NAME.cam2.mkv``; None for a main video ``x/NAME.mkv``."""
-    stem = os.path.basename(path).rsplit(".", 1)[0]
-    return stem.rsplit(".", 1)[1] if "." in stem else None
+def _stem(path: str) -> str:
+    return path.rsplit(".", 1)[0]
+
+
+def split_views(files: list[str]) -> dict[str, dict[str, str]]:
+    """Main videos and their other views: ``{main: {view: path}}``. ``d/NAME.VIEW.EXT`` is a view of
+    ``d/NAME.EXT2`` when that video exists; otherwise it is a video of its own (dots in names are fine)."""
+    videos = [f for f in files if is_video(f)]
+    stems = {_stem(f): f for f in videos}
+    out: dict[str, dict[str, str]] = {}
+    for f in videos:
+        base = _stem(f)
+        owner, _, view = base.rpartition(".")
+        if "/" not in view and owner and owner in stems and stems[owner] != f:
+            continue  # a view, attached below
+        out[f] = {}
+    for f in videos:
+        owner, _, view = _stem(f).rpartition(".")
+        if f not in out and owner in stems:
+            out[stems[owner]][view] = f
+    return out
 
 
 class VideoFolder(Source):
@@ -50,7 +67,8 @@ class VideoFolder(Source):
         super().__init__(root)
         self._name = name
         self.frames, self.fps, self.size, self.codec = clip_frames, clip_fps, clip_size, clip_codec
-        files = [f for f in list_files(root) if is_video(f) and _view_of(f) is None]
+        self._views = split_views(list_files(root))
+        files = sorted(self._views)
         if not files:
             raise SourceError(f"{root}: no video file ({', '.join(VIDEO_EXTS)}) in it")
         top = {f.split("/", 1)[0] for f in files if "/" in f}
@@ -84,18 +102,13 @@ class VideoFolder(Source):
     def encode(self, record: Record, image_format: str) -> Encoded:
         """The clip (and its other views, masks, labels) of one video; RejectedImage says why not."""
         path = os.path.join(self.root, record.path)
-        stem, ext = os.path.splitext(path)
+        stem = _stem(path)
         try:
             clip = self._clip(path)
             extras, meta = {}, {"frames": self.frames, "fps": self.fps, "views": ["main"]}
-            folder = os.path.dirname(path)
-            for name in sorted(os.listdir(folder)):
-                other = os.path.join(folder, name)
-                if name.startswith(os.path.basename(stem) + ".") and is_video(name) and _view_of(name) \
-                        and os.path.splitext(os.path.splitext(other)[0])[0] == stem:
-                    view = _view_of(name)
-                    extras |= clip_members(self._clip(other), self.codec, self.fps, view)
-                    meta["views"].append(view)
+            for view, rel in sorted(self._views.get(record.path, {}).items()):
+                extras |= clip_members(self._clip(os.path.join(self.root, rel)), self.codec, self.fps, view)
+                meta["views"].append(view)
         except ClipError as e:
             raise RejectedImage(str(e).replace(path, os.path.basename(path))) from None
         if os.path.exists(stem + ".masks.npz"):
@@ -137,8 +150,9 @@ class VideoFolder(Source):
         import hashlib
 
         h = hashlib.sha256(super().fingerprint().encode())
-        for f in list_files(self.root):  # sidecars change the samples too
-            if not is_video(f) or _view_of(f):
+        mains = set(self._views)
+        for f in list_files(self.root):  # sidecars (other views, masks, labels) change the samples too
+            if f not in mains:
                 st = os.stat(os.path.join(self.root, f))
                 h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()

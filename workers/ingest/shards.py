@@ -25,7 +25,7 @@ import random
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Callable, Optional
 
 from workers.data.images import GRAY_MODES, IMAGE_FORMATS, RejectedImage
@@ -121,7 +121,7 @@ class IngestPlan:
         return list(dict.fromkeys(s.split for s in self.shards))
 
 
-CLIP_DEFAULTS = {"clip_frames": 16, "clip_fps": 10.0, "clip_size": None, "clip_codec": "png"}
+CLIP_DEFAULTS = {f.name: f.default for f in fields(IngestParams) if f.name.startswith("clip_")}
 
 
 def comparable(params: dict) -> dict:

@@ -21,6 +21,7 @@ from ssl_models.objectives.relative_position import RelativePosition
 from ssl_models.objectives.rotation import Rotation
 from ssl_models.objectives.simclr import SimCLR
 from ssl_models.objectives.swav import SwAV
+from ssl_models.objectives.tcn import TCN
 from ssl_models.objectives.temporal_order import ShuffleAndLearn, TemporalOrder
 from ssl_models.objectives.triplet import Triplet
 
@@ -45,6 +46,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "arrow_of_time": ArrowOfTime,
     "shuffle_and_learn": ShuffleAndLearn,
     "temporal_order": TemporalOrder,
+    # contrastive, on clips
+    "tcn": TCN,
 }
 
 

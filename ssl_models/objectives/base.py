@@ -33,6 +33,9 @@ class Objective(nn.Module):
     # what make_views takes: "image" — uint8 (B, C, H, W); "clip" — uint8 (B, T, C, H, W), frames of a
     # video at the rate chosen at ingest (the backbone still sees frames: (B·T', C, S, S))
     modality: str = "image"
+    # a clip objective that uses a second camera where the run has one: make_views then gets
+    # (B, 2, T, C, H, W), the main clip and the first other view
+    takes_views: bool = False
 
     def __init__(self, backbone: nn.Module, image_size: int, in_channels: int | None = None):
         super().__init__()

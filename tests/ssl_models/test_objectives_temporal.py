@@ -141,3 +141,33 @@ def test_the_order_objectives_lower_their_loss_and_train_the_backbone(name):
     grads = [p.grad for p in obj.backbone.parameters() if p.grad is not None]
     assert grads and sum(float(x.abs().sum()) for x in grads) > 0
     assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+
+
+def test_tcn_takes_the_same_moment_from_the_second_camera_and_a_distant_negative():
+    obj = _plain("tcn", negative_gap=3)
+    assert OBJECTIVES["tcn"].takes_views and re.search(r"\b(19|20)\d\d\b", OBJECTIVES["tcn"].__doc__)
+    cam1, cam2 = _ramp(64), _ramp(64) // 2                       # camera 2: the same frames, darker
+    views = obj.make_views(torch.stack([cam1, cam2], 1), generator=_gen())
+    value = lambda x: torch.round((x.amax(dim=(1, 2, 3)) * 0.5 + 0.5) * 255)  # noqa: E731
+    a, p, n = value(views["anchor"]), value(views["positive"]), value(views["negative"])
+    assert torch.equal(p, torch.floor(a / 2))                      # the same frame, seen by camera 2
+    assert ((a - n).abs() >= 3 * 20).all()                          # at least 3 frames away
+    single = obj.make_views(cam1, generator=_gen())                # one camera: a neighbouring frame
+    a, p = value(single["anchor"]), value(single["positive"])
+    assert ((a - p).abs() <= 20).all()
+
+
+def test_tcn_learns_to_bring_the_two_cameras_together():
+    torch.manual_seed(0)
+    obj = build("tcn", backbone=backbones.build("small_cnn", in_channels=1, width=8), image_size=SIZE,
+                negative_gap=3, embed_dim=16)
+    clips = _fading(32)
+    two = torch.stack([clips, (clips.float() * 0.7).to(torch.uint8)], 1)
+    opt, g, losses = torch.optim.Adam(obj.parameters(), lr=3e-3), _gen(4), []
+    for _ in range(50):
+        out = obj(obj.make_views(two, generator=g))
+        losses.append(float(out["loss"]))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10 and float(out["triplet_accuracy"]) > 0.7

@@ -64,3 +64,22 @@ def test_the_arrow_of_time_trains_on_ray_workers_and_is_scored_on_frames(clip_ru
     assert {("probe", "pretrained"), ("knn", "pretrained"), ("probe", "random_init")} <= cells
     assert report.report["modality"] == "clip"
     assert "**clips**: every protocol reads each clip's middle frame" in open(os.path.join(clip_run, "report.md")).read()
+
+
+@pytest.mark.slow  # a private Ray instance and Prefect's server
+def test_tcn_trains_on_the_two_cameras_the_loader_stacks(clip_run, tmp_path):
+    import shutil
+
+    from prefect.testing.utilities import prefect_test_harness
+
+    import gelato
+
+    run = str(tmp_path / "run")
+    shutil.copytree(clip_run, run, ignore=shutil.ignore_patterns("checkpoints", "metrics.jsonl", "config.yaml",
+                                                                 "eval", "report*", "plots"))
+    over = ["backbone=small_cnn", "backbone_params={width: 8}", "image_size=16", "batch_size=8", "workers=1",
+            "loader_workers=0", "steps=3", "knn_monitor=false", "objective_params.embed_dim=8"]
+    with prefect_test_harness(server_startup_timeout=90):
+        gelato.pretrain(run, "configs/moving_fmnist_tcn.yaml", overrides=over, progress=False)
+    rows = [json.loads(x) for x in open(os.path.join(run, "metrics.jsonl"))]
+    assert any("triplet_accuracy" in r for r in rows)

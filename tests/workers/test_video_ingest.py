@@ -119,3 +119,13 @@ def test_other_views_are_told_apart_from_videos_with_dots_in_their_names():
     files = ["a/x.mp4", "a/x.cam2.mp4", "a/x.masks.npz", "a/my.clip.mkv", "a/y.v2.mp4", "a/y.webm", "b.d/z.mp4"]
     assert split_views(files) == {"a/x.mp4": {"cam2": "a/x.cam2.mp4"}, "a/my.clip.mkv": {},
                                   "a/y.webm": {"v2": "a/y.v2.mp4"}, "b.d/z.mp4": {}}
+
+
+def test_the_loader_batches_clips_with_their_other_camera(videos, tmp_path):
+    from workers.data.loader import Collate
+
+    run = str(tmp_path / "run")
+    _ingest(videos, run, clip_frames=8, clip_size=16)
+    batch = Collate(16)(_samples(run, "test")[:3])
+    assert batch["clip"].shape == (3, 8, 3, 16, 16) and batch["views"]["cam2"].shape == (3, 8, 3, 16, 16)
+    assert batch["image"].shape == (3, 3, 16, 16) and bool((batch["image"] == batch["clip"][:, 4]).all())

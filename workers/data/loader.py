@@ -49,6 +49,9 @@ class Collate:
         out = {"image": stacked, "label": torch.tensor([s["label"] for s in samples])}
         if "clip" in samples[0]:  # a clip run: the clips too, (B, T, C, H, W), each frame fitted alike
             out["clip"] = torch.stack([fit_size(s["clip"], self.size) for s in samples])
+            views = sorted(samples[0].get("views") or {})
+            if views and all(sorted(s.get("views") or {}) == views for s in samples):  # other cameras
+                out["views"] = {v: torch.stack([fit_size(s["views"][v], self.size) for s in samples]) for v in views}
         return out
 
 

@@ -282,7 +282,10 @@ def train_step(rig: Rig, step: int, batches: list[dict], meter: Meter) -> tuple[
     encoder, queue, prototypes). Returns the last forward's outputs and images."""
     config, core, model, amp_dtype = rig.config, rig.core, rig.model, rig.amp_dtype
     for micro, batch in enumerate(batches):
-        images = batch["clip" if core.modality == "clip" else "image"].to(rig.device, non_blocking=True)
+        images = batch["clip" if core.modality == "clip" else "image"]
+        if core.takes_views and batch.get("views"):  # the main clip and the first other camera: (B, 2, T, C, H, W)
+            images = torch.stack([images, batch["views"][sorted(batch["views"])[0]]], 1)
+        images = images.to(rig.device, non_blocking=True)
         views = core.make_views(images, generator=rig.gen)
         if rig.ex.channels_last:
             views = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
@@ -339,7 +342,9 @@ def fit_budget(rig: Rig, step: int, images: torch.Tensor, t_enter: float) -> Non
     from workers.pretrain.budget import fit_steps
 
     # the monitor embeds images: of a clip batch, the middle frames (what the loader gives it of clips)
-    frames = images[:, images.shape[1] // 2] if images.ndim == 5 else images
+    frames = images
+    while frames.ndim > 4:  # (B, [cameras,] T, C, H, W) → one frame per sample
+        frames = frames[:, frames.shape[1] // 2]
     embed_s = _embedding_seconds(rig, frames) if rig.config.knn_monitor else 0.0
     step_s = rig.clock.step_seconds()
     if rig.world > 1:

@@ -20,7 +20,8 @@ QUICK_EVAL = ["finetune_epochs=0.5", "fewshot_epochs=1", "probe_max_iter=20", "k
 
 def _commands() -> list[list[str]]:
     readme = open(os.path.join(ROOT, "README.md")).read()
-    section = readme[readme.index("## Your own images"):readme.index("## From Python")]
+    start = readme.index("## Your own images")
+    section = readme[start:readme.index("\n## ", start)]  # up to the next section
     return [shlex.split(line.split("#", 1)[0]) for line in re.findall(r"^gelato .*$", section, re.M)]
 
 

@@ -117,21 +117,9 @@ def _resolved(opts: Optional[dict]):
 
 def storage_options_of(path: Optional[str]) -> dict:
     """The ``storage_options`` (s3fs keyword arguments) of a YAML file; {} without one."""
-    if not path:
-        return {}
-    import yaml
+    from workers.config import read_config_file, storage_options_in
 
-    from workers.config import ConfigError
-
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"config file {path!r} does not exist") from None
-    opts = cfg.get("storage_options", {}) if isinstance(cfg, dict) else None
-    if not isinstance(opts, dict):
-        raise ConfigError(f"{path}: storage_options must be a mapping of s3fs options")
-    return opts
+    return storage_options_in(read_config_file(path), path)
 
 
 def _check_s3(loc) -> None:

@@ -265,21 +265,36 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+def read_config_file(path: Optional[str]) -> dict[str, Any]:
+    """A YAML config file as a mapping ({} without a path); a missing file, bad YAML or a file that is
+    not a mapping fails naming it."""
+    if not path:
+        return {}
+    try:
+        with open(path) as f:
+            loaded = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} does not exist") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: a config is a mapping of keys to values")
+    return loaded
+
+
+def storage_options_in(raw: dict[str, Any], path: Optional[str]) -> dict[str, Any]:
+    """The ``storage_options`` (s3fs keyword arguments) of a config read from ``path``; {} without."""
+    opts = raw.get("storage_options") or {}
+    if not isinstance(opts, dict):
+        raise ConfigError(f"{path}: storage_options must be a mapping of s3fs options")
+    return opts
+
+
 def load_model(model: type[BaseModel], path: Optional[str] = None, overrides: Optional[list[str]] = None,
                base: Optional[dict[str, Any]] = None):
     """Read ``path`` (YAML), apply ``key=value`` overrides, validate into ``model``. Errors name the key."""
     raw: dict[str, Any] = dict(base or {})
-    if path:
-        try:
-            with open(path) as f:
-                loaded = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: a config is a mapping of keys to values")
-        raw.update(loaded)
+    raw.update(read_config_file(path))
     raw = apply_overrides(raw, overrides or [])
     try:
         return model(**raw)

@@ -30,6 +30,23 @@ def _fading(b: int = 16, t: int = 8, c: int = 1) -> torch.Tensor:
     return clips
 
 
+def _train(obj, clips: torch.Tensor, steps: int, seed: int) -> tuple[list[float], dict]:
+    """``steps`` Adam steps on fixed clips (fresh views each step); the losses and the last outputs."""
+    opt, g, losses = torch.optim.Adam(obj.parameters(), lr=3e-3), _gen(seed), []
+    for _ in range(steps):
+        out = obj(obj.make_views(clips, generator=g))
+        losses.append(float(out["loss"]))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    return losses, out
+
+
+def _backbone_trained(obj) -> bool:
+    grads = [p.grad for p in obj.backbone.parameters() if p.grad is not None]
+    return bool(grads) and sum(float(x.abs().sum()) for x in grads) > 0
+
+
 def test_clip_views_draw_one_crop_and_flip_per_clip():
     clips = torch.arange(2 * 3 * 1 * 8 * 8, dtype=torch.float32).view(2, 3, 1, 8, 8) / 400  # every frame differs
     out = prepare_clips(clips, 8, crop_scale=(0.3, 0.6), flip_p=0.5, generator=_gen())
@@ -67,21 +84,12 @@ def test_arrow_of_time_learns_the_direction_of_irreversible_clips():
     torch.manual_seed(0)
     obj = build("arrow_of_time", backbone=backbones.build("small_cnn", in_channels=1, width=8), image_size=SIZE,
                 frames=4, head_hidden_dim=32, crop_scale=(0.8, 1.0))
-    opt = torch.optim.Adam(obj.parameters(), lr=3e-3)
-    clips, g = _fading(32), _gen(3)
-    first = None
-    for _ in range(60):
-        out = obj(obj.make_views(clips, generator=g))
-        first = first if first is not None else float(out["loss"])
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-    grads = [p.grad for p in obj.backbone.parameters() if p.grad is not None]
-    assert grads and sum(float(x.abs().sum()) for x in grads) > 0
+    losses, _ = _train(obj, _fading(32), 60, seed=3)
+    assert _backbone_trained(obj)
     obj.eval()
     with torch.no_grad():
         acc = float(obj(obj.make_views(_fading(64), generator=_gen(9)))["accuracy"])
-    assert float(out["loss"]) < first and acc > 0.9
+    assert losses[-1] < losses[0] and acc > 0.9
 
 
 def _ramp(b: int = 32, t: int = 8) -> torch.Tensor:
@@ -130,17 +138,8 @@ def test_the_order_objectives_lower_their_loss_and_train_the_backbone(name):
     obj = build(name, backbone=backbones.build("small_cnn", in_channels=1, width=8), image_size=SIZE, **kw)
     cls = OBJECTIVES[name]
     assert cls.modality == "clip" and re.search(r"\b(19|20)\d\d\b", cls.__doc__) and "Shape:" in cls.forward.__doc__
-    opt = torch.optim.Adam(obj.parameters(), lr=3e-3)
-    clips, g, losses = _fading(32), _gen(3), []
-    for _ in range(50):
-        out = obj(obj.make_views(clips, generator=g))
-        losses.append(float(out["loss"]))
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
-    grads = [p.grad for p in obj.backbone.parameters() if p.grad is not None]
-    assert grads and sum(float(x.abs().sum()) for x in grads) > 0
-    assert sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
+    losses, _ = _train(obj, _fading(32), 50, seed=3)
+    assert _backbone_trained(obj) and sum(losses[-10:]) / 10 < 0.8 * sum(losses[:10]) / 10
 
 
 def test_tcn_takes_the_same_moment_from_the_second_camera_and_a_distant_negative():
@@ -163,11 +162,5 @@ def test_tcn_learns_to_bring_the_two_cameras_together():
                 negative_gap=3, embed_dim=16)
     clips = _fading(32)
     two = torch.stack([clips, (clips.float() * 0.7).to(torch.uint8)], 1)
-    opt, g, losses = torch.optim.Adam(obj.parameters(), lr=3e-3), _gen(4), []
-    for _ in range(50):
-        out = obj(obj.make_views(two, generator=g))
-        losses.append(float(out["loss"]))
-        opt.zero_grad()
-        out["loss"].backward()
-        opt.step()
+    losses, out = _train(obj, two, 50, seed=4)
     assert sum(losses[-10:]) / 10 < 0.5 * sum(losses[:10]) / 10 and float(out["triplet_accuracy"]) > 0.7

@@ -46,6 +46,12 @@ def _frames_to_rgb_or_grey(frame, channels: int) -> np.ndarray:
     return frame.to_ndarray(format="gray" if channels == 1 else "rgb24")
 
 
+def _tchw(frames: list[np.ndarray], channels: int) -> np.ndarray:
+    """Decoded frames, (H, W) grey or (H, W, 3) RGB each, as one uint8 (T, C, H, W) clip."""
+    arr = np.stack(frames)
+    return arr[:, None] if channels == 1 else arr.transpose(0, 3, 1, 2)
+
+
 def read_video(path: str, fps: float, size: Optional[int] = None, channels: int = 3,
                max_frames: Optional[int] = None) -> np.ndarray:
     """Frames of ``path`` at ``fps`` as uint8 ``(T, C, H, W)`` (resized to ``size``×``size`` when
@@ -87,8 +93,7 @@ def read_video(path: str, fps: float, size: Optional[int] = None, channels: int 
         raise ClipError(f"{path}: cannot decode: {type(e).__name__}: {e}") from None
     if not out:
         raise ClipError(f"{path}: no decodable frame")
-    frames = np.stack(out)
-    return frames[:, None] if channels == 1 else frames.transpose(0, 3, 1, 2)
+    return _tchw(out, channels)
 
 
 def encode_clip(clip: np.ndarray, codec: str = "ffv1", fps: float = 10.0) -> bytes:
@@ -130,8 +135,7 @@ def decode_clip(data: bytes, channels: int, name: str = "clip") -> np.ndarray:
         raise ClipError(f"{name}: cannot decode the stored clip: {type(e).__name__}: {e}") from None
     if not frames:
         raise ClipError(f"{name}: the stored clip has no frame")
-    arr = np.stack(frames)
-    return arr[:, None] if channels == 1 else arr.transpose(0, 3, 1, 2)
+    return _tchw(frames, channels)
 
 
 def clip_members(clip: np.ndarray, codec: str = "png", fps: float = 10.0, view: str = "") -> dict[str, bytes]:
@@ -185,6 +189,5 @@ def clip_from_members(sample: dict, channels: int, view: str = "", name: str = "
             img = Image.open(io.BytesIO(sample[ext])).convert("L" if channels == 1 else "RGB")
         except Exception as e:  # noqa: BLE001 - PIL raises many kinds for a damaged PNG
             raise ClipError(f"{name}.{ext}: cannot decode the stored frame: {type(e).__name__}: {e}") from None
-        arr = np.asarray(img)
-        out.append(arr[None] if channels == 1 else arr.transpose(2, 0, 1))
-    return np.stack(out)
+        out.append(np.asarray(img))
+    return _tchw(out, channels)

@@ -12,7 +12,7 @@ from typing import Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from workers.config import ConfigError
+from workers.config import ConfigError, load_model, read_config_file, storage_options_in
 from workers.evaluate.probe import DEFAULT_WEIGHT_DECAYS
 
 PROTOCOLS = ("probe", "knn", "finetune", "fewshot")
@@ -104,24 +104,8 @@ def load_eval_config(path: Optional[str] = None, overrides: Optional[list[str]] 
     evaluates with the demo's settings. ``base`` (the command line's options) goes on top of the
     file, ``key=value`` overrides on top of both. Errors name the file and the key.
     """
-    import yaml
-
-    from workers.config import load_model
-
-    raw: dict = {}
-    if path:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path!r} does not exist") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: a config is a mapping of keys to values")
-    opts = raw.get("storage_options") or {}
-    if not isinstance(opts, dict):
-        raise ConfigError(f"{path}: storage_options must be a mapping of s3fs options")
+    raw = read_config_file(path)
+    opts = storage_options_in(raw, path)
     if isinstance(raw.get("evaluate"), dict) or {"pretrain", "ingest", "run"} & set(raw):
         section = dict(raw.get("evaluate") or {})       # a pipeline config
     else:

@@ -22,9 +22,10 @@ from flows.artifacts import publish_plots
 from flows.credentials import resolve as resolve_credentials
 from workers.credentials import StorageOptions
 from workers.evaluate.config import EvalConfig
-from workers.evaluate.evaluation import NEEDS, Evaluation, frozen_sources
+from workers.evaluate.evaluation import NEEDS, Evaluation, frozen_sources, video_protocols
 from workers.evaluate.protocols import Result, run_fewshot, run_finetune, run_knn, run_probe, run_supervised
 from workers.evaluate.report import render_markdown, track_report, write_report
+from workers.evaluate.video import VIDEO_RUNS
 from workers.tracking import run_name
 
 # Two task threads; each task computes inside one of ``Evaluation.compute_slots``: one at a time on
@@ -67,6 +68,13 @@ def fewshot_task(ev: Evaluation, source: str, via: str) -> Result:
 def supervised_task(ev: Evaluation) -> Result:
     with ev.compute_slots:
         return run_supervised(ev)
+
+
+@task(cache_policy=NONE, task_run_name="{protocol}-{source}")
+def video_task(ev: Evaluation, protocol: str, source: str) -> Result:
+    """A clip run's protocol (workers/evaluate/video.py) on one frozen source; it reads its own features."""
+    with ev.compute_slots:
+        return VIDEO_RUNS[protocol](ev, source)
 
 
 @task(cache_policy=NONE, task_run_name="report")
@@ -121,6 +129,7 @@ def evaluate_flow(run: str, config: Optional[EvalConfig] = None,
             futures.append(knn_task.submit(ev, "supervised", wait_for=[sup]))
         if "fewshot" in ev.protocols:
             futures.append(fewshot_task.submit(ev, "supervised", "finetune"))
+    futures += [video_task.submit(ev, p, s) for p in video_protocols(ev) for s in frozen_sources(ev)]
     report = report_task.submit(ev, futures, started, wait_for=list(feats.values())).result()
     log.info("report: %s/report.md (%s)", run, report["report_file"])
     return report

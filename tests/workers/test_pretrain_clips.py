@@ -59,11 +59,13 @@ def test_the_arrow_of_time_trains_on_ray_workers_and_is_scored_on_frames(clip_ru
     assert result.steps >= 10 and steps and all(0 <= r["accuracy"] <= 1 for r in steps if "accuracy" in r)
     assert any(r.get("event") == "schedule" for r in rows) and any("knn_top1" in r for r in rows)
     assert os.path.exists(result.backbone)
-    # the backbone is an image backbone: probe and kNN ran on the clips' middle frames (labels: motion kind)
+    # the backbone is an image backbone: probe and kNN ran on the clips' middle frames (labels: the item
+    # shown), the clip protocols beside them, each a task of the evaluation flow
     cells = {(r["protocol"], r["features"]) for r in report.report["results"]}
-    assert {("probe", "pretrained"), ("knn", "pretrained"), ("probe", "random_init")} <= cells
-    assert report.report["modality"] == "clip"
-    assert "**clips**: every protocol reads each clip's middle frame" in open(os.path.join(clip_run, "report.md")).read()
+    assert {("probe", "pretrained"), ("knn", "pretrained"), ("probe", "random_init"), ("clip_probe", "pretrained"),
+            ("label_propagation", "random_init"), ("alignment", "pretrained")} <= cells
+    assert report.report["modality"] == "clip" and report.report["frame_target"] == "item"
+    assert "the item it shows most" in open(os.path.join(clip_run, "report.md")).read()
 
 
 @pytest.mark.slow  # a private Ray instance and Prefect's server

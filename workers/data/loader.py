@@ -120,12 +120,16 @@ def load_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int
 
     Returns ``{"key": list[str], "image": uint8 (N, C, H, W), "label": (N,) int64 (-1: unlabelled),
     "labels": (N, K) float multi-hot or None, "difficult": (N, K) bool or None}`` (the last two
-    for multi-label sources). Images are fitted to ``size × size`` as the training loader does
+    for multi-label sources). A clip run adds ``"clip"`` uint8 (N, T, C, S, S) (``image`` is its
+    middle frame), ``"view"`` (the first other camera, like ``clip``, or None unless every clip has
+    one), ``"masks"`` uint8 (N, T, H, W) of the main view at the stored size (or None), ``"info"``
+    (each clip's labels) and ``"item"`` (N,) the middle frame's item class (:func:`frame_item`). Images are fitted to ``size × size`` as the training loader does
     (:func:`fit_size`; sources such as VOC hold images of many sizes); with ``size=None`` every
     image must have the same size. Reads in shard order, no shuffling, so the same run always
     gives the same order.
     """
     keys, images, labels, multi, difficult = [], [], [], [], []
+    clips: dict[str, list] = {"clip": [], "view": [], "masks": [], "info": []}
     for s in open_split(run, split, manifest=manifest, on_corrupt=on_corrupt):
         keys.append(s["key"])
         images.append(fit_size(s["image"], size))
@@ -133,11 +137,57 @@ def load_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int
         if "labels" in s:
             multi.append(s["labels"])
             difficult.append(s["difficult"])
+        if "clip" in s:
+            _add_clip(clips, s, size)
         if limit is not None and len(images) >= limit:
             break
     if not images:
         raise ValueError(f"{run.uri}: split {split!r} is empty")
     batch = collate([{"key": k, "image": im, "label": 0} for k, im in zip(keys, images)])
-    return {"key": keys, "image": batch["image"], "label": torch.tensor(labels, dtype=torch.long),
-            "labels": torch.stack(multi) if multi else None,
-            "difficult": torch.stack(difficult) if difficult else None}
+    out = {"key": keys, "image": batch["image"], "label": torch.tensor(labels, dtype=torch.long),
+           "labels": torch.stack(multi) if multi else None,
+           "difficult": torch.stack(difficult) if difficult else None}
+    if clips["clip"]:
+        out |= _stack_clips(clips, run.uri, split)
+    return out
+
+
+def _add_clip(acc: dict, sample: dict, size: Optional[int]) -> None:
+    """One clip sample's frames (fitted to ``size``), first other view, main-view masks and info."""
+    acc["clip"].append(fit_size(sample["clip"], size))
+    views = sample.get("views") or {}
+    acc["view"].append(fit_size(views[min(views)], size) if views else None)
+    acc["masks"].append((sample.get("masks") or {}).get("main"))
+    acc["info"].append(sample.get("info") or {})
+
+
+def frame_item(info: dict, masks: Optional[torch.Tensor], frame: int) -> int:
+    """The item class a frame shows: of the item covering most pixels of frame ``frame`` in the
+    masks (0 background, i + 1 item i), else of the clip's first item; -1 where the clip lists none.
+    ``info["classes"]`` lists the clip's item classes (``moving-fashion-mnist``: Fashion-MNIST's)."""
+    items = info.get("classes") or []
+    if not items:
+        return -1
+    if masks is not None:
+        counts = torch.bincount(masks[frame].flatten().long(), minlength=len(items) + 1)[1:len(items) + 1]
+        if int(counts.max()) > 0:
+            return int(items[int(counts.argmax())])
+    return int(items[0])
+
+
+def _stack_clips(acc: dict, uri: str, split: str) -> dict:
+    """The clip entries of :func:`load_split`'s dict (see there)."""
+    try:
+        clip = torch.stack(acc["clip"])
+    except RuntimeError:
+        raise ValueError(f"{uri}: clips of split {split!r} differ in length or size "
+                         f"{sorted({tuple(c.shape) for c in acc['clip']})[:4]}; set image_size") from None
+    mid = clip.shape[1] // 2
+    out = {"clip": clip, "info": acc["info"],
+           "item": torch.tensor([frame_item(i, m, mid) for i, m in zip(acc["info"], acc["masks"])]),
+           "view": None, "masks": None}
+    if all(v is not None and v.shape == c.shape for v, c in zip(acc["view"], acc["clip"])):
+        out["view"] = torch.stack(acc["view"])
+    if all(m is not None for m in acc["masks"]) and len({tuple(m.shape) for m in acc["masks"]}) == 1:
+        out["masks"] = torch.stack(acc["masks"])
+    return out

@@ -19,6 +19,10 @@ PROTOCOLS = ("probe", "knn", "finetune", "fewshot")
 
 
 BASELINES = ("raw_pixels", "random_init", "supervised", "init_from")
+# clip runs only (workers/evaluate/video.py): motion kind from a clip's frames, propagating the first
+# frame's masks, aligning two cameras
+VIDEO_PROTOCOLS = ("clip_probe", "clip_knn", "label_propagation", "alignment")
+VideoProtocol = Literal["clip_probe", "clip_knn", "label_propagation", "alignment"]
 
 
 class EvalConfig(BaseModel):
@@ -74,6 +78,19 @@ class EvalConfig(BaseModel):
     loggers: tuple[Literal["tensorboard", "mlflow"], ...] = Field(
         (), description="experiment trackers that get the results table, report.md and the plots "
                         "(workers/tracking.py; pip install 'gelato[tracking]'); not part of the settings' hash")
+    video_protocols: tuple[VideoProtocol, ...] = Field(
+        VIDEO_PROTOCOLS, description="the protocols of a clip run, besides the frame-level ones above (an image "
+                                     "run ignores them): clip_probe / clip_knn (the clip's class from the "
+                                     "features of clip_eval_frames frames, concatenated), label_propagation "
+                                     "(J of the first frame's masks carried through the clip), alignment "
+                                     "(nearest frame across two cameras)")
+    clip_eval_frames: int = Field(4, ge=1, le=64, description="frames per clip, evenly spaced, of clip_probe and clip_knn")
+    propagation_topk: int = Field(10, ge=1, description="label propagation: reference nodes each node copies from")
+    propagation_temperature: float = Field(0.05, gt=0, description="label propagation: softmax temperature on cosine")
+    propagation_context: int = Field(4, ge=0, description="label propagation: previous frames referenced, beside the first")
+    propagation_radius: Optional[float] = Field(
+        0.5, gt=0, description="label propagation: only nodes this close (a fraction of the feature map's side) "
+                               "are referenced; null: all")
     on_corrupt: Literal["fail", "skip"] = Field(
         "fail", description="a damaged shard: fail (stop, naming it and the fix) or skip it (counted in the report)")
 
@@ -82,7 +99,16 @@ class EvalConfig(BaseModel):
         d.pop("loggers", None)  # where results are sent does not change them
         if d.get("init_from") is None:  # added 2026-12: evaluations made before keep their hash
             d.pop("init_from", None)
+        for k in VIDEO_DEFAULTS:  # added 2026-12 with clip runs: likewise, while left at their defaults
+            if d.get(k) == VIDEO_DEFAULTS[k]:
+                d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+VIDEO_DEFAULTS = {k: EvalConfig.model_fields[k].default for k in
+                  ("video_protocols", "clip_eval_frames", "propagation_topk", "propagation_temperature",
+                   "propagation_context", "propagation_radius")}
+VIDEO_DEFAULTS["video_protocols"] = list(VIDEO_PROTOCOLS)  # as model_dump(mode="json") gives it
 
 
 def eval_config(**kwargs) -> EvalConfig:

@@ -34,6 +34,7 @@ from workers.evaluate import checkpoint as ckpt, features
 from workers.evaluate.config import EvalConfig
 from workers.evaluate.protocols import (fewshot_subset, run_fewshot, run_finetune, run_knn,
                                         run_probe, run_supervised)
+from workers.evaluate.video import NEEDS as VIDEO_NEEDS, VIDEO_RUNS
 from workers.hardware import cap_torch_threads, keep_freed_memory, resolve_here
 from workers.model import fixed_input_size
 from workers.storage import RunLocation
@@ -62,6 +63,15 @@ def plan(manifest: dict, config: EvalConfig) -> tuple[list[str], dict[str, str]]
             refused[p] = "fewshot: class-balanced label subsets are defined for single-label sources only"
         elif p != "supervised":
             run.append(p)
+    if manifest.get("modality") == "clip":
+        for p in config.video_protocols:
+            missing = [s for s in VIDEO_NEEDS[p] if s not in have]
+            if p.startswith("clip_") and not manifest.get("classes"):
+                refused[p] = f"{p} needs the clips' classes but the source is unlabelled (no class sub-folders)"
+            elif missing:
+                refused[p] = f"{p} needs the split(s) {', '.join(missing)} but the run has only {', '.join(sorted(have))}"
+            else:
+                run.append(p)
     if not run:  # a report of "not run" cells, exiting 0, would hide it
         raise ConfigError("nothing to evaluate: " + "; ".join(refused.values()))
     return run, refused
@@ -140,7 +150,11 @@ class Evaluation:
         self._splits: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._locks: dict[object, threading.Lock] = {}
-        self.classes = manifest.get("classes") or []
+        self.clip_run = manifest.get("modality") == "clip"
+        self._classes = manifest.get("classes") or []
+        # a clip run: the clips' classes (clip-level protocols); the frame-level ones use frame_classes()
+        self.clip_classes = self._classes if self.clip_run else []
+        self._frame_classes: Optional[list[str]] = None
         self.multilabel = bool(manifest.get("multilabel"))
         self.protocols, self.refused = plan(manifest, config)
         self.init_from = init_path(config, self.checkpoint)
@@ -182,8 +196,37 @@ class Evaluation:
             return self._locks.setdefault(key, threading.Lock())
 
     @property
+    def classes(self) -> list[str]:
+        """The classes of the frame-level protocols: the source's, or a clip run's :meth:`frame_classes`."""
+        return self.frame_classes() if self.clip_run else self._classes
+
+    @property
     def n_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def frame_target(self) -> str:
+        """What a clip run's frame-level protocols predict: "item" (the item a frame shows) or "clip"."""
+        return "item" if self.clip_run and self.frame_classes() is not self._classes else "clip"
+
+    def frame_classes(self) -> list[str]:
+        """A clip run's item classes, from the clips' ``info`` (``classes`` and ``class_names``) of
+        every split; the clips' classes when no clip lists its items."""
+        with self._lock_for("frame_classes"):
+            if self._frame_classes is None:
+                names: dict[int, str] = {}
+                for split in ("train", "val", "test"):
+                    if split in self.manifest["splits"] and "item_label" in self.split(split):
+                        for info in self.split(split)["info"]:
+                            names |= {int(i): str(n) for i, n in zip(info.get("classes", []),
+                                                                     info.get("class_names", info.get("classes", [])))}
+                self._frame_classes = [names.get(i, str(i)) for i in range(max(names) + 1)] if names else self._classes
+            return self._frame_classes
+
+    def refuse(self, protocol: str, why: str) -> None:
+        """A protocol found at run time that it cannot run (e.g. the clips have no masks); the report says why."""
+        with self._lock:
+            self.refused[protocol] = why
 
     @property
     def embedding_split(self) -> str:
@@ -206,8 +249,13 @@ class Evaluation:
     def split(self, name: str) -> dict:
         with self._lock_for(("split", name)):
             if name not in self._splits:
-                self._splits[name] = load_split(self.loc, self.manifest, name, self.config.limit, self.image_size,
-                                              self.config.on_corrupt)
+                data = load_split(self.loc, self.manifest, name, self.config.limit, self.image_size,
+                                  self.config.on_corrupt)
+                if "item" in data and bool((data["item"] >= 0).all()):
+                    # a clip run whose clips list their items: the frame-level protocols predict the item
+                    # the middle frame shows; the clip-level ones read clip_label
+                    data |= {"clip_label": data["label"], "label": data["item"], "item_label": True}
+                self._splits[name] = data
             return self._splits[name]
 
     def frozen_train_index(self) -> Optional[torch.Tensor]:
@@ -384,4 +432,12 @@ def run_protocols(ev: Evaluation):
                 yield fn(ev, "supervised")
         if "fewshot" in ev.protocols:
             yield run_fewshot(ev, "supervised", "finetune")
+    for p in video_protocols(ev):
+        for s in sources:
+            yield VIDEO_RUNS[p](ev, s)
+
+
+def video_protocols(ev: Evaluation) -> list[str]:
+    """The clip-run protocols to run (``workers/evaluate/video.py``), in the config's order."""
+    return [p for p in ev.protocols if p in VIDEO_RUNS]
 

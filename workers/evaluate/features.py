@@ -125,6 +125,22 @@ class FeatureSource:
             return self.module(x).float()
 
 
+    @torch.no_grad()
+    def dense(self, images: torch.Tensor, execution: Execution | str = "fp32", grid: int = 8) -> torch.Tensor:
+        """Dense features for label propagation: the first (largest) of the network's
+        ``feature_maps``; raw pixels: each cell of a ``grid × grid`` grid described by a 4 × 4
+        thumbnail of its pixels. Shape: images (B, C, H, W) uint8 → (B, D, h, w) float32."""
+        ex = as_execution(execution, images.device.type)
+        x = self.preprocess(images)
+        if self.module is None:
+            return F.pixel_unshuffle(F.adaptive_avg_pool2d(x, 4 * grid), 4)             # (B, 16·C, grid, grid)
+        if not hasattr(self.module, "feature_maps"):
+            raise ValueError(f"{type(self.module).__name__} exposes no feature_maps(): no dense features for "
+                             "label propagation")
+        with autocast(x.device.type, ex.precision):
+            return self.module.feature_maps(x)[0].float()
+
+
 def at_size(preprocess: Callable[[torch.Tensor], torch.Tensor], size: Optional[int]):
     """``preprocess`` followed by a bilinear (antialiased) resize to ``size`` × ``size``.
 

@@ -21,6 +21,7 @@ import time
 from typing import Optional
 
 from workers.data import integrity
+from workers.evaluate.config import VIDEO_PROTOCOLS
 from workers.model import PRETRAIN_PLOT
 from workers.plots import confusion_plot, curve_plot, embedding_plot
 
@@ -39,8 +40,22 @@ def columns(rows: list[dict]) -> list[tuple[str, str]]:
 
 # ----------------------------------------------------------------------------- the table
 
-def table_rows(multilabel: bool, n_classes: int, knn_k: int, knn_t: float) -> list[tuple[str, str, Optional[str], str]]:
-    """(protocol, metric, via, label) of every row the table shows, computed or not."""
+VIDEO_ROWS = [("clip_probe", "top1", None, "clip: linear probe ({what}), top-1"),
+              ("clip_knn", "top1", None, "clip: kNN ({what}), top-1"),
+              ("label_propagation", "J", None, "clip: label propagation, J (mean IoU)"),
+              ("alignment", "top1", None, "clip: cross-view alignment, top-1")]
+
+
+def table_rows(multilabel: bool, n_classes: int, knn_k: int, knn_t: float,
+               clip: Optional[dict] = None) -> list[tuple[str, str, Optional[str], str]]:
+    """(protocol, metric, via, label) of every row the table shows, computed or not. ``clip`` (a clip
+    run): ``{"frame_target": "item" | "clip", "clip_classes": [...]}``; its frame rows say what they
+    predict and the clip rows follow."""
+    if clip:
+        frame = "frame, item class" if clip.get("frame_target") == "item" else "frame, clip class"
+        what = "/".join(clip.get("clip_classes") or []) or "class"
+        return ([(p, m, v, f"{frame}: {label}") for p, m, v, label in table_rows(multilabel, n_classes, knn_k, knn_t)]
+                + [(p, m, v, label.format(what=what)) for p, m, v, label in VIDEO_ROWS])
     if multilabel:
         return [("probe", "mAP", None, "linear probe, mAP"), ("knn", "mAP", None, f"kNN (k={knn_k}, T={knn_t}), mAP"),
                 ("finetune", "mAP", None, "fine-tune, mAP")]
@@ -62,13 +77,16 @@ def results_table(report: dict) -> list[dict]:
     cells = {(r["protocol"], r["metric"], r.get("via"), r["features"]): r["value"] for r in report["results"]}
     # the k kNN used: the configured one unless the bank had fewer samples in a class (protocols.knn_k)
     used = [d["k"] for key, d in (report.get("details") or {}).items() if key.startswith("knn/") and "k" in d]
+    clip = ({"frame_target": report.get("frame_target"), "clip_classes": report.get("clip_classes")}
+            if report.get("modality") == "clip" else None)
     shown = table_rows(report["multilabel"], len(report["classes"] or []), max(used, default=report["eval_config"]["knn_k"]),
-                       report["eval_config"]["knn_t"])
+                       report["eval_config"]["knn_t"], clip)
     asked = set(report["eval_config"].get("protocols") or ("probe", "knn", "finetune", "fewshot"))
+    asked |= set(report["eval_config"].get("video_protocols") or ()) if clip else set()
     rows = []
     cols = COLUMNS + ([INIT_COLUMN] if any(r["features"] == INIT_COLUMN[0] for r in report["results"]) else [])
     for proto, metric, via, label in shown:
-        if proto.split("_")[0] not in asked:  # a protocol nobody asked for gets no row of "not run"
+        if proto not in asked and proto.split("_")[0] not in asked:  # a protocol nobody asked for: no row
             continue
         vals = {col: cells.get((proto, metric, via, col)) for col, _ in cols}
         rows.append({"protocol": label} | {c: None if v is None else round(100 * v, 2) for c, v in vals.items()})
@@ -193,6 +211,7 @@ def write_report(ev, results: list, total_seconds: float, log=None) -> dict:
         "frozen_train_samples": len(ev.frozen_train_index()) if ev.frozen_train_index() is not None else None,
         "skipped_shards": sorted(r["shard"] for r in integrity.damaged(ev.loc, mode="skip")),
         "classes": ev.classes or None, "multilabel": ev.multilabel,
+        **({"clip_classes": ev.clip_classes or None, "frame_target": ev.frame_target} if ev.clip_run else {}),
         "init_from": ev.init_from,
         "modality": ev.manifest.get("modality", "image"),
         "splits": ev.loaded_splits(),
@@ -202,8 +221,9 @@ def write_report(ev, results: list, total_seconds: float, log=None) -> dict:
         "durations_s": durations | {"total": total_seconds},
         "plots": plots,
     }
-    for proto in ("probe", "knn", "finetune", "fewshot"):
-        mine = {k: v for k, v in report["details"].items() if k.split("/")[0].split("_")[0] == proto}
+    for proto in ("probe", "knn", "finetune", "fewshot", "video"):
+        mine = {k: v for k, v in report["details"].items()
+                if k.split("/")[0].split("_")[0] == proto or proto == "video" and k.split("/")[0] in VIDEO_PROTOCOLS}
         if mine:
             ev.loc.write_atomic(f"eval/{proto}.json", json.dumps(mine, indent=1).encode(), ev.fs)
     h = report["eval_config_hash"]
@@ -282,9 +302,7 @@ def render_markdown(report: dict, others: Optional[list[dict]] = None) -> str:
           + (f"; frozen features: the last {stages} stage(s) average-pooled to a {grid}×{grid} grid and "
              f"concatenated (frozen_grid, frozen_stages; Goyal et al. 2019)" if (grid, stages) != (1, 1) else ""),
           *_budget_md(r.get("eval_budget")),
-          *(["- **clips**: every protocol reads each clip's middle frame, labelled with the clip's class "
-              f"({', '.join(r['classes'] or [])}); a class that one frame cannot show (a kind of motion) "
-              "scores near chance here, whatever the backbone learned"] if r.get("modality") == "clip" else []),
+          *_clips_md(r),
           *([f"- this evaluation: [{r['report_file']}]({r['report_file']}); the run's other evaluations: "
              + ", ".join(f"[{o['file']}]({o['file']}) ({o['created']})" for o in others)] if others else []),
           *([f"- **{len(r['skipped_shards'])} damaged shard(s) skipped** (on_corrupt: skip): "
@@ -317,6 +335,26 @@ def render_markdown(report: dict, others: Optional[list[dict]] = None) -> str:
     if "confusion" in r["plots"]:
         md += ["", "## Linear probe confusion matrix (pretrained)", "", f"![confusion matrix]({r['plots']['confusion']})"]
     return "\n".join(md) + "\n"
+
+
+def _clips_md(r: dict) -> list[str]:
+    """What a clip run's rows measure (nothing for an image run)."""
+    if r.get("modality") != "clip":
+        return []
+    cfg = r["eval_config"]
+    if r.get("frame_target", "clip") == "clip":  # reports made before 2026-12-05 say nothing of it
+        frame = (f"the frame-level protocols (*frame*) read each clip's middle frame, labelled with the clip's class "
+                 f"({', '.join(r.get('clip_classes') or r['classes'] or [])}); a class one frame cannot show (a kind "
+                 "of motion) scores near chance there, whatever the backbone learned")
+    else:
+        frame = ("the frame-level protocols (*frame*) read each clip's middle frame, labelled with the item it "
+                 "shows most (from the clip's masks and item classes)")
+    return [f"- **clips**: {frame}; *clip: linear probe / kNN* predict the clip's class from "
+            f"{cfg.get('clip_eval_frames', 4)} evenly spaced frames, their features concatenated; *label propagation* "
+            f"carries the first frame's masks through each test clip by feature affinity (top-{cfg.get('propagation_topk')}, "
+            f"τ {cfg.get('propagation_temperature')}, the first and {cfg.get('propagation_context')} previous frames) and "
+            "scores J, the mean IoU over objects and frames; *cross-view alignment* matches each frame of the main "
+            "camera to the nearest frame of the second (chance: 1 / frames)"]
 
 
 def _details_md(r: dict) -> list[str]:

@@ -117,12 +117,21 @@ def vit_small(in_channels: int = 3, image_size: int = 32, patch_size: int = 4, m
                              dim=384, depth=12, heads=6, mlp_ratio=mlp_ratio, name="vit_small")
 
 
+def igpt_tiny(in_channels: int = 3, seq_size: int = 14, levels: int | None = None, probe_layer: int = 4,
+              mlp_ratio: float = 4.0) -> nn.Module:
+    """A small image GPT (``ssl_models.gpt``): 8 causal blocks of width 128, features of block 4."""
+    from ssl_models.gpt import ImageGPT
+    return ImageGPT(in_channels=in_channels, seq_size=seq_size, levels=levels, dim=128, depth=8, heads=4,
+                    mlp_ratio=mlp_ratio, probe_layer=probe_layer, name="igpt_tiny")
+
+
 BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "small_cnn": small_cnn,
     "resnet18": resnet18,
     "resnet50": resnet50,
     "vit_tiny": vit_tiny,
     "vit_small": vit_small,
+    "igpt_tiny": igpt_tiny,
 }
 
 

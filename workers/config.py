@@ -29,8 +29,8 @@ class ConfigError(ValueError):
 # parameters against the constructors); tests/test_configs.py checks they match.
 ObjectiveName = Literal["contrastive", "triplet", "simclr", "moco", "byol", "swav", "cpc", "autoencoder",
                         "denoising_autoencoder", "mae", "rotation", "relative_position", "jigsaw", "colorization",
-                        "arrow_of_time", "shuffle_and_learn", "temporal_order", "tcn"]
-BackboneName = Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small"]
+                        "arrow_of_time", "shuffle_and_learn", "temporal_order", "tcn", "composite_lstm", "igpt"]
+BackboneName = Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small", "igpt_tiny"]
 
 
 class ViewParams(BaseModel):

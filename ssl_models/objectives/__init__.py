@@ -11,9 +11,11 @@ from ssl_models.objectives.autoencoder import Autoencoder
 from ssl_models.objectives.base import Objective
 from ssl_models.objectives.byol import BYOL
 from ssl_models.objectives.colorization import Colorization
+from ssl_models.objectives.composite_lstm import CompositeLSTM
 from ssl_models.objectives.contrastive import PairwiseContrastive
 from ssl_models.objectives.cpc import CPC
 from ssl_models.objectives.denoising_autoencoder import DenoisingAutoencoder
+from ssl_models.objectives.igpt import IGPT
 from ssl_models.objectives.jigsaw import Jigsaw
 from ssl_models.objectives.mae import MAE
 from ssl_models.objectives.moco import MoCo
@@ -42,10 +44,12 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "relative_position": RelativePosition,
     "jigsaw": Jigsaw,
     "colorization": Colorization,
+    "igpt": IGPT,
     # predictive, on clips (modality "clip": make_views takes (B, T, C, H, W))
     "arrow_of_time": ArrowOfTime,
     "shuffle_and_learn": ShuffleAndLearn,
     "temporal_order": TemporalOrder,
+    "composite_lstm": CompositeLSTM,
     # contrastive, on clips
     "tcn": TCN,
 }

@@ -47,6 +47,11 @@ class IngestSettings(BaseModel):
     seed: int = 0
     data_root: Optional[str] = None
     kind: str = "auto"
+    # video sources (``gelato ingest --clip-*``): frames per clip, frame rate, side, how frames are stored
+    clip_frames: int = Field(16, ge=1)
+    clip_fps: float = Field(10.0, gt=0)
+    clip_size: Optional[int] = Field(None, ge=8)
+    clip_codec: Literal["png", "ffv1", "h264"] = "png"
 
 
 class PipelineConfig(BaseModel):
@@ -139,8 +144,8 @@ def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
     ing = cfg.ingest
     ingest_flow(ing.source, run, shard_size=ing.shard_size, image_format=ing.image_format,
                 val_fraction=ing.val_fraction, test_fraction=ing.test_fraction, seed=ing.seed,
-                data_root=ing.data_root, kind=ing.kind,
-                storage_options=opts, progress_bar=progress_bar)
+                data_root=ing.data_root, kind=ing.kind, storage_options=opts, progress_bar=progress_bar,
+                clip_frames=ing.clip_frames, clip_fps=ing.clip_fps, clip_size=ing.clip_size, clip_codec=ing.clip_codec)
     loc = RunLocation(run, opts)
     log.info("what to expect on this machine:\n  %s", "\n  ".join(expectations(run, pre, evaluation, opts)))
     pretrain_task(run, pre, cfg.address, False, progress_bar)

@@ -237,10 +237,13 @@ def test_pipeline_config_validates(path):
     from flows.pipeline import load_pipeline_config
 
     cfg = load_pipeline_config(str(path))
-    assert cfg.pretrain.objective in ("simclr", "moco", "byol", "swav") and cfg.evaluate.protocols
+    assert cfg.pretrain.objective in ("simclr", "moco", "byol", "swav", "tcn") and cfg.evaluate.protocols
     assert cfg.pretrain.precision == cfg.evaluate.precision == "auto"  # resolved on the machine it meets
     if path.name == "pipeline_demo.yaml":  # sized to the machine: within 20 minutes on any 2-core x86 CPU
         assert cfg.pretrain.budget_minutes + cfg.evaluate.budget_minutes <= 14
+    if path.name == "pipeline_video_demo.yaml":  # generated clips with masks and two cameras: every video protocol
+        assert cfg.ingest.source == "moving-fashion-mnist" and cfg.pretrain.budget_minutes <= 8
+        assert set(cfg.evaluate.video_protocols) == {"clip_probe", "clip_knn", "label_propagation", "alignment"}
 
 
 def test_a_backbone_brings_its_own_defaults():

@@ -27,7 +27,8 @@ BIN = os.path.dirname(sys.executable)
 def test_repository_prefect_yaml_is_valid():
     deps = read_deployments()
     names = {d["name"] for d in deps}
-    assert {"fashion-mnist-nightly", "imagenet-simclr-on-ray-cluster", "ingest", "pretrain", "evaluate"} <= names
+    assert {"fashion-mnist-nightly", "moving-fashion-mnist-weekly", "imagenet-simclr-on-ray-cluster", "ingest",
+            "pretrain", "evaluate"} <= names
     nightly = next(d for d in deps if d["name"] == "fashion-mnist-nightly")
     assert nightly["schedules"][0]["cron"] == "0 2 * * *"
     from flows.deploy import load_flow

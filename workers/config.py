@@ -29,7 +29,8 @@ class ConfigError(ValueError):
 # parameters against the constructors); tests/test_configs.py checks they match.
 ObjectiveName = Literal["contrastive", "triplet", "simclr", "moco", "byol", "swav", "cpc", "autoencoder",
                         "denoising_autoencoder", "mae", "rotation", "relative_position", "jigsaw", "colorization",
-                        "arrow_of_time", "shuffle_and_learn", "temporal_order", "tcn", "composite_lstm", "igpt"]
+                        "arrow_of_time", "shuffle_and_learn", "temporal_order", "tcn", "composite_lstm", "igpt",
+                        "cycle_consistency", "colorization_tracking"]
 BackboneName = Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small", "igpt_tiny"]
 
 

@@ -11,9 +11,11 @@ from ssl_models.objectives.autoencoder import Autoencoder
 from ssl_models.objectives.base import Objective
 from ssl_models.objectives.byol import BYOL
 from ssl_models.objectives.colorization import Colorization
+from ssl_models.objectives.colorization_tracking import ColorizationTracking
 from ssl_models.objectives.composite_lstm import CompositeLSTM
 from ssl_models.objectives.contrastive import PairwiseContrastive
 from ssl_models.objectives.cpc import CPC
+from ssl_models.objectives.cycle_consistency import CycleConsistency
 from ssl_models.objectives.denoising_autoencoder import DenoisingAutoencoder
 from ssl_models.objectives.igpt import IGPT
 from ssl_models.objectives.jigsaw import Jigsaw
@@ -50,8 +52,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "shuffle_and_learn": ShuffleAndLearn,
     "temporal_order": TemporalOrder,
     "composite_lstm": CompositeLSTM,
+    "colorization_tracking": ColorizationTracking,
     # contrastive, on clips
     "tcn": TCN,
+    "cycle_consistency": CycleConsistency,
 }
 
 

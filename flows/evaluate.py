@@ -3,7 +3,9 @@
 The graph: one task per (feature source, split) extracts features (cached in the run); each
 probe / kNN / few-label probe task waits for the features it reads; fine-tuning and the
 supervised reference need only the images and start at once; the supervised backbone's probe and
-kNN wait for its training; the report task waits for everything. Tasks run in threads
+kNN wait for its training; a clip run's protocols (clip probe and kNN, label propagation, alignment)
+are one task per protocol and frozen source, reading their own features; the report task waits for
+everything. Tasks run in threads
 (``ThreadPoolTaskRunner``): they share the splits and features held by one
 ``workers.evaluate.evaluation.Evaluation``, and torch releases the GIL in its kernels. All logic lives in
 ``workers/evaluate/evaluation.py``; each task here is a line or two.

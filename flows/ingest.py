@@ -73,7 +73,8 @@ def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str
         log.info("ingesting %s (%s, %d files) into %s: %d shards", src.name, src.kind, plan.total, out,
                  len(plan.shards))
     t0 = time.perf_counter()
-    progress = Progress(sum(len(s.records) for s in targets), desc=f"ingest {src.name}", bar=progress_bar)
+    progress = Progress(sum(len(s.records) for s in targets), desc=f"ingest {src.name}", bar=progress_bar,
+                        unit="clip" if plan.source.get("modality") == "clip" else "img")
     groups = _groups(targets, 4 * DEFAULT_THREADS)
     futures = [write_shards.submit(loc, src, g, params.image_format, progress, g[0].name) for g in groups]
     try:

@@ -441,13 +441,13 @@ def finalize(loc: RunLocation, plan: IngestPlan, results: list[ShardResult]) -> 
 class Progress:
     """Thread-safe sample counter with an optional tqdm bar (samples/s) on the terminal."""
 
-    def __init__(self, total: int, desc: str = "ingest", bar: bool = True):
+    def __init__(self, total: int, desc: str = "ingest", bar: bool = True, unit: str = "img"):
         self.total, self.done, self.lock, self.t0 = total, 0, threading.Lock(), time.perf_counter()
         self.bar = None
         if bar:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=desc, unit="img", unit_scale=True, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=desc, unit=unit, unit_scale=True, dynamic_ncols=True)
 
     def __call__(self, n: int) -> None:
         with self.lock:

@@ -155,6 +155,7 @@ class Evaluation:
         # a clip run: the clips' classes (clip-level protocols); the frame-level ones use frame_classes()
         self.clip_classes = self._classes if self.clip_run else []
         self._frame_classes: Optional[list[str]] = None
+        self.dense_side: Optional[int] = None  # side of the pretrained network's dense map (label propagation)
         self.multilabel = bool(manifest.get("multilabel"))
         self.protocols, self.refused = plan(manifest, config)
         self.init_from = init_path(config, self.checkpoint)
@@ -191,7 +192,7 @@ class Evaluation:
                            self.device, tuple(self.protocols), sup, init_column=bool(self.init_from))
 
     # --- data and features, each computed once
-    def _lock_for(self, key) -> threading.Lock:
+    def lock_for(self, key) -> threading.Lock:
         with self._lock:
             return self._locks.setdefault(key, threading.Lock())
 
@@ -212,7 +213,7 @@ class Evaluation:
     def frame_classes(self) -> list[str]:
         """A clip run's item classes, from the clips' ``info`` (``classes`` and ``class_names``) of
         every split; the clips' classes when no clip lists its items."""
-        with self._lock_for("frame_classes"):
+        with self.lock_for("frame_classes"):
             if self._frame_classes is None:
                 names: dict[int, str] = {}
                 for split in ("train", "val", "test"):
@@ -247,7 +248,7 @@ class Evaluation:
             return {s: len(self._splits[s]["key"]) for s in ("train", "val", "test") if s in self._splits}
 
     def split(self, name: str) -> dict:
-        with self._lock_for(("split", name)):
+        with self.lock_for(("split", name)):
             if name not in self._splits:
                 data = load_split(self.loc, self.manifest, name, self.config.limit, self.image_size,
                                   self.config.on_corrupt)
@@ -265,7 +266,7 @@ class Evaluation:
         contains them when it holds at least 10 % of train); a seeded random subset for multi-label
         sources."""
         n = self.config.frozen_train_samples
-        with self._lock_for("frozen_train"):
+        with self.lock_for("frozen_train"):
             if n is not None and self._frozen_train is None:
                 labels = self.split("train")["label"]
                 if n < len(labels):
@@ -296,7 +297,7 @@ class Evaluation:
 
     def features(self, source: str, split: str) -> torch.Tensor:
         """Frozen features of ``source`` on ``split`` (train: the frozen train samples)."""
-        with self._lock_for((source, split)):
+        with self.lock_for((source, split)):
             if (source, split) not in self._features:
                 t0 = time.perf_counter()
                 name, data = self._frozen_data(split)

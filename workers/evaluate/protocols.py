@@ -63,7 +63,7 @@ class Result:
 
 # ----------------------------------------------------------------------------- protocols
 
-def _timed(fn):
+def timed(fn):
     def wrapper(ev: Evaluation, *args, **kwargs) -> Result:
         t0 = time.perf_counter()
         result = fn(ev, *args, **kwargs)
@@ -73,7 +73,7 @@ def _timed(fn):
     return wrapper
 
 
-@_timed
+@timed
 def run_probe(ev: Evaluation, source: str, train_idx: Optional[torch.Tensor] = None,
               protocol: str = "probe") -> Result:
     """Linear probe on frozen ``source`` features (λ chosen on val), reported on test."""
@@ -108,7 +108,7 @@ def knn_k(asked: int, bank_targets: torch.Tensor, multilabel: bool) -> int:
     return max(1, min(asked, int(counts.min()) if len(counts) else asked))
 
 
-@_timed
+@timed
 def run_knn(ev: Evaluation, source: str) -> Result:
     """Weighted cosine kNN (k, T from the config): train features as the bank, test as queries."""
     bank, queries = ev.features(source, "train"), ev.features(source, "test")
@@ -158,7 +158,7 @@ def _finetune_result(ev: Evaluation, model, preprocess, protocol: str, source: s
     return r
 
 
-@_timed
+@timed
 def run_finetune(ev: Evaluation) -> Result:
     """The pretrained backbone + a new head, all trained on train (backbone at a lower lr)."""
     obj, c = ev.checkpoint.objective, ev.config
@@ -174,7 +174,7 @@ def fewshot_indices(ev: Evaluation) -> dict[str, torch.Tensor]:
     return {name: fewshot_subset(labels, frac, ev.config.seed) for name, frac in FEWSHOT.items()}
 
 
-@_timed
+@timed
 def run_fewshot(ev: Evaluation, source: str, via: Literal["probe", "finetune"]) -> Result:
     """1 % and 10 % class-balanced label subsets of train: probe on ``source`` features, or fine-tune.
 
@@ -206,7 +206,7 @@ class _Wrapped:
         self.backbone, self.preprocess = source.module, source.preprocess
 
 
-@_timed
+@timed
 def run_supervised(ev: Evaluation) -> Result:
     """The supervised reference: the architecture trained from scratch with all train labels.
 

@@ -26,7 +26,7 @@ from workers.evaluate.correspondence import alignment, first_labels, j_score, pr
 from workers.evaluate.features import cached_features
 from workers.evaluate.metrics import topk_accuracy
 from workers.evaluate.probe import Standardizer, linear_probe
-from workers.evaluate.protocols import Result, _timed, knn_k
+from workers.evaluate.protocols import Result, timed, knn_k
 from workers.knn import knn_predict
 
 # a workers.evaluate.evaluation.Evaluation (that module imports this one)
@@ -53,7 +53,7 @@ def _cached(ev: Evaluation, source: str, name: str, keys: list[str], frames: tor
 
 def clip_features(ev: Evaluation, source: str, split: str) -> torch.Tensor:
     """Features of ``clip_eval_frames`` frames of each clip, concatenated. Shape: (N, F·D)."""
-    with ev._lock_for(("clip_features", source, split)):
+    with ev.lock_for(("clip_features", source, split)):
         data = ev.split(split)
         idx = frame_index(data["clip"].shape[1], ev.config.clip_eval_frames)
         frames = data["clip"][:, idx]                                              # (N, F, C, S, S)
@@ -67,7 +67,7 @@ def clip_targets(ev: Evaluation, split: str) -> torch.Tensor:
     return data.get("clip_label", data["label"])
 
 
-@_timed
+@timed
 def run_clip_probe(ev: Evaluation, source: str) -> Result:
     """Linear probe of the clip's class on :func:`clip_features` (λ chosen on val), reported on test."""
     parts = {s: (clip_features(ev, source, s), clip_targets(ev, s), None) for s in ("train", "val", "test")}
@@ -80,7 +80,7 @@ def run_clip_probe(ev: Evaluation, source: str) -> Result:
     return r
 
 
-@_timed
+@timed
 def run_clip_knn(ev: Evaluation, source: str) -> Result:
     """Weighted cosine kNN of the clip's class on :func:`clip_features` (train as the bank)."""
     bank, queries = clip_features(ev, source, "train"), clip_features(ev, source, "test")
@@ -98,14 +98,14 @@ def run_clip_knn(ev: Evaluation, source: str) -> Result:
 
 def dense_grid(ev: Evaluation) -> int:
     """The side of the pretrained network's dense feature map (raw pixels use the same grid)."""
-    with ev._lock_for("dense_grid"):
-        if getattr(ev, "_dense_grid", None) is None:
+    with ev.lock_for("dense_grid"):
+        if ev.dense_side is None:
             frame = ev.split("test")["clip"][:1, 0].to(ev.device)
-            ev._dense_grid = int(ev.sources["pretrained"].dense(frame, ev.execution).shape[-1])
-        return ev._dense_grid
+            ev.dense_side = int(ev.sources["pretrained"].dense(frame, ev.execution).shape[-1])
+        return ev.dense_side
 
 
-@_timed
+@timed
 def run_label_propagation(ev: Evaluation, source: str) -> Result:
     """J of the first frame's masks propagated through each test clip (main camera)."""
     data = ev.split("test")
@@ -144,7 +144,7 @@ def run_label_propagation(ev: Evaluation, source: str) -> Result:
     return r
 
 
-@_timed
+@timed
 def run_alignment(ev: Evaluation, source: str) -> Result:
     """Each frame of the test clips' main camera matched to the nearest frame of their second camera."""
     data = ev.split("test")

@@ -60,7 +60,8 @@ def main() -> int:
                                  overrides=[f"budget_minutes={a.budget_minutes}"], progress=False)
         t1 = time.perf_counter()
         report = gelato.evaluate(run, EVAL, progress=False).report
-        cells = {(r["protocol"], r["features"]): 100 * r["value"] for r in report["results"]}
+        cells = {(r["protocol"], r["features"]): 100 * r["value"] for r in report["results"]
+                 if r["metric"] in ("top1", "J")}  # not the probe's top-5
         rows[name] = {"steps": result.steps, "pretrain_s": round(t1 - t0, 1), "eval_s": round(time.perf_counter() - t1, 1),
                       "cells": {f"{p}/{f}": round(v, 2) for (p, f), v in cells.items()}}
         print(f"{name}: {result.steps} steps; " + ", ".join(f"{p} {cells.get((p, 'pretrained'), float('nan')):.1f}"

@@ -9,6 +9,8 @@ Plain functions, no Prefect (``flows/evaluate.py`` wraps them in tasks). The pie
 * ``run_probe`` / ``run_knn`` / ``run_finetune`` / ``run_fewshot`` / ``run_supervised``
   (``workers/evaluate/protocols.py``) — one protocol on one feature source each,
   returning a ``Result`` whose ``rows`` are the cells of the report's table;
+* a clip run's ``run_clip_probe`` / ``run_clip_knn`` / ``run_label_propagation`` / ``run_alignment``
+  (``workers/evaluate/video.py``), its frame-level protocols reading each clip's middle frame;
 * :func:`evaluate` — everything in order, then the report (``workers/evaluate/report.py``).
 
 Every protocol is reported on ``test``. The same splits, samples and protocol serve the

@@ -108,11 +108,27 @@ def _run_config(loc: RunLocation, fs) -> Optional[PretrainConfig]:
         return None
 
 
-def _check(uri: str, loc: RunLocation, fs, manifest: dict, config: PretrainConfig, channels: Optional[int]) -> None:
-    if channels is not None and channels != int(manifest["channels"]):
+def _check(uri: str, loc: RunLocation, fs, manifest: dict, config: PretrainConfig, backbone_in: Optional[int]) -> None:
+    """The checkpoint's backbone input channels (``backbone_in``) against what its objective makes of
+    the run's images (colorization objectives feed the L channel of RGB images), and its backbone
+    against the run's config.yaml."""
+    have = int(manifest["channels"])
+    if backbone_in is not None and backbone_in != _backbone_channels(config.objective, have):
+        trained = (f"was trained on {backbone_in}-channel images" if _backbone_channels(config.objective, 3) == 3 else
+                   f"has a {backbone_in}-channel backbone ({config.objective} feeds it the L channel of RGB images)")
         raise CheckpointMismatch(
-            f"checkpoint {uri} was trained on {channels}-channel images but run {loc.uri} holds "
-            f"{manifest['channels']}-channel images (manifest.json); evaluate it on a run of the same kind of images")
+            f"checkpoint {uri} {trained} but run {loc.uri} holds "
+            f"{have}-channel images (manifest.json); evaluate it on a run of the same kind of images")
+
+
+def _backbone_channels(objective: str, image_channels: int) -> Optional[int]:
+    """The channels ``objective`` feeds its backbone from images of ``image_channels``; None where it refuses them."""
+    from ssl_models.objectives import OBJECTIVES
+
+    try:
+        return OBJECTIVES[objective].backbone_channels(image_channels)
+    except ValueError:
+        return None
     run_cfg = _run_config(loc, fs)
     if run_cfg is None:
         return  # a checkpoint from elsewhere evaluated on a freshly ingested run: nothing to compare
@@ -140,7 +156,7 @@ def load(loc: RunLocation, manifest: dict, path: Optional[str] = None, fs=None) 
     if isinstance(obj, dict) and "backbone" in obj and "backbone_name" in obj:
         config = PretrainConfig.from_written(obj["config"])
         _check(uri, loc, fs, manifest, config, int(obj["in_channels"]))
-        objective = build_objective(config, int(obj["in_channels"]))
+        objective = build_objective(config, int(manifest["channels"]))  # the run's images, as in pretraining
         objective.backbone.load_state_dict(obj["backbone"])
         return Checkpoint(uri, sha, "backbone", config, objective.eval(), obj.get("steps"))
     if isinstance(obj, dict) and "objective" in obj:

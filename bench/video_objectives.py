@@ -81,7 +81,10 @@ def table(rows: dict) -> str:
     """Markdown: one line per objective (its figure and the difference to random init), then the baselines."""
     head = "| objective | steps | " + " | ".join(label for _, label in COLUMNS) + " |"
     lines = [head, "| --- | ---: |" + " ---: |" * len(COLUMNS)]
-    any_row = next(iter(rows.values()))["cells"] if rows else {}
+    # the baselines of an RGB backbone (colorization_tracking's random init takes the L channel: its own
+    # difference is to that network)
+    rgb = [r for n, r in rows.items() if n != "colorization_tracking"] or list(rows.values())
+    any_row = rgb[0]["cells"] if rgb else {}
     for name, r in rows.items():
         c = r["cells"]
         vals = []

@@ -146,3 +146,34 @@ def test_propagation_and_alignment_without_masks_or_cameras_are_refused_with_the
     assert "masks" in why["label_propagation"] and "second camera" in why["alignment"]
     assert {r["protocol"] for r in report["results"]} == {"knn", "clip_probe", "clip_knn"}
     assert report["frame_target"] == "item"  # masks gone, the clips still list their items
+
+
+def test_a_colorization_backbone_on_the_l_channel_is_evaluated_on_its_rgb_clips(clip_run, tmp_path):
+    """Colorization feeds its backbone the L channel of RGB frames: the checkpoint (a 1-channel
+    backbone) loads on the 3-channel run it was trained on, and its dense maps propagate labels."""
+    import shutil
+
+    from workers.config import load_config
+    from workers.data.manifest import read_manifest
+    from workers.evaluate.config import EvalConfig
+    from workers.evaluate.evaluation import evaluate
+    from workers.model import build_objective
+    from workers.pretrain.export import export_final
+    from workers.storage import RunLocation
+
+    run = str(tmp_path / "run")
+    shutil.copytree(os.path.join(clip_run, "shards"), os.path.join(run, "shards"))
+    shutil.copy(os.path.join(clip_run, "manifest.json"), run)
+    manifest = read_manifest(RunLocation(run))
+    config = load_config(None, ["objective=colorization", "backbone=small_cnn", "backbone_params={width: 8}",
+                                "image_size=16", "batch_size=8", "workers=1"])
+    objective = build_objective(config, manifest["channels"]).eval()
+    assert objective.backbone.in_channels == 1
+    with open(os.path.join(run, "config.yaml"), "w") as f:
+        f.write(config.to_yaml())
+    export_final(RunLocation(run), config, manifest, objective, 1, 1, metrics_rows=[])
+    report = evaluate(run, EvalConfig(protocols=("knn",), knn_k=3, baselines=("random_init",),
+                                      video_protocols=("label_propagation",)), log=lambda *a: None)
+    assert report["objective"] == "colorization"
+    assert 0.0 <= report["details"]["label_propagation/pretrained"]["J"] <= 1.0
+    assert {r["protocol"] for r in report["results"]} == {"knn", "label_propagation"}

@@ -123,7 +123,8 @@ def load_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int
     for multi-label sources). A clip run adds ``"clip"`` uint8 (N, T, C, S, S) (``image`` is its
     middle frame), ``"view"`` (the first other camera, like ``clip``, or None unless every clip has
     one), ``"masks"`` uint8 (N, T, H, W) of the main view at the stored size (or None), ``"info"``
-    (each clip's labels) and ``"item"`` (N,) the middle frame's item class (:func:`frame_item`). Images are fitted to ``size × size`` as the training loader does
+    (each clip's labels) and ``"item"`` (N,) the middle frame's item class (:func:`frame_item`).
+    Images are fitted to ``size × size`` as the training loader does
     (:func:`fit_size`; sources such as VOC hold images of many sizes); with ``size=None`` every
     image must have the same size. Reads in shard order, no shuffling, so the same run always
     gives the same order.

@@ -98,8 +98,9 @@ def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str
                         "changed since the ingest; manifest.json now describes the new content", len(changed),
                         ", ".join(changed[:5]))
         return manifest
-    log.info("wrote %d samples in %d shards (%d reused) in %.1f s (%.0f images/s); %d rejected",
-             manifest["count"], len(results), reused, dt, plan.total / dt, len(manifest["rejected"]))
+    log.info("wrote %d samples in %d shards (%d reused) in %.1f s (%.0f %s/s); %d rejected",
+             manifest["count"], len(results), reused, dt, plan.total / dt,
+             "clips" if manifest.get("modality") == "clip" else "images", len(manifest["rejected"]))
     for split, s in manifest["splits"].items():
         log.info("  %-5s %7d samples in %d shards", split, s["count"], len(s["shards"]))
     for r in manifest["rejected"][:20]:

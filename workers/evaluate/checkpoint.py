@@ -119,6 +119,15 @@ def _check(uri: str, loc: RunLocation, fs, manifest: dict, config: PretrainConfi
         raise CheckpointMismatch(
             f"checkpoint {uri} {trained} but run {loc.uri} holds "
             f"{have}-channel images (manifest.json); evaluate it on a run of the same kind of images")
+    run_cfg = _run_config(loc, fs)
+    if run_cfg is None:
+        return  # a checkpoint from elsewhere evaluated on a freshly ingested run: nothing to compare
+    params = lambda c: {k: v for k, v in c.backbone_params.items() if k != "image_size"}  # noqa: E731
+    if (config.backbone, params(config)) != (run_cfg.backbone, params(run_cfg)):
+        raise CheckpointMismatch(
+            f"checkpoint {uri} holds backbone {_describe(config.backbone, params(config))} but run {loc.uri} "
+            f"was configured with {_describe(run_cfg.backbone, params(run_cfg))} (config.yaml); "
+            f"pass the checkpoint of this run")
 
 
 def _backbone_channels(objective: str, image_channels: int) -> Optional[int]:
@@ -129,15 +138,6 @@ def _backbone_channels(objective: str, image_channels: int) -> Optional[int]:
         return OBJECTIVES[objective].backbone_channels(image_channels)
     except ValueError:
         return None
-    run_cfg = _run_config(loc, fs)
-    if run_cfg is None:
-        return  # a checkpoint from elsewhere evaluated on a freshly ingested run: nothing to compare
-    params = lambda c: {k: v for k, v in c.backbone_params.items() if k != "image_size"}  # noqa: E731
-    if (config.backbone, params(config)) != (run_cfg.backbone, params(run_cfg)):
-        raise CheckpointMismatch(
-            f"checkpoint {uri} holds backbone {_describe(config.backbone, params(config))} but run {loc.uri} "
-            f"was configured with {_describe(run_cfg.backbone, params(run_cfg))} (config.yaml); "
-            f"pass the checkpoint of this run")
 
 
 def load(loc: RunLocation, manifest: dict, path: Optional[str] = None, fs=None) -> Checkpoint:

@@ -122,6 +122,7 @@ def evaluate_flow(run: str, config: Optional[EvalConfig] = None,
         futures.append(finetune_task.submit(ev))
     if "fewshot" in ev.protocols:
         futures.append(fewshot_task.submit(ev, "pretrained", "finetune"))
+    sup = None
     if "supervised" in ev.config.baselines and "supervised" not in ev.refused:
         sup = supervised_task.submit(ev)
         futures.append(sup)
@@ -132,6 +133,8 @@ def evaluate_flow(run: str, config: Optional[EvalConfig] = None,
         if "fewshot" in ev.protocols:
             futures.append(fewshot_task.submit(ev, "supervised", "finetune"))
     futures += [video_task.submit(ev, p, s) for p in video_protocols(ev) for s in frozen_sources(ev)]
+    if sup is not None:  # the supervised reference's frozen backbone, once trained
+        futures += [video_task.submit(ev, p, "supervised", wait_for=[sup]) for p in video_protocols(ev)]
     report = report_task.submit(ev, futures, started, wait_for=list(feats.values())).result()
     log.info("report: %s/report.md (%s)", run, report["report_file"])
     return report

@@ -52,8 +52,8 @@ def test_the_arrow_of_time_trains_on_ray_workers_and_is_scored_on_frames(clip_ru
 
     with prefect_test_harness(server_startup_timeout=90):
         result = gelato.pretrain(clip_run, "configs/moving_fmnist_arrow_of_time.yaml", overrides=TINY, progress=False)
-        report = gelato.evaluate(clip_run, {"protocols": ["probe", "knn"], "baselines": ["random_init"], "knn_k": 3,
-                                            "probe_max_iter": 20}, progress=False)
+        report = gelato.evaluate(clip_run, {"protocols": ["probe", "knn"], "baselines": ["random_init", "supervised"],
+                                            "knn_k": 3, "probe_max_iter": 20, "supervised_epochs": 1}, progress=False)
     rows = [json.loads(x) for x in open(os.path.join(clip_run, "metrics.jsonl"))]
     steps = [r for r in rows if "loss" in r and "event" not in r]
     assert result.steps >= 10 and steps and all(0 <= r["accuracy"] <= 1 for r in steps if "accuracy" in r)
@@ -63,7 +63,8 @@ def test_the_arrow_of_time_trains_on_ray_workers_and_is_scored_on_frames(clip_ru
     # shown), the clip protocols beside them, each a task of the evaluation flow
     cells = {(r["protocol"], r["features"]) for r in report.report["results"]}
     assert {("probe", "pretrained"), ("knn", "pretrained"), ("probe", "random_init"), ("clip_probe", "pretrained"),
-            ("label_propagation", "random_init"), ("alignment", "pretrained")} <= cells
+            ("label_propagation", "random_init"), ("alignment", "pretrained"),
+            ("label_propagation", "supervised"), ("clip_probe", "supervised")} <= cells  # once trained
     assert report.report["modality"] == "clip" and report.report["frame_target"] == "item"
     assert "the item it shows most" in open(os.path.join(clip_run, "report.md")).read()
 

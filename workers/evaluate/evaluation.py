@@ -436,8 +436,13 @@ def run_protocols(ev: Evaluation):
         if "fewshot" in ev.protocols:
             yield run_fewshot(ev, "supervised", "finetune")
     for p in video_protocols(ev):
-        for s in sources:
+        for s in video_sources(ev):
             yield VIDEO_RUNS[p](ev, s)
+
+
+def video_sources(ev: Evaluation) -> list[str]:
+    """The feature sources of the clip protocols: the frozen ones, and the supervised reference once trained."""
+    return frozen_sources(ev) + (["supervised"] if "supervised" in ev.sources else [])
 
 
 def video_protocols(ev: Evaluation) -> list[str]:

@@ -19,6 +19,8 @@ import functools
 import torch
 from torch import nn
 
+from ssl_models.augment import prepare_images
+
 # sRGB (linear) → XYZ for the D65 white point, and that white point (X, Y, Z).
 _RGB_TO_XYZ = ((0.4124564, 0.3575761, 0.1804375),
                (0.2126729, 0.7151522, 0.0721750),
@@ -32,6 +34,12 @@ def _check_three_channels(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} expects (..., 3, H, W) with 3 colour channels, got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         raise ValueError(f"{what} expects a float tensor, got {x.dtype}; convert uint8 with x.float() / 255")
+
+
+def lightness_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """What the colorization objectives' backbones see of un-augmented images: L/50 − 1 (in [−1, 1])
+    of the images in [0, 1] resized to ``size``. Shape: uint8 (B, 3, H, W) → (B, 1, size, size)."""
+    return rgb_to_lab(prepare_images(images, size))[:, :1] / 50.0 - 1.0
 
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:

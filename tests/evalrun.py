@@ -26,6 +26,19 @@ def ingest_folder(src: str, run: str, val_fraction: float = 0.2, shard_size: int
                   progress_bar=False)
 
 
+def ingest_moving_clips(root, train: int, test: int, frames: int, shard_size: int) -> tuple[str, dict]:
+    """Generated Moving Fashion-MNIST videos (32 px, ``frames`` frames) ingested through the video path
+    under ``root``, a quarter of train held out as val. Returns (run, manifest)."""
+    from workers.ingest.moving_fmnist import generate
+    from workers.ingest.sources import FashionMNIST
+
+    generate(str(root / "videos"), {"train": train, "test": test}, FashionMNIST(), frames=frames, size=32)
+    run = str(root / "run")
+    params = IngestParams(shard_size=shard_size, val_fraction=0.25, clip_frames=frames)
+    manifest = ingest(RunLocation(run), open_source(str(root / "videos"), params=params), params, progress_bar=False)
+    return run, manifest
+
+
 def pretrain_by_hand(run: str, manifest: dict, steps: int = 4, overrides: tuple = (), write_config: bool = True):
     """A few SimCLR steps on the run's train split; exports checkpoints/final/backbone.pt. Returns the config."""
     from workers.data.loader import in_memory_split

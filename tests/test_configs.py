@@ -30,13 +30,7 @@ IMAGENET = {"imagenet_simclr_r50.yaml": "simclr", "imagenet_moco_v2_r50.yaml": "
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches: one intra-op thread is faster than two fighting over a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _ids(p: pathlib.Path) -> str:

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ssl_models.augment import prepare_images
-from ssl_models.color import ABQuantizer, rebalancing_weights, rgb_to_lab
+from ssl_models.color import ABQuantizer, lightness_input, rebalancing_weights, rgb_to_lab
 from ssl_models.heads import ConvDecoder
 from ssl_models.objectives.base import Objective
 
@@ -100,8 +100,7 @@ class Colorization(Objective):
 
         Shape: images (B, 3, H, W) uint8 → (B, 1, image_size, image_size).
         """
-        x = prepare_images(images, self.image_size)
-        return rgb_to_lab(x)[:, :1] / 50.0 - 1.0
+        return lightness_input(images, self.image_size)
 
     @torch.no_grad()
     def _update_histogram(self, bins: torch.Tensor) -> None:

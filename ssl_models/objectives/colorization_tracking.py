@@ -9,10 +9,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_models.augment import prepare_clips, prepare_images
-from ssl_models.color import rgb_to_lab
+from ssl_models.augment import prepare_clips
+from ssl_models.color import lightness_input, rgb_to_lab
+from ssl_models.dense import dense_map, dense_shape
 from ssl_models.objectives.base import Objective
-from ssl_models.objectives.cycle_consistency import dense_map, dense_shape
 from ssl_models.rng import randint, uniform
 
 
@@ -113,8 +113,7 @@ class ColorizationTracking(Objective):
 
         Shape: images (B, 3, H, W) uint8 → (B, 1, image_size, image_size).
         """
-        x = prepare_images(images, self.image_size)
-        return rgb_to_lab(x)[:, :1] / 50.0 - 1.0
+        return lightness_input(images, self.image_size)
 
     def sample_frames(self, clips: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """R + 1 frames of each clip at a random stride and start, the target last.

@@ -20,14 +20,7 @@ SIZE = 16          # frames the backbone sees: a ResNet-18's layer3 (small stem)
 HUES = torch.tensor([[230, 40, 40], [40, 90, 230], [40, 200, 60], [230, 200, 30]]) / 255.0
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny batches: one intra-op thread is faster than two fighting over a busy machine (20 steps
-    here: 1.4 s on one thread, 25 s on two beside a training run)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(seed: int = 0) -> torch.Generator:

@@ -8,9 +8,6 @@ import os
 import pytest
 
 from workers.config import ConfigError, load_config
-from workers.ingest.moving_fmnist import generate
-from workers.ingest.shards import IngestParams, ingest
-from workers.ingest.sources import FashionMNIST, open_source
 from workers.pretrain.run_dir import prepare_run
 from workers.storage import RunLocation
 
@@ -22,12 +19,9 @@ TINY = ["backbone=small_cnn", "backbone_params={width: 8}", "image_size=16", "ba
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("clips")
-    generate(str(root / "videos"), {"train": 12, "test": 6}, FashionMNIST(), frames=8, size=32)
-    run = str(root / "run")
-    params = IngestParams(shard_size=6, val_fraction=0.25, clip_frames=8)
-    ingest(RunLocation(run), open_source(str(root / "videos"), params=params), params, progress_bar=False)
-    return run
+    from evalrun import ingest_moving_clips
+
+    return ingest_moving_clips(tmp_path_factory.mktemp("clips"), train=12, test=6, frames=8, shard_size=6)[0]
 
 
 def test_an_image_objective_on_clips_and_a_clip_objective_on_images_are_refused(clip_run, tmp_path):

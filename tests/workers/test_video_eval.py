@@ -77,18 +77,9 @@ def test_a_frame_is_labelled_with_the_item_it_shows_most():
 
 @pytest.fixture(scope="module")
 def clip_run(tmp_path_factory):
-    from evalrun import pretrain_by_hand
+    from evalrun import ingest_moving_clips, pretrain_by_hand
 
-    from workers.ingest.moving_fmnist import generate
-    from workers.ingest.shards import IngestParams, ingest
-    from workers.ingest.sources import FashionMNIST, open_source
-    from workers.storage import RunLocation
-
-    root = tmp_path_factory.mktemp("videval")
-    generate(str(root / "videos"), {"train": 16, "test": 6}, FashionMNIST(), frames=6, size=32)
-    run = str(root / "run")
-    params = IngestParams(shard_size=8, val_fraction=0.25, clip_frames=6)
-    manifest = ingest(RunLocation(run), open_source(str(root / "videos"), params=params), params, progress_bar=False)
+    run, manifest = ingest_moving_clips(tmp_path_factory.mktemp("videval"), train=16, test=6, frames=6, shard_size=8)
     pretrain_by_hand(run, manifest, steps=2, overrides=("image_size=16", "view.size=16", "batch_size=8"))
     return run
 

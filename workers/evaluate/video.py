@@ -116,13 +116,13 @@ def run_label_propagation(ev: Evaluation, source: str) -> Result:
         return r
     c = ev.config
     clips, masks = data["clip"], data["masks"]
-    grid = dense_grid(ev) if ev.sources[source].module is None else 8
-    per_object, per_clip = [], []
+    on_grid = {"grid": dense_grid(ev)} if ev.sources[source].module is None else {}  # raw pixels: the network's grid
+    per_object, clips_scored = [], 0
     step = max(1, c.batch_size // clips.shape[1])                                  # clips per batch
     with ev.bar(len(clips), f"label propagation {source}", "clip") as bar:
         for i in range(0, len(clips), step):
             batch = clips[i:i + step]
-            dense = ev.sources[source].dense(batch.flatten(0, 1).to(ev.device), ev.execution, grid).cpu()
+            dense = ev.sources[source].dense(batch.flatten(0, 1).to(ev.device), ev.execution, **on_grid).cpu()
             dense = dense.view(len(batch), batch.shape[1], *dense.shape[1:])       # (b, T, D, h, w)
             for j, feats in enumerate(dense):
                 m = masks[i + j]
@@ -131,11 +131,10 @@ def run_label_propagation(ev: Evaluation, source: str) -> Result:
                                    c.propagation_context, c.propagation_radius)
                 scores = j_score(labels, m)
                 per_object += list(scores.values())
-                if scores:
-                    per_clip.append(sum(scores.values()) / len(scores))
+                clips_scored += bool(scores)
             bar.update(len(batch))
     j = sum(per_object) / max(1, len(per_object))
-    r.details = {"J": j, "objects": len(per_object), "clips": len(per_clip),
+    r.details = {"J": j, "objects": len(per_object), "clips": clips_scored,
                  "J_recall": sum(x > 0.5 for x in per_object) / max(1, len(per_object)),
                  "feature_map": list(dense.shape[-2:]), "topk": c.propagation_topk,
                  "temperature": c.propagation_temperature, "context": c.propagation_context,

@@ -37,8 +37,10 @@ venv-test: $(VENV)/.installed-test
 
 # Fashion-MNIST: the Debian package where we can install it, else torchvision's download
 # (done by the ingest itself); .ci/ensure-fashion-mnist says what to do when neither works.
+# espeak-ng (Debian package): the speech synthesiser that generates spoken-digits.
 data:
 	@bash .ci/ensure-fashion-mnist
+	@bash .ci/ensure-espeak-ng
 
 # ingest -> SimCLR pretraining (Ray, 2 workers) -> probe / kNN / fine-tune -> the Gelato Bet table.
 # Rerunning reuses every finished stage; a run killed mid-way resumes where it stopped.
@@ -50,7 +52,7 @@ demo: venv data
 video-demo: venv data
 	$(BIN)/gelato run --config configs/pipeline_video_demo.yaml
 
-test: venv-test
+test: venv-test data
 	$(BIN)/python -m pytest -q --durations=15
 
 clean-demo:

@@ -49,14 +49,14 @@ def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str
                 storage_options: Optional[StorageOptions] = None, progress_bar: bool = True,
                 repair: Optional[list[str]] = None, test_fraction: Optional[float] = None,
                 clip_frames: int = 16, clip_fps: float = 10.0, clip_size: Optional[int] = None,
-                clip_codec: str = "png") -> dict:
+                clip_codec: str = "png", audio_rate: int = 16000, audio_seconds: float = 1.0) -> dict:
     """Ingest ``source`` into ``out`` (local path or s3://bucket/prefix); returns the manifest.
 
     ``repair`` (a finished ingest only): check these shards (``[]``: all) against the manifest and
     rewrite the damaged ones, nothing else."""
     log = get_run_logger()
     params = IngestParams(shard_size, image_format, val_fraction, seed, test_fraction, clip_frames, clip_fps,
-                          clip_size, clip_codec)  # validates before any work
+                          clip_size, clip_codec, audio_rate, audio_seconds)  # validates before any work
     loc = RunLocation(out, resolve_credentials(storage_options))
     src = open_source(source, data_root=data_root, kind=kind, params=params)
     check_writable(loc)
@@ -74,7 +74,7 @@ def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str
                  len(plan.shards))
     t0 = time.perf_counter()
     progress = Progress(sum(len(s.records) for s in targets), desc=f"ingest {src.name}", bar=progress_bar,
-                        unit="clip" if plan.source.get("modality") == "clip" else "img")
+                        unit={"clip": "clip", "audio": "utt"}.get(plan.source.get("modality"), "img"))
     groups = _groups(targets, 4 * DEFAULT_THREADS)
     futures = [write_shards.submit(loc, src, g, params.image_format, progress, g[0].name) for g in groups]
     try:
@@ -100,7 +100,7 @@ def ingest_flow(source: str, out: str, shard_size: int = 1000, image_format: str
         return manifest
     log.info("wrote %d samples in %d shards (%d reused) in %.1f s (%.0f %s/s); %d rejected",
              manifest["count"], len(results), reused, dt, plan.total / dt,
-             "clips" if manifest.get("modality") == "clip" else "images", len(manifest["rejected"]))
+             {"clip": "clips", "audio": "utterances"}.get(manifest.get("modality"), "images"), len(manifest["rejected"]))
     for split, s in manifest["splits"].items():
         log.info("  %-5s %7d samples in %d shards", split, s["count"], len(s["shards"]))
     for r in manifest["rejected"][:20]:

@@ -52,6 +52,9 @@ class IngestSettings(BaseModel):
     clip_fps: float = Field(10.0, gt=0)
     clip_size: Optional[int] = Field(None, ge=8)
     clip_codec: Literal["png", "ffv1", "h264"] = "png"
+    # audio sources (``gelato ingest --audio-*``): sample rate, segment length in seconds
+    audio_rate: int = Field(16000, ge=1000)
+    audio_seconds: float = Field(1.0, gt=0.05)
 
 
 class PipelineConfig(BaseModel):
@@ -145,7 +148,8 @@ def pipeline_flow(config: PipelineConfig, progress_bar: bool = True) -> dict:
     ingest_flow(ing.source, run, shard_size=ing.shard_size, image_format=ing.image_format,
                 val_fraction=ing.val_fraction, test_fraction=ing.test_fraction, seed=ing.seed,
                 data_root=ing.data_root, kind=ing.kind, storage_options=opts, progress_bar=progress_bar,
-                clip_frames=ing.clip_frames, clip_fps=ing.clip_fps, clip_size=ing.clip_size, clip_codec=ing.clip_codec)
+                clip_frames=ing.clip_frames, clip_fps=ing.clip_fps, clip_size=ing.clip_size, clip_codec=ing.clip_codec,
+                audio_rate=ing.audio_rate, audio_seconds=ing.audio_seconds)
     loc = RunLocation(run, opts)
     log.info("what to expect on this machine:\n  %s", "\n  ".join(expectations(run, pre, evaluation, opts)))
     pretrain_task(run, pre, cfg.address, False, progress_bar)

@@ -130,13 +130,14 @@ def _check_s3(loc) -> None:
         check_writable(loc)
 
 
-GENERATED = ("fashion-mnist", "fashion_mnist", "fmnist", "moving-fashion-mnist", "moving_fashion_mnist", "mfmnist")
+GENERATED = ("fashion-mnist", "fashion_mnist", "fmnist", "moving-fashion-mnist", "moving_fashion_mnist", "mfmnist",
+             "spoken-digits", "spoken_digits")
 
 
 def _check_source(source: str, kind: str) -> None:
     from workers.ingest.records import SourceError
 
-    if source in GENERATED or kind in ("fashion-mnist", "moving-fashion-mnist"):
+    if source in GENERATED or kind in ("fashion-mnist", "moving-fashion-mnist", "spoken-digits"):
         return
     if not os.path.exists(source):
         raise SourceError(f"source path {source!r} does not exist")
@@ -152,17 +153,18 @@ def ingest(source: str, out: str, *, shard_size: int = 1000, image_format: str =
            storage_options: Optional[dict] = None, overwrite: bool = False, progress: bool = True,
            data_root: Optional[str] = None, kind: str = "auto", repair: Optional[list[str]] = None,
            clip_frames: int = 16, clip_fps: float = 10.0, clip_size: Optional[int] = None,
-           clip_codec: str = "png") -> IngestResult:
-    """``gelato ingest``: ``source`` (a folder of images or videos, ``fashion-mnist``,
-    ``moving-fashion-mnist``, a VOC root) into shards at ``out``; a video becomes one clip of
-    ``clip_frames`` frames at ``clip_fps``."""
+           clip_codec: str = "png", audio_rate: int = 16000, audio_seconds: float = 1.0) -> IngestResult:
+    """``gelato ingest``: ``source`` (a folder of images, videos or audio files, ``fashion-mnist``,
+    ``moving-fashion-mnist``, ``spoken-digits``, a VOC root) into shards at ``out``; a video becomes
+    one clip of ``clip_frames`` frames at ``clip_fps``; audio is resampled to ``audio_rate`` Hz and cut
+    into ``audio_seconds`` segments."""
     from flows import prefect_server
     from workers.ingest.shards import IngestParams
     from workers.storage import RunLocation, check_writable
 
     source = os.path.expanduser(source)
     IngestParams(shard_size, image_format, val_fraction, seed, test_fraction, clip_frames, clip_fps, clip_size,
-                 clip_codec)  # fails here, before Prefect
+                 clip_codec, audio_rate, audio_seconds)  # fails here, before Prefect
     _check_source(source, kind)
     opts = _resolved(storage_options)
     check_writable(RunLocation(out, opts))
@@ -173,7 +175,8 @@ def ingest(source: str, out: str, *, shard_size: int = 1000, image_format: str =
     m = ingest_flow(source, out, shard_size=shard_size, image_format=image_format, val_fraction=val_fraction,
                     test_fraction=test_fraction, seed=seed, overwrite=overwrite, data_root=data_root, kind=kind,
                     storage_options=opts, progress_bar=progress, repair=repair, clip_frames=clip_frames,
-                    clip_fps=clip_fps, clip_size=clip_size, clip_codec=clip_codec)
+                    clip_fps=clip_fps, clip_size=clip_size, clip_codec=clip_codec, audio_rate=audio_rate,
+                    audio_seconds=audio_seconds)
     return IngestResult(out, m["count"], {s: v["count"] for s, v in m["splits"].items()}, m["classes"],
                         m["rejected"], m)
 

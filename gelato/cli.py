@@ -32,8 +32,9 @@ FLOW_STAGES = ("ingest", "pretrain", "evaluate", "run")  # the stages that run a
 
 def _add_ingest(sub) -> None:
     p = sub.add_parser("ingest", help=STAGES["ingest"], description=STAGES["ingest"])
-    p.add_argument("source", help="'fashion-mnist', 'moving-fashion-mnist' (generated videos), an ImageFolder root, a "
-                                  "flat folder of images, a folder of videos (class sub-folders or flat), or a VOC2007 root")
+    p.add_argument("source", help="'fashion-mnist', 'moving-fashion-mnist' (generated videos), 'spoken-digits' (speech "
+                                  "generated with espeak-ng), an ImageFolder root, a flat folder of images, a folder "
+                                  "of videos or of audio files (class sub-folders, flat, or labels.csv), or a VOC2007 root")
     p.add_argument("--out", required=True, metavar="RUN_URI", help="run directory: local path or s3://bucket/prefix")
     p.add_argument("--shard-size", type=int, default=1000, metavar="N", help="samples per shard (default 1000)")
     p.add_argument("--image-format", choices=["keep", "png", "jpeg", "webp"], default="keep",
@@ -47,7 +48,8 @@ def _add_ingest(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     p.add_argument("--data-root", default=None, help="folder holding Fashion-MNIST's idx files")
     p.add_argument("--kind", default="auto",
-                   choices=["auto", "fashion-mnist", "moving-fashion-mnist", "imagefolder", "flat", "voc", "videofolder"],
+                   choices=["auto", "fashion-mnist", "moving-fashion-mnist", "spoken-digits", "imagefolder", "flat", "voc",
+                            "videofolder", "audiofolder"],
                    help="source layout (default: detected)")
     p.add_argument("--clip-frames", type=int, default=16, metavar="T", help="videos: frames per clip (default 16)")
     p.add_argument("--clip-fps", type=float, default=10.0, metavar="FPS", help="videos: clip frame rate (default 10)")
@@ -56,6 +58,11 @@ def _add_ingest(sub) -> None:
     p.add_argument("--clip-codec", default="png", choices=["png", "ffv1", "h264"],
                    help="videos: how clips are stored in the shards: png (default; a lossless PNG per frame, the "
                         "fastest to decode), ffv1 (one lossless video), h264 (one lossy video, the smallest)")
+    p.add_argument("--audio-rate", type=int, default=16000, metavar="HZ",
+                   help="audio: resample every file to HZ, mono (default 16000)")
+    p.add_argument("--audio-seconds", type=float, default=1.0, metavar="S",
+                   help="audio: segment length; longer files are cut into segments of S seconds, and the loader "
+                        "centres every utterance in S seconds (default 1.0)")
     p.add_argument("--config", default=None, help="YAML whose storage_options (s3fs keyword arguments) open --out")
     p.add_argument("--repair", nargs="*", default=None, metavar="SHARD",
                    help="a finished ingest: check these shards (none named: all) against manifest.json and rewrite "
@@ -68,7 +75,8 @@ def _run_ingest(a) -> int:
                       val_fraction=a.val_fraction, test_fraction=a.test_fraction, seed=a.seed, overwrite=a.overwrite,
                       data_root=a.data_root, kind=a.kind, storage_options=gelato.api.storage_options_of(a.config),
                       progress=not a.no_progress, repair=a.repair, clip_frames=a.clip_frames, clip_fps=a.clip_fps,
-                      clip_size=a.clip_size, clip_codec=a.clip_codec).manifest
+                      clip_size=a.clip_size, clip_codec=a.clip_codec, audio_rate=a.audio_rate,
+                      audio_seconds=a.audio_seconds).manifest
     print(f"\n{a.out}/manifest.json: {m['count']} samples, {len(m['rejected'])} rejected, "
           f"{m['channels']} channel(s), classes: {len(m['classes'] or [])}")
     for split, s in m["splits"].items():

@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+from ssl_models import audio_encoder
 from ssl_models.resnet import BasicBlock, Bottleneck, ResNet
 
 
@@ -132,7 +133,13 @@ BACKBONES: dict[str, Callable[..., nn.Module]] = {
     "vit_tiny": vit_tiny,
     "vit_small": vit_small,
     "igpt_tiny": igpt_tiny,
+    # audio: waveform (B, 1, L) → (B, feature_dim) (ssl_models/audio_encoder.py)
+    "audio_conv": audio_encoder.audio_conv,
+    "audio_cpc": audio_encoder.audio_cpc,
+    "audio_transformer": audio_encoder.audio_transformer,
+    "audio_apc": audio_encoder.audio_apc,
 }
+AUDIO_BACKBONES = ("audio_conv", "audio_cpc", "audio_transformer", "audio_apc")
 
 
 def build(name: str, in_channels: int = 3, **kwargs) -> nn.Module:

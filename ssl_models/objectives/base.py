@@ -94,3 +94,32 @@ class Objective(nn.Module):
 
     def extra_repr(self) -> str:
         return f"image_size={self.image_size}, in_channels={self.in_channels}"
+
+
+class AudioObjective(Objective):
+    """Base class of the objectives that learn from sound (modality ``"audio"``).
+
+    ``make_views`` takes the run's utterances, float (B, 1, L) in [-1, 1] at the rate chosen at ingest
+    (16 kHz by default; ``ssl_models.audio``), and the backbone is an ``ssl_models.audio_encoder``
+    ``AudioEncoder`` (``local``: frames, ``context``: across frames, ``forward``: the utterance vector).
+    ``image_size`` is kept for the shared interface and not used.
+    """
+
+    modality = "audio"
+
+    def __init__(self, backbone: nn.Module, image_size: int = 28, in_channels: int | None = None):
+        super().__init__(backbone, image_size, in_channels=1)
+        for need in ("local", "context"):
+            if not hasattr(backbone, need):
+                raise ValueError(f"{type(self).__name__} needs an audio backbone (audio_conv, audio_cpc, "
+                                 f"audio_transformer, audio_apc); {getattr(backbone, 'name', type(backbone).__name__)} "
+                                 f"has no {need}()")
+
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """The un-augmented backbone input: (B, 1, L) → float32 (B, L)."""
+        from ssl_models.audio import waveforms
+
+        return waveforms(images)
+
+    def extra_repr(self) -> str:
+        return "audio"

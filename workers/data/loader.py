@@ -23,8 +23,9 @@ from workers.storage import RunLocation
 
 def fit_size(image: torch.Tensor, size: Optional[int]) -> torch.Tensor:
     """uint8 (C, H, W) → (C, size, size): shorter side resized to ``size`` (antialiased), then a
-    centre crop. Images already ``size``×``size`` pass untouched; ``size=None`` keeps every image."""
-    if size is None or tuple(image.shape[-2:]) == (size, size):
+    centre crop. Images already ``size``×``size`` pass untouched; ``size=None`` keeps every image;
+    audio (float (1, L), fitted to its length by the decoder) passes untouched."""
+    if size is None or image.ndim == 2 or tuple(image.shape[-2:]) == (size, size):
         return image
     from torchvision.transforms.v2 import functional as TF
 
@@ -124,6 +125,8 @@ def load_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int
     middle frame), ``"view"`` (the first other camera, like ``clip``, or None unless every clip has
     one), ``"masks"`` uint8 (N, T, H, W) of the main view at the stored size (or None), ``"info"``
     (each clip's labels) and ``"item"`` (N,) the middle frame's item class (:func:`frame_item`).
+    An audio run's ``image`` is float32 (N, 1, L), the utterances, with ``"info"`` (each one's labels
+    for evaluation, e.g. its voice).
     Images are fitted to ``size × size`` as the training loader does
     (:func:`fit_size`; sources such as VOC hold images of many sizes); with ``size=None`` every
     image must have the same size. Reads in shard order, no shuffling, so the same run always
@@ -140,6 +143,8 @@ def load_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int
             difficult.append(s["difficult"])
         if "clip" in s:
             _add_clip(clips, s, size)
+        elif "info" in s:
+            clips["info"].append(s["info"])
         if limit is not None and len(images) >= limit:
             break
     if not images:
@@ -150,6 +155,8 @@ def load_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int
            "difficult": torch.stack(difficult) if difficult else None}
     if clips["clip"]:
         out |= _stack_clips(clips, run.uri, split)
+    elif len(clips["info"]) == len(keys):  # audio: each utterance's labels for evaluation (e.g. the voice)
+        out["info"] = clips["info"]
     return out
 
 

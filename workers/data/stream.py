@@ -199,12 +199,15 @@ class SampleDecoder:
         self.multilabel = bool(manifest.get("multilabel"))
         self.n_classes = len(manifest.get("classes") or [])
         self.clips = manifest.get("modality") == "clip"
+        self.audio = (manifest.get("audio") or {}).get("samples") if manifest.get("modality") == "audio" else None
 
     def __call__(self, sample: dict) -> dict:
         import torch
 
         if self.clips:
             return self._clip(sample)
+        if self.audio:
+            return self._audio(sample)
 
         ext = next((k for k in _FAST_EXTS + _OTHER_EXTS if k in sample), None)
         if ext is None:
@@ -249,6 +252,26 @@ class SampleDecoder:
         if "masks.npz" in sample:
             with np.load(io.BytesIO(sample["masks.npz"])) as m:
                 out["masks"] = {k: torch.from_numpy(v) for k, v in m.items()}
+        if "json" in sample:
+            info = json.loads(sample["json"]).get("info")
+            if info is not None:
+                out["info"] = info
+        return out
+
+    def _audio(self, sample: dict) -> dict:
+        """``{"key", "image": float32 (1, L) the utterance centred in the ingest's ``audio_seconds``,
+        "label", "info"}`` (``image``: the slot every protocol reads; ``ssl_models.audio``)."""
+        import torch
+
+        from workers.data.audio import AudioError, fit_length, read
+
+        try:
+            x, _ = read(sample["flac"])
+        except (KeyError, AudioError) as e:
+            raise ValueError(f"sample {sample.get('__key__')} in {sample.get('__url__')} has no readable .flac "
+                             f"member ({e})") from None
+        out = {"key": sample["__key__"], "image": torch.from_numpy(fit_length(x, int(self.audio)).copy())[None],
+               "label": int(sample["cls"]) if "cls" in sample else -1}
         if "json" in sample:
             info = json.loads(sample["json"]).get("info")
             if info is not None:

@@ -56,6 +56,10 @@ class IngestParams:
     clip_fps: float = 10.0
     clip_size: Optional[int] = None
     clip_codec: str = "png"
+    # audio sources: resampled to audio_rate Hz, mono; files longer than 1.5 × audio_seconds cut into
+    # segments of audio_seconds; the loader centres every utterance in audio_seconds (workers/data/audio.py)
+    audio_rate: int = 16000
+    audio_seconds: float = 1.0
 
     def __post_init__(self):
         if self.shard_size < 1:
@@ -71,6 +75,9 @@ class IngestParams:
         if self.clip_frames < 1 or self.clip_fps <= 0 or (self.clip_size is not None and self.clip_size < 8):
             raise ValueError(f"clip_frames must be >= 1, clip_fps > 0 and clip_size >= 8, got {self.clip_frames}, "
                              f"{self.clip_fps}, {self.clip_size}")
+        if self.audio_rate < 1000 or self.audio_seconds <= 0.05:
+            raise ValueError(f"audio_rate must be >= 1000 Hz and audio_seconds > 0.05, got {self.audio_rate}, "
+                             f"{self.audio_seconds}")
         from workers.data.clips import CLIP_CODECS
 
         if self.clip_codec not in CLIP_CODECS:
@@ -122,13 +129,15 @@ class IngestPlan:
 
 
 CLIP_DEFAULTS = {f.name: f.default for f in fields(IngestParams) if f.name.startswith("clip_")}
+AUDIO_DEFAULTS = {f.name: f.default for f in fields(IngestParams) if f.name.startswith("audio_")}
 
 
 def comparable(params: dict) -> dict:
-    """Ingest parameters as reruns compare them: a ``test_fraction`` of 0, and clip settings at their
-    defaults, are the same ingest as one made before those parameters existed."""
+    """Ingest parameters as reruns compare them: a ``test_fraction`` of 0, and clip and audio settings at
+    their defaults, are the same ingest as one made before those parameters existed."""
+    defaults = CLIP_DEFAULTS | AUDIO_DEFAULTS
     return {k: v for k, v in params.items() if not (k == "test_fraction" and not v)
-            and not (k in CLIP_DEFAULTS and v == CLIP_DEFAULTS[k])}
+            and not (k in defaults and v == defaults[k])}
 
 
 def _hold_out(splits: dict, name: str, frac: float, rng: random.Random) -> None:
@@ -391,7 +400,7 @@ def finalize(loc: RunLocation, plan: IngestPlan, results: list[ShardResult]) -> 
     rejected = [rej for r in ordered for rej in r.rejected]
     total = sum(r.count for r in ordered)
     if total == 0:
-        raise IngestError(f"no valid image in source {plan.source.get('path')}: all {len(rejected)} files were "
+        raise IngestError(f"no valid sample in source {plan.source.get('path')}: all {len(rejected)} files were "
                           f"rejected (first: {rejected[0]['path'] if rejected else '-'}: "
                           f"{rejected[0]['reason'] if rejected else 'the source is empty'})")
     modes: dict[str, int] = {}
@@ -405,15 +414,17 @@ def finalize(loc: RunLocation, plan: IngestPlan, results: list[ShardResult]) -> 
         s["shards"].append({"name": r.name, "count": r.count, "sha256": r.sha256, "bytes": r.bytes})
     modality = plan.source.get("modality", "image")
     params = asdict(plan.params)
-    if modality == "image":  # an image ingest's manifest reads as before clips existed
+    if modality != "clip":  # an image ingest's manifest reads as before clips existed
         params = {k: v for k, v in params.items() if k not in CLIP_DEFAULTS}
+    if modality != "audio":
+        params = {k: v for k, v in params.items() if k not in AUDIO_DEFAULTS}
     manifest = {
         "format": FORMAT,
         "source": plan.source | {"fingerprint": plan.fingerprint},
         "params": params,
         "classes": plan.classes,
         "multilabel": plan.multilabel,
-        "channels": 1 if set(modes) <= GRAY_MODES else 3,
+        "channels": 1 if set(modes) <= GRAY_MODES or modality == "audio" else 3,
         "modes": dict(sorted(modes.items())),
         "count": total,
         "splits": splits,
@@ -423,6 +434,11 @@ def finalize(loc: RunLocation, plan: IngestPlan, results: list[ShardResult]) -> 
         p = plan.params
         manifest["modality"] = "clip"
         manifest["clip"] = {"frames": p.clip_frames, "fps": p.clip_fps, "size": p.clip_size, "codec": p.clip_codec}
+    if modality == "audio":
+        p = plan.params
+        manifest["modality"] = "audio"
+        manifest["audio"] = {"sample_rate": p.audio_rate, "seconds": p.audio_seconds,
+                             "samples": int(round(p.audio_rate * p.audio_seconds)), "codec": "flac"}
     fs = loc.fs()
     # Shards a different earlier plan left behind would confuse anyone listing the folder.
     keep = {r.name for r in ordered}

@@ -267,6 +267,11 @@ def open_source(source: str, data_root: Optional[str] = None, kind: str = "auto"
 
     clip = {} if params is None else {"clip_frames": params.clip_frames, "clip_fps": params.clip_fps,
                                       "clip_size": params.clip_size, "clip_codec": params.clip_codec}
+    from workers.ingest import audio
+
+    sound = {} if params is None else {"audio_rate": params.audio_rate, "audio_seconds": params.audio_seconds}
+    if source in audio.SPOKEN_DIGITS or kind == "spoken-digits":
+        return audio.AudioFolder(audio.spoken_digits(), **sound, name="spoken-digits")
     if source in videos.MOVING_FASHION_MNIST or kind == "moving-fashion-mnist":
         root = videos.moving_fashion_mnist(FashionMNIST(data_root), videos.DEFAULT_CLIPS,
                                            frames=clip.get("clip_frames", 16), size=clip.get("clip_size") or 64,
@@ -282,14 +287,18 @@ def open_source(source: str, data_root: Optional[str] = None, kind: str = "auto"
             kind = "voc"
         elif any(videos.is_video(f) for f in list_files(source)[:1000]):
             kind = "videofolder"
+        elif any(audio.is_audio(f) for f in list_files(source)[:1000]):
+            kind = "audiofolder"
         elif entries and all(os.path.isdir(os.path.join(source, e)) for e in entries):
             kind = "imagefolder"
         else:
             kind = "flat"
     if kind == "videofolder":
         return videos.VideoFolder(source, **clip)
+    if kind == "audiofolder":
+        return audio.AudioFolder(source, **sound)
     kinds = {"voc": VOC2007, "imagefolder": ImageFolder, "flat": FlatFolder}
     if kind not in kinds:
         raise SourceError(f"unknown source kind {kind!r}; choose auto, fashion-mnist, moving-fashion-mnist, "
-                          f"videofolder, {', '.join(kinds)}")
+                          f"spoken-digits, videofolder, audiofolder, {', '.join(kinds)}")
     return kinds[kind](source)

@@ -3,7 +3,8 @@
 The graph: one task per (feature source, split) extracts features (cached in the run); each
 probe / kNN / few-label probe task waits for the features it reads; fine-tuning and the
 supervised reference need only the images and start at once; the supervised backbone's probe and
-kNN wait for its training; a clip run's protocols (clip probe and kNN, label propagation, alignment)
+kNN wait for its training; an audio run's voice probe and kNN wait for the features they share with
+the class protocols; a clip run's protocols (clip probe and kNN, label propagation, alignment)
 are one task per protocol and frozen source, reading their own features; the report task waits for
 everything. Tasks run in threads
 (``ThreadPoolTaskRunner``): they share the splits and features held by one
@@ -24,7 +25,8 @@ from flows.artifacts import publish_plots
 from flows.credentials import resolve as resolve_credentials
 from workers.credentials import StorageOptions
 from workers.evaluate.config import EvalConfig
-from workers.evaluate.evaluation import NEEDS, Evaluation, frozen_sources, video_protocols
+from workers.evaluate.audio import AUDIO_RUNS, NEEDS as AUDIO_NEEDS
+from workers.evaluate.evaluation import NEEDS, Evaluation, audio_protocols, frozen_sources, video_protocols
 from workers.evaluate.protocols import Result, run_fewshot, run_finetune, run_knn, run_probe, run_supervised
 from workers.evaluate.report import render_markdown, track_report, write_report
 from workers.evaluate.video import VIDEO_RUNS
@@ -77,6 +79,13 @@ def video_task(ev: Evaluation, protocol: str, source: str) -> Result:
     """A clip run's protocol (workers/evaluate/video.py) on one frozen source; it reads its own features."""
     with ev.compute_slots:
         return VIDEO_RUNS[protocol](ev, source)
+
+
+@task(cache_policy=NONE, task_run_name="{protocol}-{source}")
+def audio_task(ev: Evaluation, protocol: str, source: str) -> Result:
+    """An audio run's protocol (workers/evaluate/audio.py) on one frozen source, on the shared features."""
+    with ev.compute_slots:
+        return AUDIO_RUNS[protocol](ev, source)
 
 
 @task(cache_policy=NONE, task_run_name="report")
@@ -133,8 +142,11 @@ def evaluate_flow(run: str, config: Optional[EvalConfig] = None,
         if "fewshot" in ev.protocols:
             futures.append(fewshot_task.submit(ev, "supervised", "finetune"))
     futures += [video_task.submit(ev, p, s) for p in video_protocols(ev) for s in frozen_sources(ev)]
+    futures += [audio_task.submit(ev, p, s, wait_for=[feats[s, sp] for sp in AUDIO_NEEDS[p]])
+                for p in audio_protocols(ev) for s in frozen_sources(ev)]
     if sup is not None:  # the supervised reference's frozen backbone, once trained
         futures += [video_task.submit(ev, p, "supervised", wait_for=[sup]) for p in video_protocols(ev)]
+        futures += [audio_task.submit(ev, p, "supervised", wait_for=[sup]) for p in audio_protocols(ev)]
     report = report_task.submit(ev, futures, started, wait_for=list(feats.values())).result()
     log.info("report: %s/report.md (%s)", run, report["report_file"])
     return report

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from ssl_models.objectives.apc import APC
 from ssl_models.objectives.arrow_of_time import ArrowOfTime
 from ssl_models.objectives.autoencoder import Autoencoder
 from ssl_models.objectives.base import Objective
@@ -15,11 +16,13 @@ from ssl_models.objectives.colorization_tracking import ColorizationTracking
 from ssl_models.objectives.composite_lstm import CompositeLSTM
 from ssl_models.objectives.contrastive import PairwiseContrastive
 from ssl_models.objectives.cpc import CPC
+from ssl_models.objectives.cpc_audio import CPCAudio
 from ssl_models.objectives.cycle_consistency import CycleConsistency
 from ssl_models.objectives.denoising_autoencoder import DenoisingAutoencoder
 from ssl_models.objectives.igpt import IGPT
 from ssl_models.objectives.jigsaw import Jigsaw
 from ssl_models.objectives.mae import MAE
+from ssl_models.objectives.pase import PASE
 from ssl_models.objectives.moco import MoCo
 from ssl_models.objectives.relative_position import RelativePosition
 from ssl_models.objectives.rotation import Rotation
@@ -56,6 +59,10 @@ OBJECTIVES: dict[str, type[Objective]] = {
     # contrastive, on clips
     "tcn": TCN,
     "cycle_consistency": CycleConsistency,
+    # on audio (modality "audio": make_views takes utterances, float (B, 1, L) at 16 kHz)
+    "apc": APC,
+    "cpc_audio": CPCAudio,
+    "pase": PASE,
 }
 
 

@@ -18,7 +18,11 @@ from workers.evaluate.probe import DEFAULT_WEIGHT_DECAYS
 PROTOCOLS = ("probe", "knn", "finetune", "fewshot")
 
 
-BASELINES = ("raw_pixels", "random_init", "supervised", "init_from")
+BASELINES = ("raw_pixels", "random_init", "supervised", "init_from", "log_mel")
+# audio runs only (workers/evaluate/audio.py): a second target of each utterance, from its labels for
+# evaluation (spoken-digits: the voice), probed and kNN-classified on the same frozen features
+AUDIO_PROTOCOLS = ("voice_probe", "voice_knn")
+AudioProtocol = Literal["voice_probe", "voice_knn"]
 # clip runs only (workers/evaluate/video.py): motion kind from a clip's frames, propagating the first
 # frame's masks, aligning two cameras
 VIDEO_PROTOCOLS = ("clip_probe", "clip_knn", "label_propagation", "alignment")
@@ -31,7 +35,9 @@ class EvalConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     protocols: tuple[Literal["probe", "knn", "finetune", "fewshot"], ...] = PROTOCOLS
-    baselines: tuple[Literal["raw_pixels", "random_init", "supervised", "init_from"], ...] = ("raw_pixels", "random_init")
+    # raw_pixels: the input itself, i.e. flattened pixels, or on an audio run the log-mel statistics (log_mel)
+    baselines: tuple[Literal["raw_pixels", "random_init", "supervised", "init_from", "log_mel"], ...] = (
+        "raw_pixels", "random_init")
     init_from: Optional[str] = Field(
         None, description="the init_from column: the weights a pretraining started from (a gelato run, a "
                           "backbone.pt, a torchvision state dict; workers/init_weights.py), evaluated frozen "
@@ -91,6 +97,12 @@ class EvalConfig(BaseModel):
     propagation_radius: Optional[float] = Field(
         0.5, gt=0, description="label propagation: only nodes this close (a fraction of the feature map's side) "
                                "are referenced; null: all")
+    audio_protocols: tuple[AudioProtocol, ...] = Field(
+        AUDIO_PROTOCOLS, description="the protocols of an audio run besides probe and kNN of the class (an image "
+                                     "run ignores them): voice_probe / voice_knn predict the label audio_target "
+                                     "of each utterance's labels for evaluation")
+    audio_target: str = Field("voice", min_length=1, description="audio runs: the key of the utterances' labels "
+                                                                "(their .json sidecar) the voice_* protocols predict")
     on_corrupt: Literal["fail", "skip"] = Field(
         "fail", description="a damaged shard: fail (stop, naming it and the fix) or skip it (counted in the report)")
 
@@ -99,8 +111,8 @@ class EvalConfig(BaseModel):
         d.pop("loggers", None)  # where results are sent does not change them
         if d.get("init_from") is None:  # added 2026-12: evaluations made before keep their hash
             d.pop("init_from", None)
-        for k in VIDEO_DEFAULTS:  # added 2026-12 with clip runs: likewise, while left at their defaults
-            if d.get(k) == VIDEO_DEFAULTS[k]:
+        for k in VIDEO_DEFAULTS | AUDIO_DEFAULTS:  # added 2026-12 with clip and audio runs: likewise, at their defaults
+            if d.get(k) == (VIDEO_DEFAULTS | AUDIO_DEFAULTS)[k]:
                 d.pop(k)
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -109,6 +121,7 @@ VIDEO_DEFAULTS = {k: EvalConfig.model_fields[k].default for k in
                   ("video_protocols", "clip_eval_frames", "propagation_topk", "propagation_temperature",
                    "propagation_context", "propagation_radius")}
 VIDEO_DEFAULTS["video_protocols"] = list(VIDEO_PROTOCOLS)  # as model_dump(mode="json") gives it
+AUDIO_DEFAULTS = {"audio_protocols": list(AUDIO_PROTOCOLS), "audio_target": "voice"}
 
 
 def eval_config(**kwargs) -> EvalConfig:

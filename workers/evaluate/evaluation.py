@@ -11,6 +11,8 @@ Plain functions, no Prefect (``flows/evaluate.py`` wraps them in tasks). The pie
   returning a ``Result`` whose ``rows`` are the cells of the report's table;
 * a clip run's ``run_clip_probe`` / ``run_clip_knn`` / ``run_label_propagation`` / ``run_alignment``
   (``workers/evaluate/video.py``), its frame-level protocols reading each clip's middle frame;
+* an audio run's ``run_voice_probe`` / ``run_voice_knn`` (``workers/evaluate/audio.py``): a second
+  label of each utterance (its voice) on the same frozen features; its input baseline is ``log_mel``;
 * :func:`evaluate` — everything in order, then the report (``workers/evaluate/report.py``).
 
 Every protocol is reported on ``test``. The same splits, samples and protocol serve the
@@ -36,6 +38,7 @@ from workers.evaluate import checkpoint as ckpt, features
 from workers.evaluate.config import EvalConfig
 from workers.evaluate.protocols import (fewshot_subset, run_fewshot, run_finetune, run_knn,
                                         run_probe, run_supervised)
+from workers.evaluate.audio import AUDIO_RUNS, NEEDS as AUDIO_NEEDS
 from workers.evaluate.video import NEEDS as VIDEO_NEEDS, VIDEO_RUNS
 from workers.hardware import cap_torch_threads, keep_freed_memory, resolve_here
 from workers.model import fixed_input_size
@@ -71,6 +74,13 @@ def plan(manifest: dict, config: EvalConfig) -> tuple[list[str], dict[str, str]]
             if p.startswith("clip_") and not manifest.get("classes"):
                 refused[p] = f"{p} needs the clips' classes but the source is unlabelled (no class sub-folders)"
             elif missing:
+                refused[p] = f"{p} needs the split(s) {', '.join(missing)} but the run has only {', '.join(sorted(have))}"
+            else:
+                run.append(p)
+    if manifest.get("modality") == "audio":
+        for p in config.audio_protocols:
+            missing = [s for s in AUDIO_NEEDS[p] if s not in have]
+            if missing:
                 refused[p] = f"{p} needs the split(s) {', '.join(missing)} but the run has only {', '.join(sorted(have))}"
             else:
                 run.append(p)
@@ -153,6 +163,7 @@ class Evaluation:
         self._lock = threading.Lock()
         self._locks: dict[object, threading.Lock] = {}
         self.clip_run = manifest.get("modality") == "clip"
+        self.audio_run = manifest.get("modality") == "audio"
         self._classes = manifest.get("classes") or []
         # a clip run: the clips' classes (clip-level protocols); the frame-level ones use frame_classes()
         self.clip_classes = self._classes if self.clip_run else []
@@ -162,6 +173,9 @@ class Evaluation:
         self.protocols, self.refused = plan(manifest, config)
         self.init_from = init_path(config, self.checkpoint)
         self.budget = None
+        if config.budget_minutes and self.audio_run:
+            raise ConfigError("evaluate: budget_minutes is not measured for audio runs yet; size the evaluation "
+                              "with limit, frozen_train_samples and finetune_epochs instead")
         if config.budget_minutes:
             self.budget = self._plan_budget(config)
             config = self.config = config.model_copy(update=self.budget.settings)
@@ -179,7 +193,9 @@ class Evaluation:
             self.sources["init_from"] = features.initialised(self.checkpoint.config, manifest["channels"],
                                                              self.init_from, storage_options, self.device,
                                                              self.frozen_view)
-        if "raw_pixels" in config.baselines:
+        if self.audio_run and {"raw_pixels", "log_mel"} & set(config.baselines):  # the input itself, for audio
+            self.sources["log_mel"] = features.log_mel()
+        elif "raw_pixels" in config.baselines:
             self.sources["raw_pixels"] = features.raw_pixels(self.image_size)
         self.computed: list[tuple[str, str]] = []   # features computed (not loaded from the cache) here
         self.durations: dict[str, float] = {}
@@ -237,7 +253,8 @@ class Evaluation:
 
     def feature_jobs(self) -> list[tuple[str, str]]:
         """(source, split) pairs whose frozen features the protocols (and the embedding plot) read."""
-        frozen = set().union(*(NEEDS[p] for p in self.protocols if p in ("probe", "knn", "fewshot")))
+        frozen = set().union(*(NEEDS[p] for p in self.protocols if p in ("probe", "knn", "fewshot")),
+                             *(AUDIO_NEEDS[p] for p in self.protocols if p in AUDIO_NEEDS))
         jobs = []
         for source in frozen_sources(self):
             need = frozen | ({self.embedding_split} if source == "pretrained" else set())
@@ -395,7 +412,7 @@ def expected_evaluation(run: str, pretrain_config, config: EvalConfig, storage_o
 # ----------------------------------------------------------------------------- the whole stage
 
 def frozen_sources(ev: Evaluation) -> list[str]:
-    return [s for s in ("pretrained", "random_init", "init_from", "raw_pixels") if s in ev.sources]
+    return [s for s in ("pretrained", "random_init", "init_from", "raw_pixels", "log_mel") if s in ev.sources]
 
 
 def evaluate(run: str, config: EvalConfig, storage_options: Optional[dict] = None, log=print,
@@ -440,6 +457,9 @@ def run_protocols(ev: Evaluation):
     for p in video_protocols(ev):
         for s in video_sources(ev):
             yield VIDEO_RUNS[p](ev, s)
+    for p in audio_protocols(ev):
+        for s in video_sources(ev):
+            yield AUDIO_RUNS[p](ev, s)
 
 
 def video_sources(ev: Evaluation) -> list[str]:
@@ -451,3 +471,8 @@ def video_protocols(ev: Evaluation) -> list[str]:
     """The clip-run protocols to run (``workers/evaluate/video.py``), in the config's order."""
     return [p for p in ev.protocols if p in VIDEO_RUNS]
 
+
+
+def audio_protocols(ev: Evaluation) -> list[str]:
+    """The audio-run protocols to run (``workers/evaluate/audio.py``), in the config's order."""
+    return [p for p in ev.protocols if p in AUDIO_RUNS]

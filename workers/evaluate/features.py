@@ -197,6 +197,16 @@ def raw_pixels(image_size: int) -> FeatureSource:
     return FeatureSource("raw_pixels", f"raw_pixels-{image_size}px", to_float, None, standardize_for_knn=True)
 
 
+def log_mel(n_mels: int = 80) -> FeatureSource:
+    """An audio run's input baseline: each band's mean and standard deviation over the utterance of the
+    log-mel spectrogram (``ssl_models.audio.log_mel_stats``, 25 ms windows every 10 ms); standardised
+    by the protocols, as raw pixels are."""
+    from ssl_models.audio import log_mel_stats
+
+    return FeatureSource("log_mel", f"log_mel-{n_mels}-stats", lambda x: log_mel_stats(x, n_mels), None,
+                         standardize_for_knn=True)
+
+
 def trained(name: str, objective: nn.Module, weights_sha256: str, device: str,
             view: FrozenView = FrozenView()) -> FeatureSource:
     """A backbone trained in this run (the supervised reference), keyed by the hash of its saved file."""

@@ -50,7 +50,12 @@ class Classifier(nn.Module):
 
 def augment(images: torch.Tensor, size: int, generator: torch.Generator,
             scale: tuple[float, float] = (0.5, 1.0)) -> torch.Tensor:
-    """uint8 (B, C, H, W) → float [0, 1] (B, C, size, size): random resized crop + flip."""
+    """uint8 (B, C, H, W) → float [0, 1] (B, C, size, size): random resized crop + flip. Audio
+    (float (B, 1, L)): gain, speed, time shift and noise (``ssl_models.audio``) → (B, L)."""
+    if images.ndim == 3:
+        from ssl_models.audio import augment_waveforms
+
+        return augment_waveforms(images, generator=generator)
     x = random_resized_crop(to_float(images), size, scale=scale, generator=generator)
     return horizontal_flip(x, 0.5, generator=generator)
 

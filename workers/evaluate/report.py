@@ -21,7 +21,7 @@ import time
 from typing import Optional
 
 from workers.data import integrity
-from workers.evaluate.config import VIDEO_PROTOCOLS
+from workers.evaluate.config import AUDIO_PROTOCOLS, VIDEO_PROTOCOLS
 from workers.model import PRETRAIN_PLOT
 from workers.plots import confusion_plot, curve_plot, embedding_plot
 
@@ -29,13 +29,17 @@ COLUMNS = [("pretrained", "pretrained"), ("random_init", "random init"), ("raw_p
            ("supervised", "supervised")]
 # shown only where the report has it: the weights a pretraining started from (init_from)
 INIT_COLUMN = ("init_from", "start (init_from)")
+# an audio run's input baseline takes raw pixels' place
+AUDIO_COLUMNS = [c if c[0] != "raw_pixels" else ("log_mel", "log-mel") for c in COLUMNS]
 
 
 def columns(rows: list[dict]) -> list[tuple[str, str]]:
-    """The table's columns: the four of every report, and init_from's after random init where computed."""
+    """The table's columns: the four of every report (an audio run: log-mel for raw pixels), and
+    init_from's after random init where computed."""
+    base = AUDIO_COLUMNS if any("log_mel" in r for r in rows) else COLUMNS
     if any(INIT_COLUMN[0] in r for r in rows):
-        return COLUMNS[:2] + [INIT_COLUMN] + COLUMNS[2:]
-    return COLUMNS
+        return base[:2] + [INIT_COLUMN] + base[2:]
+    return base
 
 
 # ----------------------------------------------------------------------------- the table
@@ -46,11 +50,20 @@ VIDEO_ROWS = [("clip_probe", "top1", None, "clip: linear probe ({what}), top-1")
               ("alignment", "top1", None, "clip: cross-view alignment, top-1")]
 
 
+AUDIO_ROWS = [("voice_probe", "top1", None, "{target}: linear probe, top-1"),
+              ("voice_knn", "top1", None, "{target}: kNN (k={k}, T={t}), top-1")]
+
+
 def table_rows(multilabel: bool, n_classes: int, knn_k: int, knn_t: float,
-               clip: Optional[dict] = None) -> list[tuple[str, str, Optional[str], str]]:
+               clip: Optional[dict] = None, audio: Optional[str] = None) -> list[tuple[str, str, Optional[str], str]]:
     """(protocol, metric, via, label) of every row the table shows, computed or not. ``clip`` (a clip
     run): ``{"frame_target": "item" | "clip", "clip_classes": [...]}``; its frame rows say what they
-    predict and the clip rows follow."""
+    predict and the clip rows follow. ``audio`` (an audio run): the second target's name (the voice);
+    the class rows say "utterance class" and that target's rows follow."""
+    if audio:
+        return ([(p, m, v, f"utterance class: {label}") for p, m, v, label in table_rows(multilabel, n_classes, knn_k,
+                                                                                            knn_t)]
+                + [(p, m, v, label.format(target=audio, k=knn_k, t=knn_t)) for p, m, v, label in AUDIO_ROWS])
     if clip:
         frame = "frame, item class" if clip.get("frame_target") == "item" else "frame, clip class"
         what = "/".join(clip.get("clip_classes") or []) or "class"
@@ -79,12 +92,15 @@ def results_table(report: dict) -> list[dict]:
     used = [d["k"] for key, d in (report.get("details") or {}).items() if key.startswith("knn/") and "k" in d]
     clip = ({"frame_target": report.get("frame_target"), "clip_classes": report.get("clip_classes")}
             if report.get("modality") == "clip" else None)
+    audio = report["eval_config"].get("audio_target", "voice") if report.get("modality") == "audio" else None
     shown = table_rows(report["multilabel"], len(report["classes"] or []), max(used, default=report["eval_config"]["knn_k"]),
-                       report["eval_config"]["knn_t"], clip)
+                       report["eval_config"]["knn_t"], clip, audio)
     asked = set(report["eval_config"].get("protocols") or ("probe", "knn", "finetune", "fewshot"))
     asked |= set(report["eval_config"].get("video_protocols") or ()) if clip else set()
+    asked |= set(report["eval_config"].get("audio_protocols") or ()) if audio else set()
     rows = []
-    cols = COLUMNS + ([INIT_COLUMN] if any(r["features"] == INIT_COLUMN[0] for r in report["results"]) else [])
+    cols = ((AUDIO_COLUMNS if audio else COLUMNS)
+            + ([INIT_COLUMN] if any(r["features"] == INIT_COLUMN[0] for r in report["results"]) else []))
     for proto, metric, via, label in shown:
         if proto not in asked and proto.split("_")[0] not in asked:  # a protocol nobody asked for: no row
             continue
@@ -221,9 +237,10 @@ def write_report(ev, results: list, total_seconds: float, log=None) -> dict:
         "durations_s": durations | {"total": total_seconds},
         "plots": plots,
     }
-    for proto in ("probe", "knn", "finetune", "fewshot", "video"):
+    for proto in ("probe", "knn", "finetune", "fewshot", "video", "audio"):
         mine = {k: v for k, v in report["details"].items()
-                if k.split("/")[0].split("_")[0] == proto or proto == "video" and k.split("/")[0] in VIDEO_PROTOCOLS}
+                if k.split("/")[0].split("_")[0] == proto or proto == "video" and k.split("/")[0] in VIDEO_PROTOCOLS
+                or proto == "audio" and k.split("/")[0] in AUDIO_PROTOCOLS}
         if mine:
             ev.loc.write_atomic(f"eval/{proto}.json", json.dumps(mine, indent=1).encode(), ev.fs)
     h = report["eval_config_hash"]
@@ -303,6 +320,7 @@ def render_markdown(report: dict, others: Optional[list[dict]] = None) -> str:
              f"concatenated (frozen_grid, frozen_stages; Goyal et al. 2019)" if (grid, stages) != (1, 1) else ""),
           *_budget_md(r.get("eval_budget")),
           *_clips_md(r),
+          *_audio_md(r),
           *([f"- this evaluation: [{r['report_file']}]({r['report_file']}); the run's other evaluations: "
              + ", ".join(f"[{o['file']}]({o['file']}) ({o['created']})" for o in others)] if others else []),
           *([f"- **{len(r['skipped_shards'])} damaged shard(s) skipped** (on_corrupt: skip): "
@@ -312,7 +330,9 @@ def render_markdown(report: dict, others: Optional[list[dict]] = None) -> str:
           "## Results", "", table_markdown(results_table(r)), "",
           "Every number was computed in this run on the same splits and samples; \"not run\" marks a cell "
           "that was not computed. *random init*: the same architecture with seeded random weights. "
-          "*raw pixels*: flattened, standardised pixels. *supervised*: the same architecture trained from "
+          + ("*log-mel*: the input's log-mel statistics (above). " if r.get("modality") == "audio" else
+             "*raw pixels*: flattened, standardised pixels. ")
+          + "*supervised*: the same architecture trained from "
           "scratch with the labels (its fine-tune cell is that training's own test figure; its probe and kNN use "
           "its frozen features; with few labels it is trained from scratch on the subset)."
           + (f" *start (init_from)*: the weights the pretraining started from (`{r['init_from']}`), frozen."
@@ -355,6 +375,17 @@ def _clips_md(r: dict) -> list[str]:
             f"τ {cfg.get('propagation_temperature')}, the first and {cfg.get('propagation_context')} previous frames) and "
             "scores J, the mean IoU over objects and frames; *cross-view alignment* matches each frame of the main "
             "camera to the nearest frame of the second (chance: 1 / frames)"]
+
+
+def _audio_md(r: dict) -> list[str]:
+    """What an audio run's rows measure (nothing for other runs)."""
+    if r.get("modality") != "audio":
+        return []
+    target = r["eval_config"].get("audio_target", "voice")
+    return [f"- **audio**: every protocol reads the utterance vector, the mean over time of the backbone's frame "
+            f"features; *utterance class* rows predict the class ({', '.join(r['classes'] or [])}), the *{target}* rows "
+            f"the {target} in each utterance's labels for evaluation, from the same frozen features; *log-mel*: each "
+            "band's mean and standard deviation over the utterance (80 bands, 25 ms windows every 10 ms), standardised"]
 
 
 def _details_md(r: dict) -> list[str]:

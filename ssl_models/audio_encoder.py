@@ -18,7 +18,7 @@ One class, :class:`AudioEncoder`, in two halves that the objectives reach separa
 
 ``forward`` is the mean over time of ``context(local(x))``: the utterance vector the evaluation
 probes. Shapes: local: (B, L) → (B, T, D_local) with T = 1 + (L − 400) // 160 for both front ends
-(the conv stack's receptive field is 465 samples; it is cropped to the same T); context:
+(the conv stack's receptive field is 465 samples; 65 zeros padded on the right give the same T); context:
 (B, T, D_local) → (B, T, feature_dim).
 """
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ssl_models.audio import HOP, WINDOW, LogMel, waveforms
@@ -56,12 +57,15 @@ class ConvFrontend(nn.Module):
             cin = dim
         self.net = nn.Sequential(*layers)
         self.dim = dim
-        self.hop = 1
-        for s in strides:
+        self.hop, self.field = 1, 1
+        for k, s in zip(kernels, strides):
+            self.field += (k - 1) * self.hop
             self.hop *= s
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x[:, None]).transpose(1, 2)
+        # the stack's receptive field is 465 samples: 65 zeros on the right give one frame per
+        # 160 samples of every full 400-sample window, as many as the log-mel has
+        return self.net(F.pad(x, (0, self.field - 400))[:, None]).transpose(1, 2)
 
 
 class MelFrontend(nn.Module):

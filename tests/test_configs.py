@@ -68,10 +68,13 @@ def _gelato_commands(lines: list[str]) -> list[list[str]]:
 def test_one_cpu_config_per_objective():
     fashion = {p.stem.removeprefix("fashion_mnist_") for p in CONFIGS if p.name.startswith("fashion_mnist_")}
     clips = {n for n, c in OBJECTIVES.items() if c.modality == "clip"}
+    sound = {n for n, c in OBJECTIVES.items() if c.modality == "audio"}
     # colorization predicts colour, which grayscale Fashion-MNIST lacks: it gets an RGB (VOC) config;
-    # the objectives that learn from time get a Moving Fashion-MNIST one
-    assert fashion == set(OBJECTIVES) - {"colorization"} - clips
+    # the objectives that learn from time get a Moving Fashion-MNIST one, those that learn from sound a
+    # spoken-digits one
+    assert fashion == set(OBJECTIVES) - {"colorization"} - clips - sound
     assert {p.stem.removeprefix("moving_fmnist_") for p in CONFIGS if p.name.startswith("moving_fmnist_")} == clips
+    assert {p.stem.removeprefix("spoken_digits_") for p in CONFIGS if p.name.startswith("spoken_digits_")} == sound
     assert (ROOT / "configs" / "voc07_colorization.yaml").is_file()
     assert {p.name for p in GPU_CONFIGS} == set(IMAGENET)
 
@@ -89,6 +92,8 @@ def test_config_loads_and_matches_its_name(path):
         assert config.objective == IMAGENET[path.name]
     elif path.name.startswith("moving_fmnist_"):
         assert config.objective == path.stem.removeprefix("moving_fmnist_")
+    elif path.name.startswith("spoken_digits_"):
+        assert config.objective == path.stem.removeprefix("spoken_digits_") and config.backbone.startswith("audio_")
     else:
         assert path.name == "voc07_colorization.yaml" and config.objective == "colorization"
     assert config.batch_size % (config.workers * config.grad_accum) == 0
@@ -148,7 +153,7 @@ def test_header_names_a_command_that_runs_this_file(path):
 
 def _one_step(config, in_channels: int, side: int = 28) -> torch.Tensor:
     """Build the objective as the training loop does, then one forward/backward on 4 random images
-    (clips of 8 frames for an objective that learns from time)."""
+    (clips of 8 frames for an objective that learns from time, utterances for one that learns from sound)."""
     torch.manual_seed(0)
     ex = resolve_here(config.precision, "cpu", config.layout_request())  # what the loop runs on this CPU
     objective = build_objective(config, in_channels=in_channels).train()
@@ -156,6 +161,8 @@ def _one_step(config, in_channels: int, side: int = 28) -> torch.Tensor:
         objective = objective.to(memory_format=torch.channels_last)
     clip = (8,) if objective.modality == "clip" else ()
     images = torch.randint(0, 256, (4, *clip, in_channels, side, side), dtype=torch.uint8)
+    if objective.modality == "audio":  # four one-second utterances at 16 kHz
+        images = 0.1 * torch.randn(4, 1, 16000)
     views = objective.make_views(images, generator=torch.Generator().manual_seed(0))
     if ex.channels_last:
         views = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
@@ -175,7 +182,9 @@ def _one_step(config, in_channels: int, side: int = 28) -> torch.Tensor:
 
 @pytest.mark.parametrize("path", CPU_CONFIGS, ids=_ids)
 def test_cpu_config_builds_and_takes_a_step(path):
-    cheap = ["backbone_params.width=8"] if load_config(str(path)).backbone.startswith("resnet") else []
+    backbone = load_config(str(path)).backbone
+    cheap = (["backbone_params.width=8"] if backbone.startswith("resnet") else
+             ["backbone_params.dim=16"] if backbone.startswith("audio_") else [])
     if path.name == "fashion_mnist_jigsaw.yaml":
         cheap.append("objective_params.n_perms=10")  # the greedy search for 100 permutations takes seconds
     config = load_config(str(path), cheap)

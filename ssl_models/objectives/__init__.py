@@ -31,6 +31,7 @@ from ssl_models.objectives.swav import SwAV
 from ssl_models.objectives.tcn import TCN
 from ssl_models.objectives.temporal_order import ShuffleAndLearn, TemporalOrder
 from ssl_models.objectives.triplet import Triplet
+from ssl_models.objectives.wav2vec2 import Wav2Vec2
 
 OBJECTIVES: dict[str, type[Objective]] = {
     # contrastive
@@ -63,6 +64,7 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "apc": APC,
     "cpc_audio": CPCAudio,
     "pase": PASE,
+    "wav2vec2": Wav2Vec2,
 }
 
 

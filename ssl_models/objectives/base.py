@@ -107,6 +107,11 @@ class AudioObjective(Objective):
 
     modality = "audio"
 
+    @classmethod
+    def backbone_channels(cls, image_channels: int) -> int:
+        """Audio backbones take mono utterances, whatever else the run holds."""
+        return 1
+
     def __init__(self, backbone: nn.Module, image_size: int = 28, in_channels: int | None = None):
         super().__init__(backbone, image_size, in_channels=1)
         for need in ("local", "context"):

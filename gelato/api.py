@@ -131,13 +131,15 @@ def _check_s3(loc) -> None:
 
 
 GENERATED = ("fashion-mnist", "fashion_mnist", "fmnist", "moving-fashion-mnist", "moving_fashion_mnist", "mfmnist",
-             "spoken-digits", "spoken_digits")
+             "spoken-digits", "spoken_digits", "moving-fashion-mnist-sound", "moving_fashion_mnist_sound",
+             "mfmnist-sound")
 
 
 def _check_source(source: str, kind: str) -> None:
     from workers.ingest.records import SourceError
 
-    if source in GENERATED or kind in ("fashion-mnist", "moving-fashion-mnist", "spoken-digits"):
+    if source in GENERATED or kind in ("fashion-mnist", "moving-fashion-mnist", "moving-fashion-mnist-sound",
+                                                       "spoken-digits"):
         return
     if not os.path.exists(source):
         raise SourceError(f"source path {source!r} does not exist")

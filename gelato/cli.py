@@ -32,7 +32,8 @@ FLOW_STAGES = ("ingest", "pretrain", "evaluate", "run")  # the stages that run a
 
 def _add_ingest(sub) -> None:
     p = sub.add_parser("ingest", help=STAGES["ingest"], description=STAGES["ingest"])
-    p.add_argument("source", help="'fashion-mnist', 'moving-fashion-mnist' (generated videos), 'spoken-digits' (speech "
+    p.add_argument("source", help="'fashion-mnist', 'moving-fashion-mnist' (generated videos; "
+                                  "'moving-fashion-mnist-sound': with a sound track), 'spoken-digits' (speech "
                                   "generated with espeak-ng), an ImageFolder root, a flat folder of images, a folder "
                                   "of videos or of audio files (class sub-folders, flat, or labels.csv), or a VOC2007 root")
     p.add_argument("--out", required=True, metavar="RUN_URI", help="run directory: local path or s3://bucket/prefix")
@@ -48,7 +49,7 @@ def _add_ingest(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="delete what --out holds and start afresh")
     p.add_argument("--data-root", default=None, help="folder holding Fashion-MNIST's idx files")
     p.add_argument("--kind", default="auto",
-                   choices=["auto", "fashion-mnist", "moving-fashion-mnist", "spoken-digits", "imagefolder", "flat", "voc",
+                   choices=["auto", "fashion-mnist", "moving-fashion-mnist", "moving-fashion-mnist-sound", "spoken-digits", "imagefolder", "flat", "voc",
                             "videofolder", "audiofolder"],
                    help="source layout (default: detected)")
     p.add_argument("--clip-frames", type=int, default=16, metavar="T", help="videos: frames per clip (default 16)")

@@ -96,8 +96,10 @@ def read_video(path: str, fps: float, size: Optional[int] = None, channels: int 
     return _tchw(out, channels)
 
 
-def encode_clip(clip: np.ndarray, codec: str = "ffv1", fps: float = 10.0) -> bytes:
-    """uint8 ``(T, C, H, W)`` (C = 1 or 3, H and W even for h264) → the bytes of a one-stream video."""
+def encode_clip(clip: np.ndarray, codec: str = "ffv1", fps: float = 10.0, audio: Optional[np.ndarray] = None,
+                audio_rate: int = 16000) -> bytes:
+    """uint8 ``(T, C, H, W)`` (C = 1 or 3, H and W even for h264) → the bytes of a video; with ``audio``
+    (float mono in [-1, 1] at ``audio_rate``) a sound track too, 16-bit PCM in the same container."""
     import av
 
     if codec not in VIDEO_CODECS:
@@ -111,6 +113,10 @@ def encode_clip(clip: np.ndarray, codec: str = "ffv1", fps: float = 10.0) -> byt
         stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1000), options=options)
         stream.width, stream.height = w, h
         stream.pix_fmt = pix1 if c == 1 else pix3
+        sound = None
+        if audio is not None:  # every stream is declared before the first packet is written
+            sound = container.add_stream("pcm_s16le", rate=audio_rate)
+            sound.layout = "mono"
         for img in clip:
             pixels = np.ascontiguousarray(img[0] if c == 1 else img.transpose(1, 2, 0))
             frame = av.VideoFrame.from_ndarray(pixels, format="gray" if c == 1 else "rgb24")
@@ -120,7 +126,45 @@ def encode_clip(clip: np.ndarray, codec: str = "ffv1", fps: float = 10.0) -> byt
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+        if sound is not None:
+            _mux_audio(container, sound, audio, audio_rate)
     return buf.getvalue()
+
+
+def _mux_audio(container, stream, audio: np.ndarray, rate: int, chunk: int = 1024) -> None:
+    import av
+
+    pcm = (np.clip(np.asarray(audio, np.float32), -1, 1) * 32767).astype(np.int16)
+    for start in range(0, len(pcm), chunk):
+        frame = av.AudioFrame.from_ndarray(pcm[None, start:start + chunk], format="s16", layout="mono")
+        frame.sample_rate, frame.pts = rate, start
+        for packet in stream.encode(frame):
+            container.mux(packet)
+    for packet in stream.encode(None):
+        container.mux(packet)
+
+
+def read_audio_track(path: str, rate: int, seconds: float) -> Optional[np.ndarray]:
+    """The first ``seconds`` of a video file's sound track, mono float32 at ``rate`` (FFmpeg's resampler),
+    padded with zeros if shorter; None when the file has no audio stream. Raises :class:`ClipError`."""
+    import av
+
+    n = int(round(seconds * rate))
+    out: list[np.ndarray] = []
+    try:
+        with av.open(path) as container:
+            if not container.streams.audio:
+                return None
+            resampler = av.AudioResampler(format="flt", layout="mono", rate=rate)
+            for frame in container.decode(audio=0):
+                out += [f.to_ndarray().reshape(-1) for f in resampler.resample(frame)]
+                if sum(len(o) for o in out) >= n:
+                    break
+            out += [f.to_ndarray().reshape(-1) for f in resampler.resample(None)]
+    except (av.error.FFmpegError, ValueError) as e:
+        raise ClipError(f"{path}: cannot decode its sound track: {type(e).__name__}: {e}") from None
+    x = np.concatenate(out) if out else np.zeros(0, np.float32)
+    return np.pad(x[:n], (0, max(0, n - len(x)))).astype(np.float32)
 
 
 def decode_clip(data: bytes, channels: int, name: str = "clip") -> np.ndarray:

@@ -53,6 +53,8 @@ class Collate:
             views = sorted(samples[0].get("views") or {})
             if views and all(sorted(s.get("views") or {}) == views for s in samples):  # other cameras
                 out["views"] = {v: torch.stack([fit_size(s["views"][v], self.size) for s in samples]) for v in views}
+            if all("audio" in s for s in samples):  # sound tracks, (B, 1, L)
+                out["audio"] = torch.stack([s["audio"] for s in samples])
         return out
 
 
@@ -124,7 +126,8 @@ def load_split(run: RunLocation, manifest: dict, split: str, limit: Optional[int
     for multi-label sources). A clip run adds ``"clip"`` uint8 (N, T, C, S, S) (``image`` is its
     middle frame), ``"view"`` (the first other camera, like ``clip``, or None unless every clip has
     one), ``"masks"`` uint8 (N, T, H, W) of the main view at the stored size (or None), ``"info"``
-    (each clip's labels) and ``"item"`` (N,) the middle frame's item class (:func:`frame_item`).
+    (each clip's labels), ``"item"`` (N,) the middle frame's item class (:func:`frame_item`) and
+    ``"audio"`` float32 (N, 1, L), the clips' sound tracks (or None unless every clip has one).
     An audio run's ``image`` is float32 (N, 1, L), the utterances, with ``"info"`` (each one's labels
     for evaluation, e.g. its voice).
     Images are fitted to ``size × size`` as the training loader does
@@ -167,6 +170,7 @@ def _add_clip(acc: dict, sample: dict, size: Optional[int]) -> None:
     acc["view"].append(fit_size(views[min(views)], size) if views else None)
     acc["masks"].append((sample.get("masks") or {}).get("main"))
     acc["info"].append(sample.get("info") or {})
+    acc.setdefault("audio", []).append(sample.get("audio"))
 
 
 def frame_item(info: dict, masks: Optional[torch.Tensor], frame: int) -> int:
@@ -198,4 +202,6 @@ def _stack_clips(acc: dict, uri: str, split: str) -> dict:
         out["view"] = torch.stack(acc["view"])
     if all(m is not None for m in acc["masks"]) and len({tuple(m.shape) for m in acc["masks"]}) == 1:
         out["masks"] = torch.stack(acc["masks"])
+    sounds = acc.get("audio") or []
+    out["audio"] = torch.stack(sounds) if sounds and all(a is not None for a in sounds) else None
     return out

@@ -232,7 +232,8 @@ class SampleDecoder:
 
     def _clip(self, sample: dict) -> dict:
         """``{"key", "clip" uint8 (T, C, H, W), "image" (its middle frame), "label", "views": {name: clip},
-        "masks": {view: (T, H, W)}, "info": the source's labels}`` (views, masks, info where the sample has them)."""
+        "masks": {view: (T, H, W)}, "info": the source's labels, "audio": float32 (1, L) its sound track}``
+        (views, masks, info, audio where the sample has them)."""
         import io
 
         import numpy as np
@@ -252,6 +253,13 @@ class SampleDecoder:
         if "masks.npz" in sample:
             with np.load(io.BytesIO(sample["masks.npz"])) as m:
                 out["masks"] = {k: torch.from_numpy(v) for k, v in m.items()}
+        if "audio.flac" in sample:  # the clip's sound track: float32 (1, L)
+            from workers.data.audio import AudioError, read
+
+            try:
+                out["audio"] = torch.from_numpy(read(sample["audio.flac"])[0].copy())[None]
+            except AudioError as e:
+                raise ValueError(f"{where}: its sound track cannot be decoded ({e})") from None
         if "json" in sample:
             info = json.loads(sample["json"]).get("info")
             if info is not None:

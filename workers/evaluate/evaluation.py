@@ -275,8 +275,8 @@ class Evaluation:
                     # a clip run whose clips list their items: the frame-level protocols predict the item
                     # the middle frame shows; the clip-level ones read clip_label
                     data |= {"clip_label": data["label"], "label": data["item"], "item_label": True}
-                if name != "test" and "clip" in data:  # label propagation and alignment read test's only
-                    data |= {"view": None, "masks": None}
+                if name != "test" and "clip" in data:  # label propagation, alignment, sound: test's only
+                    data |= {"view": None, "masks": None, "audio": None}
                 self._splits[name] = data
             return self._splits[name]
 

@@ -14,6 +14,11 @@ frame. What the temporal methods need is built in:
   on a vertical gradient; ``cam2`` sees it zoomed (0.75–0.95) about a shifted centre, with its own
   tint and a checkerboard background.
 * **Per-frame item masks** (for label propagation), for both cameras, and each item's colour.
+* **A sound track**, with ``sound=True`` (``moving-fashion-mnist-sound``, for audio-visual
+  correspondence): one of the clip's items, drawn at random, makes its class's sound (a class
+  timbre: :func:`class_sound`, louder as the item moves faster) and the others are silent, so "which
+  item is making the sound" has a ground truth (``sound.item`` in the clip's ``.json``). The track
+  (16 kHz, 16-bit PCM) is muxed into cam1's video file, as a real video carries its sound.
 
 Files, under ``root/{train,test}/{motion}/``, one set per clip ``NAME``: ``NAME.mkv`` (cam1: FFV1 in
 Matroska, a lossless video file that FFmpeg decodes like any other, so masks match pixels exactly
@@ -97,6 +102,31 @@ class Camera:
     background: str = "gradient"               # "gradient" | "checker"
 
 
+SOUND_RATE = 16000
+# class timbres: a fundamental a few semitones apart for each of the ten classes, its own mix of six
+# harmonics and its own tremolo rate (Hz), so the class can be heard
+CLASS_F0 = 196.0 * 2.0 ** (np.arange(10) * 4 / 12)
+CLASS_HARMONICS = np.random.default_rng(1234).dirichlet(np.ones(6) * 0.6, size=10)
+CLASS_TREMOLO = np.linspace(2.0, 9.0, 10)
+
+
+def class_sound(cls: int, speed: np.ndarray, fps: float, rate: int = SOUND_RATE,
+                rng: np.random.Generator | None = None) -> np.ndarray:
+    """The sound of an item of class ``cls`` whose speed per frame is ``speed`` (T,): its class's timbre
+    with a loudness that follows the speed (0.3 at rest to 1 at its fastest), faint noise at 30 dB SNR.
+    Returns float32 mono ``(round(T / fps · rate),)``, peak 0.5."""
+    n = int(round(len(speed) / fps * rate))
+    t = np.arange(n) / rate
+    f0 = CLASS_F0[cls % 10]
+    tone = sum(w * np.sin(2 * np.pi * f0 * (h + 1) * t) for h, w in enumerate(CLASS_HARMONICS[cls % 10]))
+    tone *= 0.75 + 0.25 * np.sin(2 * np.pi * CLASS_TREMOLO[cls % 10] * t)
+    loud = np.interp(t, np.arange(len(speed)) / fps, 0.3 + 0.7 * speed / max(float(speed.max()), 1e-6))
+    x = tone * loud
+    if rng is not None:
+        x = x + rng.standard_normal(n) * np.sqrt(np.mean(x ** 2) / 1e3)
+    return (0.5 * x / max(float(np.abs(x).max()), 1e-6)).astype(np.float32)
+
+
 def _background(kind: str, size: int, tint) -> np.ndarray:
     if kind == "gradient":
         g = np.linspace(0.05, 0.3, size, dtype=np.float32)[:, None].repeat(size, 1)
@@ -152,17 +182,18 @@ def second_camera(rng: np.random.Generator) -> Camera:
 
 
 def generate(root: str, clips: dict[str, int], fashion, frames: int = 20, size: int = 64, fps: float = 10.0,
-             seed: int = 0, progress=None) -> dict:
+             seed: int = 0, progress=None, sound: bool = False) -> dict:
     """Write ``clips[split]`` clips per split ("train", "test") under ``root`` with the items of
     ``fashion`` (``workers.ingest.sources.FashionMNIST``); returns the index written to
     ``root/moving_fmnist.json``. A clip already on disk is kept (the generator is deterministic per
-    clip: ``seed``, split and index), so an interrupted run resumes."""
+    clip: ``seed``, split and index), so an interrupted run resumes. ``sound``: cam1's file carries
+    a sound track (see the module docstring); the clips' pictures are the same either way."""
     from workers.data.clips import encode_clip
 
     fm = fashion
     pools = {split: fm.arrays("test" if split == "test" else "train") for split in clips}
     index = {"frames": frames, "size": size, "fps": fps, "seed": seed, "motions": list(MOTIONS), "views": list(VIEWS),
-             "classes": list(fm.classes), "splits": {}}
+             "classes": list(fm.classes), "splits": {}, "sound": sound}
     for split, n in clips.items():
         index["splits"][split] = n
         for k in range(n):
@@ -177,17 +208,26 @@ def generate(root: str, clips: dict[str, int], fashion, frames: int = 20, size: 
             os.makedirs(folder, exist_ok=True)
             scene = make_scene(motion, pools[split], frames, size, rng)
             cams = {"cam1": Camera(), "cam2": second_camera(rng)}
+            track, sounding = None, None
+            if sound:  # its own generator: the pictures stay those of the silent data set
+                srng = np.random.default_rng([seed, 0 if split == "train" else 1, k, 1])
+                sounding = int(srng.integers(len(scene.classes)))
+                speed = np.linalg.norm(np.diff(scene.positions[:, sounding], axis=0, prepend=scene.positions[:1, sounding]),
+                                       axis=-1)
+                track = class_sound(scene.classes[sounding], speed, fps, SOUND_RATE, srng)
             masks = {}
             for view, cam in cams.items():
                 video, masks[view] = render(scene, cam, size)
                 path = name + (".mkv" if view == "cam1" else f".{view}.mkv")
                 with open(path + ".tmp", "wb") as f:
-                    f.write(encode_clip(video, "ffv1", fps))
+                    f.write(encode_clip(video, "ffv1", fps, track if view == "cam1" else None, SOUND_RATE))
                 os.replace(path + ".tmp", path)
             np.savez_compressed(name + ".masks.npz", **masks)
             meta = {"motion": motion, "classes": scene.classes, "class_names": [fm.classes[c] for c in scene.classes],
                     "colours": scene.colours, "fps": fps, "frames": frames, "seed": [seed, split, k],
                     "cameras": {v: vars(c) | {"centre": list(c.centre), "tint": list(c.tint)} for v, c in cams.items()}}
+            if sound:
+                meta["sound"] = {"item": sounding, "class": scene.classes[sounding], "rate": SOUND_RATE}
             with open(name + ".json.tmp", "w") as f:
                 json.dump(meta, f)
             os.replace(name + ".json.tmp", name + ".json")

@@ -272,11 +272,13 @@ def open_source(source: str, data_root: Optional[str] = None, kind: str = "auto"
     sound = {} if params is None else {"audio_rate": params.audio_rate, "audio_seconds": params.audio_seconds}
     if source in audio.SPOKEN_DIGITS or kind == "spoken-digits":
         return audio.AudioFolder(audio.spoken_digits(), **sound, name="spoken-digits")
-    if source in videos.MOVING_FASHION_MNIST or kind == "moving-fashion-mnist":
+    sounding = source in videos.MOVING_FASHION_MNIST_SOUND or kind == "moving-fashion-mnist-sound"
+    if source in videos.MOVING_FASHION_MNIST or kind == "moving-fashion-mnist" or sounding:
         root = videos.moving_fashion_mnist(FashionMNIST(data_root), videos.DEFAULT_CLIPS,
                                            frames=clip.get("clip_frames", 16), size=clip.get("clip_size") or 64,
-                                           fps=clip.get("clip_fps", 10.0))
-        return videos.VideoFolder(root, **clip, name="moving-fashion-mnist")
+                                           fps=clip.get("clip_fps", 10.0), sound=sounding)
+        return videos.VideoFolder(root, **clip, name="moving-fashion-mnist" + "-sound" * sounding,
+                                  audio_rate=sound.get("audio_rate", 16000))
     if not os.path.exists(source):
         raise SourceError(f"source path {source!r} does not exist")
     if not os.path.isdir(source):
@@ -294,7 +296,7 @@ def open_source(source: str, data_root: Optional[str] = None, kind: str = "auto"
         else:
             kind = "flat"
     if kind == "videofolder":
-        return videos.VideoFolder(source, **clip)
+        return videos.VideoFolder(source, **clip, audio_rate=sound.get("audio_rate", 16000))
     if kind == "audiofolder":
         return audio.AudioFolder(source, **sound)
     kinds = {"voc": VOC2007, "imagefolder": ImageFolder, "flat": FlatFolder}

@@ -11,6 +11,10 @@ Files beside a video ``NAME.EXT`` travel in its sample: ``NAME.VIEW.EXT`` (anoth
 same moment, e.g. ``NAME.cam2.mkv``: the same frames are taken from it), ``NAME.masks.npz`` (per
 frame masks, uint8 ``(T, H, W)`` per view, resampled like the frames) and ``NAME.json`` (labels
 for evaluation, kept as they are in the sample's ``.json`` under ``info``).
+
+Sound: a video's own sound track (its first audio stream), or else an audio file beside it
+(``NAME.wav``, ``.flac``, ...), is kept for the clip's span (``clip_frames / clip_fps`` seconds),
+mono, resampled to ``audio_rate``, as the sample's ``audio.flac`` (``workers/data/audio.py``).
 """
 from __future__ import annotations
 
@@ -21,12 +25,13 @@ from typing import Optional
 
 import numpy as np
 
-from workers.data.clips import ClipError, clip_members, read_video
+from workers.data.clips import ClipError, clip_members, read_audio_track, read_video
 from workers.data.images import Encoded, RejectedImage
 from workers.ingest.records import SPLIT_DIRS, Record, Source, SourceError, list_files
 
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 MOVING_FASHION_MNIST = ("moving-fashion-mnist", "moving_fashion_mnist", "mfmnist")
+MOVING_FASHION_MNIST_SOUND = ("moving-fashion-mnist-sound", "moving_fashion_mnist_sound", "mfmnist-sound")
 DEFAULT_CLIPS = {"train": 2000, "test": 500}  # moving-fashion-mnist's size (see moving_fmnist.py)
 
 
@@ -63,9 +68,10 @@ class VideoFolder(Source):
     kind = "videofolder"
 
     def __init__(self, root: str, clip_frames: int = 16, clip_fps: float = 10.0, clip_size: Optional[int] = None,
-                 clip_codec: str = "png", name: Optional[str] = None):
+                 clip_codec: str = "png", name: Optional[str] = None, audio_rate: int = 16000):
         super().__init__(root)
         self._name = name
+        self.audio_rate = int(audio_rate)
         self.frames, self.fps, self.size, self.codec = clip_frames, clip_fps, clip_size, clip_codec
         self._views = split_views(list_files(root))
         files = sorted(self._views)
@@ -117,10 +123,37 @@ class VideoFolder(Source):
         if os.path.exists(stem + ".json"):
             with open(stem + ".json") as f:
                 meta["info"] = json.load(f)
+        sound = self._sound(path, stem)
+        if sound is not None:
+            from workers.data.audio import encode_flac
+
+            extras["audio.flac"] = encode_flac(sound, self.audio_rate)
+            meta["audio"] = {"sample_rate": self.audio_rate, "samples": len(sound)}
         members = clip_members(clip, self.codec, self.fps)
         first = next(iter(members))  # the sample's main member; the clip's other frames go with the extras
         return Encoded(first, members.pop(first), "RGB", tuple(clip.shape[:1]) + tuple(clip.shape[2:]),
                        members | extras, meta)
+
+    def _sound(self, path: str, stem: str) -> Optional[np.ndarray]:
+        """The clip's span of the video's sound track, or of an audio file beside it; None without either."""
+        from workers.data.audio import AUDIO_EXTS, AudioError, fit_length, read, resample
+
+        seconds = self.frames / self.fps
+        try:
+            track = read_audio_track(path, self.audio_rate, seconds)
+        except ClipError as e:
+            raise RejectedImage(str(e).replace(path, os.path.basename(path))) from None
+        if track is not None:
+            return track
+        for ext in AUDIO_EXTS:
+            if os.path.exists(stem + ext):
+                try:
+                    x, rate = read(stem + ext)
+                except AudioError as e:
+                    raise RejectedImage(f"{os.path.basename(stem + ext)}: {e}") from None
+                return fit_length(resample(x[:int(round(seconds * rate))], rate, self.audio_rate),
+                                  int(round(seconds * self.audio_rate)))
+        return None
 
     def _masks(self, npz: str, video: str, shape: tuple) -> bytes:
         """The masks at the clip's frames: those of the video's frames on screen at each k / fps."""
@@ -159,17 +192,19 @@ class VideoFolder(Source):
 
 
 def moving_fashion_mnist(fashion, clips: dict[str, int], frames: int, size: int, fps: float, seed: int = 0,
-                         cache: Optional[str] = None) -> str:
+                         cache: Optional[str] = None, sound: bool = False) -> str:
     """The generated videos' folder (made once per settings, under ``cache``: ``$GELATO_CACHE`` or
     ``~/.cache/gelato``), its items from ``fashion`` (a ``FashionMNIST`` source); see ``moving_fmnist``."""
     from workers.ingest.moving_fmnist import generate
 
     cache = cache or os.environ.get("GELATO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gelato")
     tag = "-".join(f"{k}{v}" for k, v in sorted(clips.items())) + f"-t{frames}-s{size}-f{fps:g}-seed{seed}"
+    tag += "-sound" if sound else ""
     root = os.path.join(cache, "moving-fashion-mnist", tag)
     if not os.path.exists(os.path.join(root, "moving_fmnist.json")):
         from tqdm.auto import tqdm
 
         with tqdm(total=sum(clips.values()), desc="generate moving-fashion-mnist", unit="clip") as bar:
-            generate(root, clips, fashion, frames=frames, size=size, fps=fps, seed=seed, progress=bar.update)
+            generate(root, clips, fashion, frames=frames, size=size, fps=fps, seed=seed, progress=bar.update,
+                     sound=sound)
     return root

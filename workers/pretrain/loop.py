@@ -282,11 +282,18 @@ def train_step(rig: Rig, step: int, batches: list[dict], meter: Meter) -> tuple[
     encoder, queue, prototypes). Returns the last forward's outputs and images."""
     config, core, model, amp_dtype = rig.config, rig.core, rig.model, rig.amp_dtype
     for micro, batch in enumerate(batches):
-        images = batch["clip" if core.modality == "clip" else "image"]
+        images = batch["clip" if core.modality in ("clip", "audiovisual") else "image"]
         if core.takes_views and batch.get("views"):  # the main clip and the first other camera: (B, 2, T, C, H, W)
             images = torch.stack([images, batch["views"][sorted(batch["views"])[0]]], 1)
         images = images.to(rig.device, non_blocking=True)
-        views = core.make_views(images, generator=rig.gen)
+        if core.modality == "audiovisual":  # the clips and their sound tracks
+            if "audio" not in batch:
+                raise ValueError(f"{rig.config.objective} learns from clips with their sound; the run's clips have "
+                                 "no sound track (ingest videos that carry one, or moving-fashion-mnist-sound)")
+            views = core.make_views({"clip": images, "audio": batch["audio"].to(rig.device, non_blocking=True)},
+                                    generator=rig.gen)
+        else:
+            views = core.make_views(images, generator=rig.gen)
         if rig.ex.channels_last:
             views = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v
                      for k, v in views.items()}

@@ -166,6 +166,8 @@ def test_spoken_digits_are_generated_by_espeak_with_voices_and_ingested(tmp_path
                                                                                                        "train": 18}
     x, rate = sf.read(os.path.join(root, "train", "one", os.listdir(os.path.join(root, "train", "one"))[0]))
     assert rate == 22050 and dbfs(x) > -40                            # espeak-ng's rate: the ingest resamples
+    longest = max(sf.info(os.path.join(d, f)).duration for d, _, fs in os.walk(root) for f in fs if f.endswith(".flac"))
+    assert longest <= 1.4                                             # one utterance, one sample
     m = ingest(RunLocation(str(tmp_path / "run")), src, IngestParams(shard_size=8, val_fraction=0), progress_bar=False)
     assert m["count"] == 27 and not m["rejected"]
     test = load_split(RunLocation(str(tmp_path / "run")), m, "test")

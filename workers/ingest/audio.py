@@ -125,7 +125,7 @@ def spoken_digits(cache: Optional[str] = None, **settings) -> str:
 
     s = DEFAULTS | settings
     cache = cache or os.environ.get("GELATO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gelato")
-    tag = f"v{s['voices']}-r{s['repeats']}-w{len(s['words'])}-seed{s['seed']}"
+    tag = f"v{s['voices']}-r{s['repeats']}-w{len(s['words'])}-seed{s['seed']}-gen2"  # gen2: coloured noise at 0-20 dB
     root = os.path.join(cache, "spoken-digits", tag)
     if not os.path.exists(os.path.join(root, "spoken_digits.json")):
         generate(root, **s)

@@ -3,8 +3,8 @@
 No download: the Debian package ``espeak-ng`` (installed by ``make demo``/CI, as Fashion-MNIST is)
 speaks the ten digits and a few short command words, in ``voices`` voices (an English accent ×
 an espeak voice variant, each with its own speaking rate and pitch), ``repeats`` times each with
-the rate and pitch jittered, a random pause before and after, then a seeded gain and white noise
-at a random SNR. Each utterance is written as a real FLAC file at espeak-ng's own rate
+the rate (±15 %) and pitch jittered, a random pause before and after (up to 0.25 s), then a seeded
+gain and noise of a random colour (white to brown) at an SNR of 0–20 dB. Each utterance is written as a real FLAC file at espeak-ng's own rate
 (22050 Hz) with a ``.json`` sidecar naming its voice, so the ingest goes through the real-audio
 path (decode, resample to 16 kHz, check, store). Layout: ``train|test/<word>/<voice>-<rep>.flac``;
 the test split holds ``test_repeats`` of the repeats of every (word, voice), so a probe of the voice
@@ -27,6 +27,8 @@ ACCENTS = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-us-ny
            "en-gb-x-gbcwmd")
 VARIANTS = ("m1", "f2", "m3", "f4", "m6", "f1", "m7", "f5")
 RATE = 22050   # espeak-ng's output rate
+SNR_DB = (0.0, 20.0)  # the added noise, relative to the utterance
+MAX_SECONDS = 1.4     # with its pauses, under the 1.5 s at which an ingest at 1 s cuts a file in two
 DEFAULTS = {"voices": 16, "repeats": 10, "test_repeats": 2, "words": WORDS, "seed": 0}
 
 
@@ -73,28 +75,41 @@ def _plan(voices_n: int, repeats: int, test_repeats: int, words, seed: int) -> l
             for r in range(repeats):
                 base_rate, base_pitch = style[v]
                 plan.append({"word": w, "voice": v, "voice_id": vi, "repeat": r, "split": "test" if r in test else "train",
-                             "rate": int(base_rate * rng.uniform(0.9, 1.1)),
-                             "pitch": int(np.clip(base_pitch + rng.randint(-6, 6), 0, 99)),
-                             "pad_s": [round(rng.uniform(0.0, 0.15), 3), round(rng.uniform(0.0, 0.15), 3)],
-                             "gain_db": round(rng.uniform(-10.0, 0.0), 2), "snr_db": round(rng.uniform(15.0, 35.0), 2),
-                             "noise_seed": rng.randrange(2 ** 31)})
+                             "rate": int(base_rate * rng.uniform(0.85, 1.15)),
+                             "pitch": int(np.clip(base_pitch + rng.randint(-10, 10), 0, 99)),
+                             "pad_s": [round(rng.uniform(0.0, 0.25), 3), round(rng.uniform(0.0, 0.25), 3)],
+                             "gain_db": round(rng.uniform(-10.0, 0.0), 2), "snr_db": round(rng.uniform(*SNR_DB), 2),
+                             "noise_colour": round(rng.uniform(0.0, 2.0), 2), "noise_seed": rng.randrange(2 ** 31)})
     return plan
+
+
+def coloured_noise(n: int, colour: float, rng: np.random.Generator) -> np.ndarray:
+    """Unit-power noise whose power falls as 1 / f^colour (0 white, 1 pink, 2 brown)."""
+    spectrum = np.fft.rfft(rng.standard_normal(n))
+    f = np.maximum(np.fft.rfftfreq(n, 1 / RATE), 20.0)
+    x = np.fft.irfft(spectrum / f ** (colour / 2), n)
+    return (x / max(float(np.sqrt(np.mean(x ** 2))), 1e-12)).astype(np.float32)
 
 
 def _render(root: str, item: dict) -> None:
     import soundfile as sf
 
     x = espeak(item["word"], item["voice"], item["rate"], item["pitch"])
-    pre, post = (np.zeros(int(s * RATE), np.float32) for s in item["pad_s"])
+    pads = [int(s * RATE) for s in item["pad_s"]]
+    room = max(0, int(MAX_SECONDS * RATE) - len(x))     # one utterance stays one sample (no segment cut)
+    if sum(pads) > room:
+        pads = [p * room // sum(pads) for p in pads]
+    pre, post = (np.zeros(p, np.float32) for p in pads)
     x = np.concatenate([pre, x, post]) * np.float32(10 ** (item["gain_db"] / 20))
     power = float(np.mean(np.square(x))) or 1e-10
-    noise = np.random.default_rng(item["noise_seed"]).standard_normal(len(x)).astype(np.float32)
+    noise = coloured_noise(len(x), item["noise_colour"], np.random.default_rng(item["noise_seed"]))
     x = x + noise * np.float32(np.sqrt(power / 10 ** (item["snr_db"] / 10)))
     rel = f"{item['split']}/{item['word']}/{item['voice'].replace('+', '_')}-{item['repeat']:02d}"
     os.makedirs(os.path.join(root, os.path.dirname(rel)), exist_ok=True)
     sf.write(os.path.join(root, rel + ".flac"), np.clip(x, -1, 1), RATE, format="FLAC", subtype="PCM_16")
     with open(os.path.join(root, rel + ".json"), "w") as f:
-        json.dump({k: item[k] for k in ("word", "voice", "voice_id", "rate", "pitch", "gain_db", "snr_db")}, f)
+        json.dump({k: item[k] for k in ("word", "voice", "voice_id", "rate", "pitch", "gain_db", "snr_db", "noise_colour")},
+                  f)
 
 
 def generate(root: str, voices: int = 16, repeats: int = 10, test_repeats: int = 2, words=WORDS, seed: int = 0,

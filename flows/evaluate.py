@@ -26,7 +26,9 @@ from flows.credentials import resolve as resolve_credentials
 from workers.credentials import StorageOptions
 from workers.evaluate.config import EvalConfig
 from workers.evaluate.audio import AUDIO_RUNS, NEEDS as AUDIO_NEEDS
-from workers.evaluate.evaluation import NEEDS, Evaluation, audio_protocols, frozen_sources, video_protocols
+from workers.evaluate.audiovisual import AV_RUNS
+from workers.evaluate.evaluation import (NEEDS, Evaluation, audio_protocols, av_protocols, av_sources, frozen_sources,
+                                         video_protocols)
 from workers.evaluate.protocols import Result, run_fewshot, run_finetune, run_knn, run_probe, run_supervised
 from workers.evaluate.report import render_markdown, track_report, write_report
 from workers.evaluate.video import VIDEO_RUNS
@@ -88,6 +90,13 @@ def audio_task(ev: Evaluation, protocol: str, source: str) -> Result:
         return AUDIO_RUNS[protocol](ev, source)
 
 
+@task(cache_policy=NONE, task_run_name="{protocol}-{source}")
+def av_task(ev: Evaluation, protocol: str, source: str) -> Result:
+    """An audio-visual checkpoint's protocol (workers/evaluate/audiovisual.py) on the whole objective of ``source``."""
+    with ev.compute_slots:
+        return AV_RUNS[protocol](ev, source)
+
+
 @task(cache_policy=NONE, task_run_name="report")
 def report_task(ev: Evaluation, results: list[Result], started: float) -> dict:
     report = write_report(ev, results, total_seconds=time.perf_counter() - started, log=get_run_logger().info)
@@ -144,6 +153,7 @@ def evaluate_flow(run: str, config: Optional[EvalConfig] = None,
     futures += [video_task.submit(ev, p, s) for p in video_protocols(ev) for s in frozen_sources(ev)]
     futures += [audio_task.submit(ev, p, s, wait_for=[feats[s, sp] for sp in AUDIO_NEEDS[p]])
                 for p in audio_protocols(ev) for s in frozen_sources(ev)]
+    futures += [av_task.submit(ev, p, s) for p in av_protocols(ev) for s in av_sources(ev)]
     if sup is not None:  # the supervised reference's frozen backbone, once trained
         futures += [video_task.submit(ev, p, "supervised", wait_for=[sup]) for p in video_protocols(ev)]
         futures += [audio_task.submit(ev, p, "supervised", wait_for=[sup]) for p in audio_protocols(ev)]

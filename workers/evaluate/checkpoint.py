@@ -158,6 +158,8 @@ def load(loc: RunLocation, manifest: dict, path: Optional[str] = None, fs=None) 
         _check(uri, loc, fs, manifest, config, int(obj["in_channels"]))
         objective = build_objective(config, int(manifest["channels"]))  # the run's images, as in pretraining
         objective.backbone.load_state_dict(obj["backbone"])
+        if "objective_state" in obj:  # an audio-visual objective: its audio sub-network and projections
+            objective.load_state_dict(obj["objective_state"])
         return Checkpoint(uri, sha, "backbone", config, objective.eval(), obj.get("steps"))
     if isinstance(obj, dict) and "objective" in obj:
         config = _sibling_config(uri, loc, fs) or _run_config(loc, fs)

@@ -23,6 +23,9 @@ BASELINES = ("raw_pixels", "random_init", "supervised", "init_from", "log_mel")
 # evaluation (spoken-digits: the voice), probed and kNN-classified on the same frozen features
 AUDIO_PROTOCOLS = ("voice_probe", "voice_knn")
 AudioProtocol = Literal["voice_probe", "voice_knn"]
+# an audio-visual checkpoint on clips with sound (workers/evaluate/audiovisual.py)
+AV_PROTOCOLS = ("av_retrieval", "av_localisation")
+AVProtocol = Literal["av_retrieval", "av_localisation"]
 # clip runs only (workers/evaluate/video.py): motion kind from a clip's frames, propagating the first
 # frame's masks, aligning two cameras
 VIDEO_PROTOCOLS = ("clip_probe", "clip_knn", "label_propagation", "alignment")
@@ -101,6 +104,10 @@ class EvalConfig(BaseModel):
         AUDIO_PROTOCOLS, description="the protocols of an audio run besides probe and kNN of the class (an image "
                                      "run ignores them): voice_probe / voice_knn predict the label audio_target "
                                      "of each utterance's labels for evaluation")
+    av_protocols: tuple[AVProtocol, ...] = Field(
+        AV_PROTOCOLS, description="an audio-visual checkpoint (av_correspondence) on clips with sound: av_retrieval "
+                                  "(each sound ranks the test frames; right when the top one's sounding item has its "
+                                  "class), av_localisation (the similarity map's peak on the sounding item)")
     audio_target: str = Field("voice", min_length=1, description="audio runs: the key of the utterances' labels "
                                                                 "(their .json sidecar) the voice_* protocols predict")
     on_corrupt: Literal["fail", "skip"] = Field(
@@ -121,7 +128,7 @@ VIDEO_DEFAULTS = {k: EvalConfig.model_fields[k].default for k in
                   ("video_protocols", "clip_eval_frames", "propagation_topk", "propagation_temperature",
                    "propagation_context", "propagation_radius")}
 VIDEO_DEFAULTS["video_protocols"] = list(VIDEO_PROTOCOLS)  # as model_dump(mode="json") gives it
-AUDIO_DEFAULTS = {"audio_protocols": list(AUDIO_PROTOCOLS), "audio_target": "voice"}
+AUDIO_DEFAULTS = {"audio_protocols": list(AUDIO_PROTOCOLS), "audio_target": "voice", "av_protocols": list(AV_PROTOCOLS)}
 
 
 def eval_config(**kwargs) -> EvalConfig:

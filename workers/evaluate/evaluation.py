@@ -39,6 +39,7 @@ from workers.evaluate.config import EvalConfig
 from workers.evaluate.protocols import (fewshot_subset, run_fewshot, run_finetune, run_knn,
                                         run_probe, run_supervised)
 from workers.evaluate.audio import AUDIO_RUNS, NEEDS as AUDIO_NEEDS
+from workers.evaluate.audiovisual import AV_RUNS, SOURCES as AV_SOURCES
 from workers.evaluate.video import NEEDS as VIDEO_NEEDS, VIDEO_RUNS
 from workers.hardware import cap_torch_threads, keep_freed_memory, resolve_here
 from workers.model import fixed_input_size
@@ -171,6 +172,8 @@ class Evaluation:
         self.dense_side: Optional[int] = None  # side of the pretrained network's dense map (label propagation)
         self.multilabel = bool(manifest.get("multilabel"))
         self.protocols, self.refused = plan(manifest, config)
+        if self.clip_run and getattr(self.checkpoint.objective, "modality", None) == "audiovisual":
+            self.protocols += [p for p in config.av_protocols if p not in self.protocols]  # sound and picture
         self.init_from = init_path(config, self.checkpoint)
         self.budget = None
         if config.budget_minutes and self.audio_run:
@@ -460,6 +463,9 @@ def run_protocols(ev: Evaluation):
     for p in audio_protocols(ev):
         for s in video_sources(ev):
             yield AUDIO_RUNS[p](ev, s)
+    for p in av_protocols(ev):
+        for s in av_sources(ev):
+            yield AV_RUNS[p](ev, s)
 
 
 def video_sources(ev: Evaluation) -> list[str]:
@@ -476,3 +482,13 @@ def video_protocols(ev: Evaluation) -> list[str]:
 def audio_protocols(ev: Evaluation) -> list[str]:
     """The audio-run protocols to run (``workers/evaluate/audio.py``), in the config's order."""
     return [p for p in ev.protocols if p in AUDIO_RUNS]
+
+
+def av_protocols(ev: Evaluation) -> list[str]:
+    """An audio-visual checkpoint's protocols to run (``workers/evaluate/audiovisual.py``)."""
+    return [p for p in ev.protocols if p in AV_RUNS]
+
+
+def av_sources(ev: Evaluation) -> list[str]:
+    """The whole objectives the audio-visual protocols compare: the pretrained one, and random init if asked."""
+    return [s for s in AV_SOURCES if s in ev.sources]

@@ -21,7 +21,7 @@ import time
 from typing import Optional
 
 from workers.data import integrity
-from workers.evaluate.config import AUDIO_PROTOCOLS, VIDEO_PROTOCOLS
+from workers.evaluate.config import AUDIO_PROTOCOLS, AV_PROTOCOLS, VIDEO_PROTOCOLS
 from workers.model import PRETRAIN_PLOT
 from workers.plots import confusion_plot, curve_plot, embedding_plot
 
@@ -48,6 +48,8 @@ VIDEO_ROWS = [("clip_probe", "top1", None, "clip: linear probe ({what}), top-1")
               ("clip_knn", "top1", None, "clip: kNN ({what}), top-1"),
               ("label_propagation", "J", None, "clip: label propagation, J (mean IoU)"),
               ("alignment", "top1", None, "clip: cross-view alignment, top-1")]
+AV_ROWS = [("av_retrieval", "top1", None, "sound → frame retrieval (sounding item's class), top-1"),
+           ("av_localisation", "hit", None, "sound localisation: map's peak on the sounding item")]
 
 
 AUDIO_ROWS = [("voice_probe", "top1", None, "{target}: linear probe, top-1"),
@@ -68,7 +70,7 @@ def table_rows(multilabel: bool, n_classes: int, knn_k: int, knn_t: float,
         frame = "frame, item class" if clip.get("frame_target") == "item" else "frame, clip class"
         what = "/".join(clip.get("clip_classes") or []) or "class"
         return ([(p, m, v, f"{frame}: {label}") for p, m, v, label in table_rows(multilabel, n_classes, knn_k, knn_t)]
-                + [(p, m, v, label.format(what=what)) for p, m, v, label in VIDEO_ROWS])
+                + [(p, m, v, label.format(what=what)) for p, m, v, label in VIDEO_ROWS] + AV_ROWS)
     if multilabel:
         return [("probe", "mAP", None, "linear probe, mAP"), ("knn", "mAP", None, f"kNN (k={knn_k}, T={knn_t}), mAP"),
                 ("finetune", "mAP", None, "fine-tune, mAP")]
@@ -97,6 +99,7 @@ def results_table(report: dict) -> list[dict]:
                        report["eval_config"]["knn_t"], clip, audio)
     asked = set(report["eval_config"].get("protocols") or ("probe", "knn", "finetune", "fewshot"))
     asked |= set(report["eval_config"].get("video_protocols") or ()) if clip else set()
+    asked |= {r["protocol"] for r in report["results"] if r["protocol"] in AV_PROTOCOLS}
     asked |= set(report["eval_config"].get("audio_protocols") or ()) if audio else set()
     rows = []
     cols = ((AUDIO_COLUMNS if audio else COLUMNS)
@@ -240,7 +243,7 @@ def write_report(ev, results: list, total_seconds: float, log=None) -> dict:
     for proto in ("probe", "knn", "finetune", "fewshot", "video", "audio"):
         mine = {k: v for k, v in report["details"].items()
                 if k.split("/")[0].split("_")[0] == proto or proto == "video" and k.split("/")[0] in VIDEO_PROTOCOLS
-                or proto == "audio" and k.split("/")[0] in AUDIO_PROTOCOLS}
+                or proto == "audio" and k.split("/")[0] in AUDIO_PROTOCOLS + AV_PROTOCOLS}
         if mine:
             ev.loc.write_atomic(f"eval/{proto}.json", json.dumps(mine, indent=1).encode(), ev.fs)
     h = report["eval_config_hash"]

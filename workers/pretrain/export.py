@@ -40,6 +40,8 @@ def export_final(loc: RunLocation, config: PretrainConfig, manifest: dict, objec
         "training_hash": config.training_hash(),
         "steps": step,
     }
+    if getattr(objective, "modality", None) == "audiovisual":  # its audio sub-network and joint space too
+        payload["objective_state"] = {k: v.detach().cpu() for k, v in objective.state_dict().items()}
     buf = io.BytesIO()
     torch.save(payload, buf)
     loc.write_atomic(BACKBONE_FILE, buf.getvalue())

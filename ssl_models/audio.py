@@ -97,13 +97,15 @@ class LogMel(nn.Module):
             return torch.log(mel + 1e-6)
 
 
-def log_mel_stats(x: torch.Tensor, n_mels: int = 80) -> torch.Tensor:
-    """The log-mel baseline's utterance vector: the mean and standard deviation over time of each band.
+def log_mel_stats(x: torch.Tensor, n_mels: int = 80, spans: int = 1) -> torch.Tensor:
+    """The log-mel baseline's utterance vector: the mean and standard deviation of each band over each
+    of ``spans`` equal spans of time (1: the whole utterance), concatenated in time order.
 
-    Shape: x (B, 1, L) or (B, L) → (B, 2 · n_mels).
+    Shape: x (B, 1, L) or (B, L) → (B, 2 · n_mels · spans).
     """
-    m = LogMel(n_mels).to(x.device)(x)
-    return torch.cat([m.mean(1), m.std(1)], dim=1)
+    m = LogMel(n_mels).to(x.device)(x)                                   # (B, T, n_mels)
+    chunks = torch.tensor_split(m, spans, dim=1)
+    return torch.cat([s for c in chunks for s in (c.mean(1), c.std(1))], dim=1)
 
 
 @dataclass(frozen=True)

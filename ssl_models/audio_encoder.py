@@ -162,6 +162,12 @@ class AudioEncoder(nn.Module):
         """Shape: (B, 1, L) or (B, L) float → (B, feature_dim), the mean over frames."""
         return self.encode(x).mean(1)
 
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The frames before and after the context, channels first, for the evaluation's pooling over
+        spans of time (``frozen_grid``, ``frozen_stages``). Shape: (B, L) → [(B, local_dim, T), (B, feature_dim, T)]."""
+        z = self.local(x)
+        return [z.transpose(1, 2), self.context(z).transpose(1, 2)]
+
 
 def audio_conv(in_channels: int = 1, dim: int = 128) -> AudioEncoder:
     """Conv frames only (PASE's encoder shape; a context-free baseline)."""

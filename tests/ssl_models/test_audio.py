@@ -110,3 +110,23 @@ def test_waveforms_take_int16_and_refuse_stereo():
     assert torch.allclose(waveforms(torch.tensor([[16384, -32768]], dtype=torch.int16)), torch.tensor([[0.5, -1.0]]))
     with pytest.raises(ValueError, match="mono"):
         waveforms(torch.zeros(2, 2, 100))
+
+
+def test_spans_of_time_pool_the_frames_and_the_log_mel_alike():
+    from workers.evaluate.features import pooled_feature_maps
+
+    x = torch.randn(2, 16000) * 0.1
+    m = LogMel(80)(x)                                                       # (2, 98, 80)
+    three = log_mel_stats(x, 80, 3)
+    first = m[:, :33]                                                       # tensor_split: 33, 33, 32 frames
+    assert three.shape == (2, 480) and torch.allclose(three[:, :80], first.mean(1), atol=1e-5)
+    assert torch.allclose(three[:, 80:160], first.std(1), atol=1e-5) and torch.equal(log_mel_stats(x, 80, 1),
+                                                                                     log_mel_stats(x))
+    net = backbones.build("audio_cpc", in_channels=1, dim=16, context_dim=16).eval()
+    with torch.no_grad():
+        assert torch.allclose(pooled_feature_maps(net, x, 1, 1), net(x), atol=1e-6)
+        both = pooled_feature_maps(net, x, 3, 2)
+        ctx = net.encode(x)
+    # channel-major: (channel, span); adaptive pooling's first span of 98 frames in 3 is frames 0-32
+    assert both.shape == (2, 2 * 16 * 3)
+    assert torch.allclose(both[:, 48:].view(2, 16, 3)[:, :, 0], ctx[:, :33].mean(1), atol=1e-5)

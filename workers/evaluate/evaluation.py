@@ -197,7 +197,7 @@ class Evaluation:
                                                              self.init_from, storage_options, self.device,
                                                              self.frozen_view)
         if self.audio_run and {"raw_pixels", "log_mel"} & set(config.baselines):  # the input itself, for audio
-            self.sources["log_mel"] = features.log_mel()
+            self.sources["log_mel"] = features.log_mel(spans=config.frozen_grid)
         elif "raw_pixels" in config.baselines:
             self.sources["raw_pixels"] = features.raw_pixels(self.image_size)
         self.computed: list[tuple[str, str]] = []   # features computed (not loaded from the cache) here

@@ -78,13 +78,15 @@ class FrozenView:
 def pooled_feature_maps(module: nn.Module, x: torch.Tensor, grid: int, stages: int) -> torch.Tensor:
     """The last ``stages`` of ``module.feature_maps(x)``, each average-pooled to ``grid × grid``, concatenated.
 
-    Shape: x (B, C, H, W) → (B, Σ_s C_s · grid²), flattened channel-major per stage.
+    Shape: x (B, C, H, W) → (B, Σ_s C_s · grid²), flattened channel-major per stage. Maps over time
+    (an audio backbone's, (B, C_s, T)) are pooled to ``grid`` equal spans of time: (B, Σ_s C_s · grid).
     """
     if not hasattr(module, "feature_maps"):
         raise ValueError(f"{type(module).__name__} exposes no feature_maps(); evaluate it with frozen_grid=1 "
                          "and frozen_stages=1")
     maps = module.feature_maps(x)[-stages:]
-    return torch.cat([F.adaptive_avg_pool2d(m, grid).flatten(1) for m in maps], dim=1)
+    return torch.cat([(F.adaptive_avg_pool1d(m, grid) if m.ndim == 3 else F.adaptive_avg_pool2d(m, grid)).flatten(1)
+                      for m in maps], dim=1)
 
 
 @dataclass
@@ -197,14 +199,15 @@ def raw_pixels(image_size: int) -> FeatureSource:
     return FeatureSource("raw_pixels", f"raw_pixels-{image_size}px", to_float, None, standardize_for_knn=True)
 
 
-def log_mel(n_mels: int = 80) -> FeatureSource:
-    """An audio run's input baseline: each band's mean and standard deviation over the utterance of the
-    log-mel spectrogram (``ssl_models.audio.log_mel_stats``, 25 ms windows every 10 ms); standardised
-    by the protocols, as raw pixels are."""
+def log_mel(n_mels: int = 80, spans: int = 1) -> FeatureSource:
+    """An audio run's input baseline: each band's mean and standard deviation over each of ``spans``
+    equal spans of the utterance of the log-mel spectrogram (``ssl_models.audio.log_mel_stats``, 25 ms
+    windows every 10 ms; ``spans``: the evaluation's ``frozen_grid``, as the networks' frames are
+    pooled); standardised by the protocols, as raw pixels are."""
     from ssl_models.audio import log_mel_stats
 
-    return FeatureSource("log_mel", f"log_mel-{n_mels}-stats", lambda x: log_mel_stats(x, n_mels), None,
-                         standardize_for_knn=True)
+    key = f"log_mel-{n_mels}-stats" + (f"-spans{spans}" if spans > 1 else "")
+    return FeatureSource("log_mel", key, lambda x: log_mel_stats(x, n_mels, spans), None, standardize_for_knn=True)
 
 
 def trained(name: str, objective: nn.Module, weights_sha256: str, device: str,

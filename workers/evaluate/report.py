@@ -319,8 +319,11 @@ def render_markdown(report: dict, others: Optional[list[dict]] = None) -> str:
           f"- networks run at {_execution_md(r.get('execution'), cfg)}"
           + (f"; frozen features from images resized to {cfg['frozen_input_size']} px (frozen_input_size; "
              f"fine-tuning at the pretraining size)" if cfg.get("frozen_input_size") else "")
-          + (f"; frozen features: the last {stages} stage(s) average-pooled to a {grid}×{grid} grid and "
-             f"concatenated (frozen_grid, frozen_stages; Goyal et al. 2019)" if (grid, stages) != (1, 1) else ""),
+          + ((f"; frozen features: the frames of the last {stages} stage(s) (before and after the context) "
+              f"averaged over {grid} equal spans of time and concatenated (frozen_grid, frozen_stages; log-mel "
+              f"over the same spans)" if r.get("modality") == "audio" else
+              f"; frozen features: the last {stages} stage(s) average-pooled to a {grid}×{grid} grid and "
+              f"concatenated (frozen_grid, frozen_stages; Goyal et al. 2019)") if (grid, stages) != (1, 1) else ""),
           *_budget_md(r.get("eval_budget")),
           *_clips_md(r),
           *_audio_md(r),

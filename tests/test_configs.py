@@ -67,7 +67,7 @@ def _gelato_commands(lines: list[str]) -> list[list[str]]:
 
 def test_one_cpu_config_per_objective():
     fashion = {p.stem.removeprefix("fashion_mnist_") for p in CONFIGS if p.name.startswith("fashion_mnist_")}
-    clips = {n for n, c in OBJECTIVES.items() if c.modality == "clip"}
+    clips = {n for n, c in OBJECTIVES.items() if c.modality in ("clip", "audiovisual")}
     sound = {n for n, c in OBJECTIVES.items() if c.modality == "audio"}
     # colorization predicts colour, which grayscale Fashion-MNIST lacks: it gets an RGB (VOC) config;
     # the objectives that learn from time get a Moving Fashion-MNIST one, those that learn from sound a
@@ -159,10 +159,12 @@ def _one_step(config, in_channels: int, side: int = 28) -> torch.Tensor:
     objective = build_objective(config, in_channels=in_channels).train()
     if ex.channels_last:
         objective = objective.to(memory_format=torch.channels_last)
-    clip = (8,) if objective.modality == "clip" else ()
+    clip = (8,) if objective.modality in ("clip", "audiovisual") else ()
     images = torch.randint(0, 256, (4, *clip, in_channels, side, side), dtype=torch.uint8)
     if objective.modality == "audio":  # four one-second utterances at 16 kHz
         images = 0.1 * torch.randn(4, 1, 16000)
+    if objective.modality == "audiovisual":  # clips with their 0.8 s sound tracks
+        images = {"clip": images, "audio": 0.1 * torch.randn(4, 1, 12800)}
     views = objective.make_views(images, generator=torch.Generator().manual_seed(0))
     if ex.channels_last:
         views = {k: v.contiguous(memory_format=torch.channels_last) if torch.is_tensor(v) and v.ndim == 4 else v

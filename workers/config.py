@@ -30,7 +30,8 @@ class ConfigError(ValueError):
 ObjectiveName = Literal["contrastive", "triplet", "simclr", "moco", "byol", "swav", "cpc", "autoencoder",
                         "denoising_autoencoder", "mae", "rotation", "relative_position", "jigsaw", "colorization",
                         "arrow_of_time", "shuffle_and_learn", "temporal_order", "tcn", "composite_lstm", "igpt",
-                        "cycle_consistency", "colorization_tracking", "apc", "cpc_audio", "wav2vec2", "pase"]
+                        "cycle_consistency", "colorization_tracking", "apc", "cpc_audio", "wav2vec2", "pase",
+                        "av_correspondence"]
 BackboneName = Literal["small_cnn", "resnet18", "resnet50", "vit_tiny", "vit_small", "igpt_tiny", "audio_conv",
                        "audio_cpc", "audio_transformer", "audio_apc"]
 

@@ -9,6 +9,7 @@ from torch import nn
 from ssl_models.objectives.apc import APC
 from ssl_models.objectives.arrow_of_time import ArrowOfTime
 from ssl_models.objectives.autoencoder import Autoencoder
+from ssl_models.objectives.av_correspondence import AVCorrespondence
 from ssl_models.objectives.base import Objective
 from ssl_models.objectives.byol import BYOL
 from ssl_models.objectives.colorization import Colorization
@@ -65,6 +66,8 @@ OBJECTIVES: dict[str, type[Objective]] = {
     "cpc_audio": CPCAudio,
     "pase": PASE,
     "wav2vec2": Wav2Vec2,
+    # on clips with their sound (modality "audiovisual": make_views takes {"clip", "audio"})
+    "av_correspondence": AVCorrespondence,
 }
 
 

@@ -75,3 +75,48 @@ def test_retrieval_is_scored_on_the_sounding_class_and_refused_without_sound():
     assert r.rows[0]["value"] == 1.0
     ev = _ev(clips, None, masks, sound)
     assert run_av_retrieval(ev, "pretrained").rows == [] and "sound tracks" in ev.refused["av_retrieval"]
+
+
+def test_an_audio_visual_checkpoint_is_scored_on_retrieval_and_localisation(tmp_path):
+    """Generated clips with sound, a few steps of av_correspondence by hand, exported (the whole
+    objective rides in backbone.pt), evaluated: both rows for pretrained and random init, with chance."""
+    from workers.config import load_config
+    from workers.data.loader import load_split
+    from workers.evaluate.config import EvalConfig
+    from workers.evaluate.evaluation import evaluate
+    from workers.ingest.moving_fmnist import generate
+    from workers.ingest.shards import IngestParams, ingest
+    from workers.ingest.sources import FashionMNIST, open_source
+    from workers.model import build_objective
+    from workers.pretrain.export import export_final
+    from workers.storage import RunLocation
+
+    generate(str(tmp_path / "videos"), {"train": 12, "test": 6}, FashionMNIST(), frames=8, size=32, sound=True)
+    run = str(tmp_path / "run")
+    params = IngestParams(shard_size=8, val_fraction=0.25, clip_frames=8)
+    manifest = ingest(RunLocation(run), open_source(str(tmp_path / "videos"), params=params), params, progress_bar=False)
+    config = load_config(None, ["objective=av_correspondence", "backbone=resnet18",
+                                "backbone_params={small_stem: true, width: 8}", "image_size=32", "batch_size=4",
+                                "workers=1", "seed=0"])
+    torch.manual_seed(0)
+    objective = build_objective(config, manifest["channels"])
+    opt = torch.optim.Adam(objective.parameters(), lr=1e-3)
+    train = load_split(RunLocation(run), manifest, "train")
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(2):
+        out = objective(objective.make_views({"clip": train["clip"][:4], "audio": train["audio"][:4]}, generator=gen))
+        opt.zero_grad()
+        out["loss"].backward()
+        opt.step()
+    with RunLocation(run).fs().open(RunLocation(run).join("config.yaml"), "w") as f:
+        f.write(config.to_yaml())
+    export_final(RunLocation(run), config, manifest, objective.eval(), 2, 2)
+    report = evaluate(run, EvalConfig(protocols=("probe",), video_protocols=(), baselines=("random_init",),
+                                      probe_max_iter=10), log=lambda *_: None)
+    cells = {(r["protocol"], r["features"]): r["value"] for r in report["results"]}
+    for proto in ("av_retrieval", "av_localisation"):
+        assert (proto, "pretrained") in cells and (proto, "random_init") in cells
+    assert 0 < report["details"]["av_localisation/pretrained"]["chance"] < 1
+    assert report["details"]["av_retrieval/pretrained"]["clips"] == 6
+    md = open(f"{run}/report.md").read()
+    assert "sound → frame retrieval (sounding item's class), top-1" in md and "sound localisation" in md

@@ -242,13 +242,20 @@ def test_pipeline_config_validates(path):
     from flows.pipeline import load_pipeline_config
 
     cfg = load_pipeline_config(str(path))
-    assert cfg.pretrain.objective in ("simclr", "moco", "byol", "swav", "tcn") and cfg.evaluate.protocols
+    assert cfg.pretrain.objective in ("simclr", "moco", "byol", "swav", "tcn", "av_correspondence", "apc", "cpc_audio",
+                                      "wav2vec2", "pase") and cfg.evaluate.protocols
     assert cfg.pretrain.precision == cfg.evaluate.precision == "auto"  # resolved on the machine it meets
     if path.name == "pipeline_demo.yaml":  # sized to the machine: within 20 minutes on any 2-core x86 CPU
         assert cfg.pretrain.budget_minutes + cfg.evaluate.budget_minutes <= 14
     if path.name == "pipeline_video_demo.yaml":  # generated clips with masks and two cameras: every video protocol
         assert cfg.ingest.source == "moving-fashion-mnist" and cfg.pretrain.budget_minutes <= 8
         assert set(cfg.evaluate.video_protocols) == {"clip_probe", "clip_knn", "label_propagation", "alignment"}
+    if path.name == "pipeline_av_demo.yaml":  # clips with sound: which item sounds, and where
+        assert cfg.ingest.source == "moving-fashion-mnist-sound" and cfg.pretrain.budget_minutes <= 8
+        assert set(cfg.evaluate.av_protocols) == {"av_retrieval", "av_localisation"}
+    if path.name == "pipeline_audio_demo.yaml":  # generated speech: the word and the voice, vs log-mel
+        assert cfg.ingest.source == "spoken-digits" and cfg.pretrain.budget_minutes <= 8
+        assert "raw_pixels" in cfg.evaluate.baselines and "supervised" in cfg.evaluate.baselines
 
 
 def test_a_backbone_brings_its_own_defaults():

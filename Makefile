@@ -6,12 +6,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 RUN    ?= runs/demo
 
-.PHONY: demo video-demo test venv venv-test data clean-demo help
+.PHONY: demo video-demo audio-demo av-demo test venv venv-test data clean-demo help
 
 help:
 	@echo "make demo   # the whole pipeline on Fashion-MNIST into $(RUN) (creates/reuses .venv)"
 	@echo "make test   # run the test suite (creates/reuses .venv with test extras)"
 	@echo "make video-demo # the video pipeline on generated Moving Fashion-MNIST into runs/video-demo"
+	@echo "make audio-demo # the audio pipeline on generated speech (spoken-digits, espeak-ng) into runs/audio-demo"
+	@echo "make av-demo    # sound and picture: Moving Fashion-MNIST with sound into runs/av-demo"
 
 # pip byte-compiles every installed module one file at a time (95 of the 190 s a fresh install took
 # here); installing with --no-compile and then compiling on every core with compileall takes 45 s.
@@ -51,6 +53,16 @@ demo: venv data
 # alignment protocols (configs/pipeline_video_demo.yaml)
 video-demo: venv data
 	$(BIN)/gelato run --config configs/pipeline_video_demo.yaml
+
+# generated speech (spoken-digits, espeak-ng) -> an audio objective -> probe and kNN of the word and
+# the voice against log-mel, random init and the supervised reference (configs/pipeline_audio_demo.yaml)
+audio-demo: venv data
+	$(BIN)/gelato run --config configs/pipeline_audio_demo.yaml
+
+# Moving Fashion-MNIST with sound -> audio-visual correspondence -> which item sounds, and where
+# (configs/pipeline_av_demo.yaml)
+av-demo: venv data
+	$(BIN)/gelato run --config configs/pipeline_av_demo.yaml
 
 test: venv-test data
 	$(BIN)/python -m pytest -q --durations=15

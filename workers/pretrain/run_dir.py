@@ -39,11 +39,15 @@ def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = Fals
     from ssl_models.objectives import OBJECTIVES
 
     takes, holds = OBJECTIVES[config.objective].modality, manifest.get("modality", "image")
-    if takes != holds:
-        clip_objectives = sorted(n for n, c in OBJECTIVES.items() if c.modality == "clip")
-        raise ConfigError(f"{loc.uri} holds {holds}s and objective {config.objective!r} learns from {takes}s; "
-                          + (f"clip objectives: {', '.join(clip_objectives)}" if holds == "clip" else
-                             "ingest a folder of videos (or moving-fashion-mnist) for it"))
+    # an audio-visual objective reads clips (the loop refuses, saying so, clips without a sound track)
+    if takes != holds and not (takes == "audiovisual" and holds == "clip"):
+        same = sorted(n for n, c in OBJECTIVES.items() if c.modality == holds)
+        what = {"clip": "a folder of videos (or moving-fashion-mnist)", "audio": "a folder of audio files (or "
+                "spoken-digits)", "audiovisual": "videos with sound (or moving-fashion-mnist-sound)"}.get(takes,
+                                                                                                  "a folder of images")
+        wants = "clips with their sound" if takes == "audiovisual" else f"{takes}s"
+        raise ConfigError(f"{loc.uri} holds {holds}s and objective {config.objective!r} learns from {wants}; "
+                          f"{holds} objectives: {', '.join(same)}; or ingest {what} for it")
     # every shard pretraining reads is there, with the manifest's size (one listing, no reads)
     integrity.check_shards(loc, manifest, ["train", "val"] if config.knn_monitor else ["train"])
     fs = loc.fs()
@@ -71,3 +75,4 @@ def prepare_run(loc: RunLocation, config: PretrainConfig, overwrite: bool = Fals
         summary = read_json(loc, f"{FINAL_DIR}/summary.json")
         status = "finished" if summary and summary.get("training_hash") == config.training_hash() else "resume"
     return manifest, status
+

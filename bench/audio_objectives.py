@@ -17,27 +17,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from bench.objective_runs import train_and_score  # noqa: E402
 
 EVAL = {"protocols": ["probe", "knn"], "baselines": ["raw_pixels", "random_init"], "knn_k": 20}
 COLUMNS = [("probe", "word probe"), ("knn", "word kNN"), ("voice_probe", "voice probe"), ("voice_knn", "voice kNN")]
 
 
-def copy_shards(source: str, run: str) -> None:
-    """The ingested run's manifest and shards, nothing it trained or evaluated."""
-    if os.path.exists(os.path.join(run, "manifest.json")):
-        return
-    os.makedirs(run, exist_ok=True)
-    shutil.copytree(os.path.join(source, "shards"), os.path.join(run, "shards"), dirs_exist_ok=True)
-    shutil.copy(os.path.join(source, "manifest.json"), os.path.join(run, "manifest.json"))
-
-
 def main() -> int:
-    import gelato
     from ssl_models.objectives import OBJECTIVES
 
     sound = [n for n, c in OBJECTIVES.items() if c.modality == "audio"]
@@ -49,23 +39,15 @@ def main() -> int:
     a = ap.parse_args()
     rows = {}
     for name in a.objectives.split(","):
-        run = os.path.join(a.root, name)
-        copy_shards(a.source, run)
-        t0 = time.perf_counter()
-        try:
-            result = gelato.pretrain(run, f"configs/spoken_digits_{name}.yaml",
-                                     overrides=[f"budget_minutes={a.budget_minutes}"], progress=False)
-            t1 = time.perf_counter()
-            report = gelato.evaluate(run, EVAL, progress=False).report
-        except Exception as e:  # noqa: BLE001 - one objective failing must not lose the others' figures
-            print(f"{name}: FAILED ({type(e).__name__}: {e})", flush=True)
+        got = train_and_score(a.source, a.root, name, f"configs/spoken_digits_{name}.yaml", a.budget_minutes, EVAL)
+        if got is None:
             continue
+        steps, pretrain_s, eval_s, report = got
         cells = {(r["protocol"], r["features"]): 100 * r["value"] for r in report["results"] if r["metric"] == "top1"}
-        rows[name] = {"backbone": report["backbone"], "steps": result.steps, "pretrain_s": round(t1 - t0, 1),
-                      "eval_s": round(time.perf_counter() - t1, 1),
+        rows[name] = {"backbone": report["backbone"], "steps": steps, "pretrain_s": pretrain_s, "eval_s": eval_s,
                       "cells": {f"{p}/{f}": round(v, 2) for (p, f), v in cells.items()}}
-        print(f"{name}: {result.steps} steps; " + ", ".join(f"{p} {cells.get((p, 'pretrained'), float('nan')):.1f}"
-                                                            for p, _ in COLUMNS), flush=True)
+        print(f"{name}: {steps} steps; " + ", ".join(f"{p} {cells.get((p, 'pretrained'), float('nan')):.1f}"
+                                                     for p, _ in COLUMNS), flush=True)
     os.makedirs(a.root, exist_ok=True)
     with open(os.path.join(a.root, "summary.json"), "w") as f:
         json.dump({"budget_minutes": a.budget_minutes, "eval": EVAL, "objectives": rows}, f, indent=1)

@@ -478,7 +478,6 @@ def video_protocols(ev: Evaluation) -> list[str]:
     return [p for p in ev.protocols if p in VIDEO_RUNS]
 
 
-
 def audio_protocols(ev: Evaluation) -> list[str]:
     """The audio-run protocols to run (``workers/evaluate/audio.py``), in the config's order."""
     return [p for p in ev.protocols if p in AUDIO_RUNS]

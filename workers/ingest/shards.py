@@ -416,7 +416,7 @@ def finalize(loc: RunLocation, plan: IngestPlan, results: list[ShardResult]) -> 
     params = asdict(plan.params)
     if modality != "clip":  # an image ingest's manifest reads as before clips existed
         params = {k: v for k, v in params.items() if k not in CLIP_DEFAULTS}
-    if modality != "audio":
+    if modality not in ("audio", "clip"):  # a clip's sound track is resampled to audio_rate
         params = {k: v for k, v in params.items() if k not in AUDIO_DEFAULTS}
     manifest = {
         "format": FORMAT,

@@ -166,7 +166,7 @@ def test_nothing_valid_fails_clearly(tmp_path):
     (tmp_path / "junk").mkdir()
     (tmp_path / "junk" / "a.jpg").write_text("nope")
     (tmp_path / "junk" / "b.png").write_bytes(b"")
-    with pytest.raises(IngestError, match="no valid image.*all 2 files were rejected"):
+    with pytest.raises(IngestError, match="no valid sample.*all 2 files were rejected"):
         ingest(RunLocation(str(tmp_path / "run")), open_source(str(tmp_path / "junk")), IngestParams(val_fraction=0),
                progress_bar=False)
 

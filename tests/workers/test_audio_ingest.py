@@ -31,7 +31,7 @@ def _tone(freq: float, seconds: float, rate: int, amp: float = 0.3) -> np.ndarra
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """Two classes of tones in several formats and rates, a long file, and three bad files."""
+    """Two classes of tones in several formats (WAV, FLAC, OGG, MP3) and rates, a long file, and three bad files."""
     root = tmp_path_factory.mktemp("audio") / "tones"
     for cls, f0 in (("low", 220.0), ("high", 880.0)):
         (root / cls).mkdir(parents=True)
@@ -40,6 +40,7 @@ def folder(tmp_path_factory):
         stereo = np.stack([_tone(f0, 0.9, 44100), _tone(f0, 0.9, 44100, 0.1)], 1)
         sf.write(root / cls / "stereo.flac", stereo, 44100)
         sf.write(root / cls / "b.ogg", _tone(f0, 0.7, 16000), 16000, format="OGG", subtype="VORBIS")
+        sf.write(root / cls / "c.mp3", _tone(f0, 0.6, 22050), 22050, format="MP3")
     sf.write(root / "low" / "long.wav", _tone(300.0, 3.6, 16000), 16000)         # 3 segments + 0.6 s kept
     (root / "low" / "long.json").write_text(json.dumps({"speaker": "s1"}))
     (root / "high" / "empty.wav").write_bytes(b"")
@@ -79,7 +80,7 @@ def test_an_audio_folder_becomes_flac_shards_with_reasons_for_the_rejected(folde
     assert set(reasons) == {"high/empty.wav", "high/garbage.mp3", "high/silent.wav"}
     assert "unreadable" in reasons["high/garbage.mp3"] and "silent" in reasons["high/silent.wav"]
     assert str(SILENCE_DBFS)[:3] in reasons["high/silent.wav"]
-    assert m["count"] == 2 * 5 + 4                                    # 5 files per class, and the long one in 4 segments
+    assert m["count"] == 2 * 6 + 4                                    # 6 files per class, and the long one in 4 segments
     samples = sorted(open_split(str(tmp_path / "run"), "train"), key=lambda s: s["key"])
     assert all(s["image"].shape == (1, 16000) and s["image"].dtype.is_floating_point for s in samples)
     # what the shards hold: FLAC at 16 kHz, with the source, offset and labels in the .json

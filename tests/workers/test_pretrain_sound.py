@@ -29,7 +29,7 @@ def test_wav2vec2_and_audio_visual_correspondence_train_on_ray_and_are_scored(tm
         gelato.ingest(speech, audio_run, shard_size=8, val_fraction=0.25, progress=False)
         gelato.ingest(str(tmp_path / "videos"), av_run, shard_size=6, val_fraction=0.25, clip_frames=8, progress=False)
         tiny = ["backbone_params={dim: 16, layers: 1, heads: 2}", "batch_size=4", "workers=1", "loader_workers=0",
-                "steps=3", "knn_bank=10", "knn_queries=4", "knn_k=3", "objective_params.num_negatives=4"]
+                "steps=3", "knn_bank=10", "knn_queries=10", "knn_k=3", "objective_params.num_negatives=4"]
         audio = gelato.pretrain(audio_run, "configs/spoken_digits_wav2vec2.yaml", overrides=tiny, progress=False)
         audio_report = gelato.evaluate(audio_run, {"protocols": ["probe", "knn"], "knn_k": 3, "probe_max_iter": 10,
                                                    "frozen_grid": 3, "frozen_stages": 2}, progress=False).report

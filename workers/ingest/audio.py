@@ -20,16 +20,17 @@ from typing import Optional
 
 from workers.data.audio import AudioError, check, encode_flac, info, is_audio, read, resample, segments
 from workers.data.images import Encoded, RejectedImage
-from workers.ingest.records import SPLIT_DIRS, Record, Source, SourceError, list_files
+from workers.ingest.records import SPLIT_DIRS, FolderSource, Record, SourceError, list_files
 
 SPOKEN_DIGITS = ("spoken-digits", "spoken_digits")
 LABELS_CSV = "labels.csv"
 
 
-class AudioFolder(Source):
+class AudioFolder(FolderSource):
     """Audio files in class sub-folders, flat, or labelled by ``labels.csv``; see the module docstring."""
 
     kind = "audiofolder"
+    modality = "audio"
 
     def __init__(self, root: str, audio_rate: int = 16000, audio_seconds: float = 1.0, name: Optional[str] = None):
         super().__init__(root)
@@ -75,16 +76,6 @@ class AudioFolder(Source):
         if unknown:
             raise SourceError(f"{path}: {len(unknown)} path(s) are not audio files under {root} (first: {unknown[0]})")
         return labels
-
-    @property
-    def name(self) -> str:
-        return self._name or os.path.basename(os.path.abspath(self.root)) or self.kind
-
-    def splits(self) -> dict[str, list[Record]]:
-        return {k: list(v) for k, v in self._splits.items()}
-
-    def describe(self) -> dict:
-        return super().describe() | {"modality": "audio"}
 
     def encode(self, record: Record, image_format: str) -> Encoded:
         """One segment as FLAC at the ingest's rate; RejectedImage says why not."""

@@ -1,6 +1,7 @@
 """What every ingest source is made of: :class:`Record` (one sample to ingest, no pixels),
-:class:`Source` (lists records per split, encodes one on demand) and :class:`SourceError`.
-The image sources are in ``sources.py``, the video ones in ``videos.py``."""
+:class:`Source` (lists records per split, encodes one on demand), :class:`FolderSource` (a folder
+listed once into splits) and :class:`SourceError`. The image sources are in ``sources.py``, the
+video ones in ``videos.py``, the audio ones in ``audio.py``."""
 from __future__ import annotations
 
 import hashlib
@@ -65,6 +66,25 @@ class Source:
 
     def describe(self) -> dict:
         return {"name": self.name, "kind": self.kind, "path": os.path.abspath(self.root)}
+
+
+class FolderSource(Source):
+    """A folder whose records a subclass lists per split into ``self._splits`` at construction, shown
+    under ``name`` (default: the folder's name); ``modality`` ("clip", "audio") goes in the manifest."""
+
+    modality = "image"
+    _name: Optional[str] = None
+    _splits: dict[str, list[Record]]
+
+    @property
+    def name(self) -> str:
+        return self._name or os.path.basename(os.path.abspath(self.root)) or self.kind
+
+    def splits(self) -> dict[str, list[Record]]:
+        return {k: list(v) for k, v in self._splits.items()}
+
+    def describe(self) -> dict:
+        return super().describe() | ({"modality": self.modality} if self.modality != "image" else {})
 
 
 def list_files(root: str) -> list[str]:

@@ -27,7 +27,7 @@ import numpy as np
 
 from workers.data.clips import ClipError, clip_members, read_audio_track, read_video
 from workers.data.images import Encoded, RejectedImage
-from workers.ingest.records import SPLIT_DIRS, Record, Source, SourceError, list_files
+from workers.ingest.records import SPLIT_DIRS, FolderSource, Record, SourceError, list_files
 
 VIDEO_EXTS = (".mp4", ".webm", ".avi", ".mkv", ".mov", ".m4v")
 MOVING_FASHION_MNIST = ("moving-fashion-mnist", "moving_fashion_mnist", "mfmnist")
@@ -62,10 +62,11 @@ def split_views(files: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-class VideoFolder(Source):
+class VideoFolder(FolderSource):
     """Videos in class sub-folders (or flat, unlabelled); see the module docstring."""
 
     kind = "videofolder"
+    modality = "clip"
 
     def __init__(self, root: str, clip_frames: int = 16, clip_fps: float = 10.0, clip_size: Optional[int] = None,
                  clip_codec: str = "png", name: Optional[str] = None, audio_rate: int = 16000):
@@ -88,16 +89,6 @@ class VideoFolder(Source):
             split = parts[0] if split_root else "train"
             label = classes.index(parts[1 if split_root else 0]) if labelled else None
             self._splits.setdefault(split, []).append(Record(f, label=label))
-
-    @property
-    def name(self) -> str:
-        return self._name or os.path.basename(os.path.abspath(self.root)) or self.kind
-
-    def splits(self) -> dict[str, list[Record]]:
-        return {k: list(v) for k, v in self._splits.items()}
-
-    def describe(self) -> dict:
-        return super().describe() | {"modality": "clip"}
 
     def _clip(self, path: str, channels: int = 3) -> np.ndarray:
         frames = read_video(path, self.fps, self.size, channels, max_frames=self.frames)

@@ -120,3 +120,4 @@ def test_an_audio_visual_checkpoint_is_scored_on_retrieval_and_localisation(tmp_
     assert report["details"]["av_retrieval/pretrained"]["clips"] == 6
     md = open(f"{run}/report.md").read()
     assert "sound → frame retrieval (sounding item's class), top-1" in md and "sound localisation" in md
+    assert "**sound and picture**" in md and "chance" in md

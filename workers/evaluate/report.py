@@ -326,6 +326,7 @@ def render_markdown(report: dict, others: Optional[list[dict]] = None) -> str:
               f"concatenated (frozen_grid, frozen_stages; Goyal et al. 2019)") if (grid, stages) != (1, 1) else ""),
           *_budget_md(r.get("eval_budget")),
           *_clips_md(r),
+          *_av_md(r),
           *_audio_md(r),
           *([f"- this evaluation: [{r['report_file']}]({r['report_file']}); the run's other evaluations: "
              + ", ".join(f"[{o['file']}]({o['file']}) ({o['created']})" for o in others)] if others else []),
@@ -381,6 +382,24 @@ def _clips_md(r: dict) -> list[str]:
             f"τ {cfg.get('propagation_temperature')}, the first and {cfg.get('propagation_context')} previous frames) and "
             "scores J, the mean IoU over objects and frames; *cross-view alignment* matches each frame of the main "
             "camera to the nearest frame of the second (chance: 1 / frames)"]
+
+
+def _av_md(r: dict) -> list[str]:
+    """What an audio-visual checkpoint's rows measure, with their chance levels (nothing elsewhere)."""
+    ret, loc = r["details"].get("av_retrieval/pretrained"), r["details"].get("av_localisation/pretrained")
+    if not ret and not loc:
+        return []
+    parts = []
+    if ret:
+        parts.append(f"*sound → frame retrieval*: each test clip's sound ranks every test clip's middle frame; right "
+                     f"when the top frame's sounding item has the query's class (chance {100 * ret['chance_class']:.1f} "
+                     f"%; the exact clip: {100 * ret['top1_clip']:.1f} %, chance {100 * ret['chance_clip']:.1f} %)")
+    if loc:
+        parts.append(f"*sound localisation*: the peak of the similarity map of a frame and its own sound lies on the "
+                     f"sounding item ({loc['clips']} clips where it is in the middle frame; chance, the share of the "
+                     f"{loc['map'][0]}×{loc['map'][1]} map's cells on it: {100 * loc['chance']:.1f} %)")
+    return ["- **sound and picture** (the whole audio-visual objective, pretrained and random init): "
+            + "; ".join(parts)]
 
 
 def _audio_md(r: dict) -> list[str]:

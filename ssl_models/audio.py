@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Optional
 
 import torch
@@ -103,9 +104,15 @@ def log_mel_stats(x: torch.Tensor, n_mels: int = 80, spans: int = 1) -> torch.Te
 
     Shape: x (B, 1, L) or (B, L) → (B, 2 · n_mels · spans).
     """
-    m = LogMel(n_mels).to(x.device)(x)                                   # (B, T, n_mels)
+    m = _log_mel(n_mels, x.device)(x)                                    # (B, T, n_mels)
     chunks = torch.tensor_split(m, spans, dim=1)
     return torch.cat([s for c in chunks for s in (c.mean(1), c.std(1))], dim=1)
+
+
+@lru_cache(maxsize=8)
+def _log_mel(n_mels: int, device: torch.device) -> LogMel:
+    """One front end per size and device: its filterbank is built once, not for every batch."""
+    return LogMel(n_mels).to(device)
 
 
 @dataclass(frozen=True)

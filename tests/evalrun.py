@@ -39,12 +39,14 @@ def ingest_moving_clips(root, train: int, test: int, frames: int, shard_size: in
     return run, manifest
 
 
-def pretrain_by_hand(run: str, manifest: dict, steps: int = 4, overrides: tuple = (), write_config: bool = True):
-    """A few SimCLR steps on the run's train split; exports checkpoints/final/backbone.pt. Returns the config."""
+def pretrain_by_hand(run: str, manifest: dict, steps: int = 4, overrides: tuple = (), write_config: bool = True,
+                     base: tuple = tuple(TINY)):
+    """A few steps (SimCLR on a tiny CNN, unless ``base`` and ``overrides`` say otherwise) on the run's train
+    split; exports checkpoints/final/backbone.pt. Returns the config."""
     from workers.data.loader import in_memory_split
 
     loc = RunLocation(run)
-    config = load_config(None, TINY + list(overrides))
+    config = load_config(None, list(base) + list(overrides))
     torch.manual_seed(config.seed)
     objective = build_objective(config, manifest["channels"])
     opt = torch.optim.SGD(objective.parameters(), lr=0.05, momentum=0.9)

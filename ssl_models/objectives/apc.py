@@ -49,11 +49,7 @@ class APC(AudioObjective):
     def __init__(self, backbone: nn.Module, image_size: int = 28, in_channels: Optional[int] = None,
                  shift: int = 3, gain_db: float = 6.0):
         super().__init__(backbone, image_size, in_channels)
-        if getattr(backbone, "context_kind", None) != "gru":
-            raise ValueError(f"apc needs a causal context, a unidirectional GRU (the audio_apc backbone); "
-                             f"{getattr(backbone, 'name', type(backbone).__name__)} has context "
-                             f"{getattr(backbone, 'context_kind', None)!r} (a transformer would see the frames it "
-                             f"predicts)")
+        self.require_causal_context(backbone, "audio_apc")
         if not isinstance(getattr(backbone, "front", None), MelFrontend):
             raise ValueError(f"apc forecasts the log-mel input, so the backbone must read log-mel frames (audio_apc); "
                              f"{getattr(backbone, 'name', type(backbone).__name__)} has a learned front end")

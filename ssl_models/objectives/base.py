@@ -120,6 +120,15 @@ class AudioObjective(Objective):
                                  f"audio_transformer, audio_apc); {getattr(backbone, 'name', type(backbone).__name__)} "
                                  f"has no {need}()")
 
+    def require_causal_context(self, backbone: nn.Module, builder: str) -> None:
+        """Refuse a backbone whose context is not a unidirectional GRU: a predictive-coding objective
+        whose context sees the frames it predicts solves its task by looking ahead."""
+        if getattr(backbone, "context_kind", None) != "gru":
+            raise ValueError(f"{self.name} needs a causal context, a unidirectional GRU (the {builder} backbone); "
+                             f"{getattr(backbone, 'name', type(backbone).__name__)} has context "
+                             f"{getattr(backbone, 'context_kind', None)!r} (a transformer would see the frames it "
+                             f"predicts)")
+
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
         """The un-augmented backbone input: (B, 1, L) → float32 (B, L)."""
         from ssl_models.audio import waveforms

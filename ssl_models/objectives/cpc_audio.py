@@ -75,11 +75,7 @@ class CPCAudio(AudioObjective):
                  prediction_steps: int = 12, negatives: int = 32, gain_db: float = 6.0, noise_p: float = 0.5,
                  snr_db: tuple[float, float] = (15.0, 40.0)):
         super().__init__(backbone, image_size, in_channels)
-        if getattr(backbone, "context_kind", None) != "gru":
-            raise ValueError(f"cpc_audio needs a causal context, a unidirectional GRU (the audio_cpc backbone); "
-                             f"{getattr(backbone, 'name', type(backbone).__name__)} has context "
-                             f"{getattr(backbone, 'context_kind', None)!r} (a transformer would see the frames it "
-                             f"predicts)")
+        self.require_causal_context(backbone, "audio_cpc")
         if int(prediction_steps) < 1 or int(negatives) < 1:
             raise ValueError(f"cpc_audio: prediction_steps and negatives must be >= 1, got {prediction_steps}, "
                              f"{negatives}")

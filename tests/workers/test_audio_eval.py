@@ -8,17 +8,12 @@ import os
 import shutil
 
 import pytest
-import torch
 
-from workers.config import load_config
-from workers.data.loader import in_memory_split
+from evalrun import pretrain_by_hand
 from workers.evaluate.config import EvalConfig
 from workers.evaluate.evaluation import evaluate
 from workers.ingest.audio import AudioFolder
 from workers.ingest.shards import IngestParams, ingest
-from workers.model import build_objective
-from workers.pretrain.export import export_final
-from workers.pretrain.run_log import MetricsLog
 from workers.storage import RunLocation
 
 pytestmark = [pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng is not installed (make test "
@@ -27,29 +22,6 @@ pytestmark = [pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espe
 
 APC = ["objective=apc", "objective_params={shift: 3}", "backbone=audio_apc", "backbone_params={dim: 16, layers: 1}",
        "batch_size=8", "workers=1", "seed=0", "lr=0.003"]
-
-
-def pretrain_audio_by_hand(run: str, manifest: dict, overrides: list[str], steps: int = 3):
-    """A few steps of an audio objective on the run's train split; exports checkpoints/final/backbone.pt."""
-    loc = RunLocation(run)
-    config = load_config(None, overrides)
-    torch.manual_seed(config.seed)
-    objective = build_objective(config, manifest["channels"])
-    opt = torch.optim.Adam(objective.parameters(), lr=config.lr)
-    waves, _ = in_memory_split(loc, manifest, "train")
-    gen = torch.Generator().manual_seed(0)
-    log = MetricsLog(loc, 0)
-    for step in range(1, steps + 1):
-        idx = torch.randperm(len(waves), generator=gen)[:config.batch_size]
-        loss = objective(objective.make_views(waves[idx], generator=gen))["loss"]
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        log.append({"step": step, "epoch": step / 4, "loss": loss.item(), "lr": config.lr})
-    with loc.fs().open(loc.join("config.yaml"), "w") as f:
-        f.write(config.to_yaml())
-    export_final(loc, config, manifest, objective.eval(), steps, steps, metrics_rows=log.rows())
-    return config
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +34,7 @@ def audio_run(tmp_path_factory):
     run = str(root / "run")
     manifest = ingest(RunLocation(run), AudioFolder(src), IngestParams(shard_size=16, val_fraction=0.25),
                       progress_bar=False)
-    pretrain_audio_by_hand(run, manifest, APC)
+    pretrain_by_hand(run, manifest, steps=3, base=APC)
     return run, manifest
 
 
@@ -98,7 +70,7 @@ def test_utterances_without_a_voice_refuse_the_voice_rows_and_the_rest_runs(audi
     run2 = str(tmp_path / "run")
     m2 = ingest(RunLocation(run2), AudioFolder(str(src)), IngestParams(shard_size=16, val_fraction=0.25),
                 progress_bar=False)
-    pretrain_audio_by_hand(run2, m2, APC, steps=1)
+    pretrain_by_hand(run2, m2, steps=1, base=APC)
     report = evaluate(run2, EvalConfig(protocols=("probe",), baselines=("raw_pixels",), probe_max_iter=10),
                       log=lambda *_: None)
     refused = {r["protocol"]: r["reason"] for r in report["refused"]}

@@ -68,14 +68,19 @@ def _test_data(ev: Evaluation, protocol: str) -> Optional[dict]:
 
 
 @torch.no_grad()
-def _embed(ev: Evaluation, objective, d: dict) -> tuple[torch.Tensor, torch.Tensor]:
-    """(audio embeddings (N, E), frame maps (N, E, h, w)), in batches, float32 on the CPU."""
-    bs, dev = ev.config.batch_size, ev.device
-    audio, maps = [], []
-    for i in range(0, len(d["frames"]), bs):
-        audio.append(objective.embed_audio(d["audio"][i:i + bs].to(dev)).float().cpu())
-        maps.append(objective.embed_map(objective.preprocess(d["frames"][i:i + bs].to(dev))).float().cpu())
-    return torch.cat(audio), torch.cat(maps)
+def _embed(ev: Evaluation, source: str, d: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """(audio embeddings (N, E), frame maps (N, E, h, w)) of ``source``'s objective, in batches, float32
+    on the CPU; computed once per source, both protocols read them."""
+    with ev.lock_for(("av_embed", source)):
+        cache = ev.__dict__.setdefault("_av_embeddings", {})
+        if source not in cache:
+            objective, bs, dev = objective_for(ev, source), ev.config.batch_size, ev.device
+            audio, maps = [], []
+            for i in range(0, len(d["frames"]), bs):
+                audio.append(objective.embed_audio(d["audio"][i:i + bs].to(dev)).float().cpu())
+                maps.append(objective.embed_map(objective.preprocess(d["frames"][i:i + bs].to(dev))).float().cpu())
+            cache[source] = torch.cat(audio), torch.cat(maps)
+        return cache[source]
 
 
 @timed
@@ -85,7 +90,7 @@ def run_av_retrieval(ev: Evaluation, source: str) -> Result:
     d = _test_data(ev, "av_retrieval")
     if d is None:
         return r
-    a, v = _embed(ev, objective_for(ev, source), d)
+    a, v = _embed(ev, source, d)
     scores = torch.einsum("ie,jehw->ijhw", a, v).flatten(2).amax(2)              # (N queries, N frames)
     top = scores.argmax(1)
     same = d["cls"][:, None] == d["cls"][None, :]
@@ -103,7 +108,7 @@ def run_av_localisation(ev: Evaluation, source: str) -> Result:
     d = _test_data(ev, "av_localisation")
     if d is None:
         return r
-    a, v = _embed(ev, objective_for(ev, source), d)
+    a, v = _embed(ev, source, d)
     sim = torch.einsum("ie,iehw->ihw", a, v)                                    # (N, h, w)
     n, h, w = sim.shape
     # share of each cell of the map the sounding item covers in the frame's mask
